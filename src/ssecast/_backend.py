@@ -1,0 +1,111 @@
+"""The Backend protocol, and the in-memory backend every broadcaster starts with.
+
+A backend assigns ids, keeps the long history and carries encoded events between
+processes. The broadcaster keeps the rest: validation, encoding, a ring of recent
+events for resume without I/O, and the fan-out to its own subscribers.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from ssecast._event import Draft, Event
+
+__all__ = ["Backend", "Deliver", "MemoryBackend"]
+
+Deliver = Callable[[Event], None]
+"""What a backend calls with each event, in id order, one call at a time."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a :class:`~ssecast.Broadcaster` needs from the system that carries its events.
+
+    The contract, which the in-memory and Redis backends both follow:
+
+    - :meth:`start` is called once, lazily, by the broadcaster's first ``publish`` or
+      ``subscribe`` (never in a constructor, so a broadcaster made at import time
+      survives a pre-forking server).
+    - Every event published through the backend, by this process or any other, is
+      passed to ``deliver`` exactly once, in id order, and never two calls at a time.
+    - Ids are opaque strings free of CR, LF and NUL, and increase in delivery order.
+    """
+
+    def start(self, deliver: Deliver) -> None:
+        """Begin passing every event published anywhere on this backend to ``deliver``."""
+
+    def publish(self, draft: Draft) -> Event:
+        """Assign ``draft`` an id, send it, and return the event it became.
+
+        :raises BackendUnavailableError: it could not be sent; no subscriber will see it.
+        """
+
+    async def apublish(self, draft: Draft) -> Event:
+        """Do what :meth:`publish` does without blocking the running event loop."""
+
+    def replay(self, after: str, until: str | None, channels: frozenset[str]) -> list[Event] | None:
+        """Return the events on ``channels`` after id ``after``, up to ``until`` included.
+
+        The broadcaster asks only for ids that fell out of its own ring of recent events.
+
+        :param until: the last id already delivered to this process; ``None`` means the
+            point at which this backend's delivery began.
+        :returns: ``None`` when ``after`` is unknown or trimmed, so the client has a gap.
+        :raises BackendUnavailableError: the history could not be read.
+        """
+
+    def close(self) -> None:
+        """Stop delivering and release connections and threads."""
+
+    async def aclose(self) -> None:
+        """Do what :meth:`close` does without blocking the running event loop."""
+
+
+class MemoryBackend:
+    """Ids and delivery within one process; the default backend.
+
+    It keeps no history of its own: the broadcaster's ring of ``history`` recent
+    events is all there is, so older ids resume with a gap.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Ids carry a per-instance prefix so an id from an earlier run of the process,
+        # or from another broadcaster, is never mistaken for one of ours.
+        self._prefix = secrets.token_hex(4) + "-"
+        self._count = 0
+        self._deliver: Deliver | None = None
+
+    def start(self, deliver: Deliver) -> None:
+        """Remember where to deliver; there is nothing to connect to."""
+        self._deliver = deliver
+
+    def publish(self, draft: Draft) -> Event:
+        """Give the draft the next id and deliver it at once, in this thread."""
+        deliver = self._deliver
+        if deliver is None:
+            raise RuntimeError("MemoryBackend.publish() called before start()")
+        # Held across delivery so that ids reach every subscriber in increasing order.
+        with self._lock:
+            self._count += 1
+            event = draft.stamp(f"{self._prefix}{self._count}")
+            deliver(event)
+        return event
+
+    async def apublish(self, draft: Draft) -> Event:
+        """Do what :meth:`publish` does; it never waits, so it never blocks the loop."""
+        return self.publish(draft)
+
+    def replay(self, after: str, until: str | None, channels: frozenset[str]) -> list[Event] | None:
+        """Return ``None``: beyond the broadcaster's ring there is no history."""
+        return None
+
+    def close(self) -> None:
+        """Release nothing: there is no connection or thread."""
+
+    async def aclose(self) -> None:
+        """Do what :meth:`close` does."""
+        self.close()

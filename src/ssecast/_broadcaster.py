@@ -1,0 +1,461 @@
+"""The Broadcaster: validate, encode once, fan out under the lock, evict the slow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, NamedTuple, Self, TypeAlias
+
+from ssecast import _wire
+from ssecast._backend import Backend, MemoryBackend
+from ssecast._event import Draft, Event, check_field
+from ssecast._exceptions import (
+    BroadcasterClosedError,
+    ConfigurationError,
+    InvalidFieldError,
+    NotSerializableError,
+    PayloadTooLargeError,
+    PublishError,
+    TooManySubscribersError,
+    UnknownEventTypeError,
+)
+from ssecast._history import History
+from ssecast._subscription import CloseReason, Subscription, Waiter, fan_out, wake
+
+__all__ = ["DEFAULT_CHANNEL", "GAP_EVENT_TYPE", "Broadcaster", "Serializer", "Stats"]
+
+logger = logging.getLogger("ssecast")
+
+Payload: TypeAlias = Any
+"""What ``publish`` takes as data: JSON values by default, anything the serializer takes."""
+
+Serializer = Callable[[Payload], str | bytes]
+"""Turns published data into text: ``str``, or ``bytes`` holding UTF-8."""
+
+DEFAULT_CHANNEL = "default"
+GAP_EVENT_TYPE = "ssecast.gap"
+"""Begins a resumed stream whose missed events are no longer known."""
+
+_DEFAULT_CHANNELS = frozenset((DEFAULT_CHANNEL,))
+_RESERVED_PREFIX = "ssecast."
+# Caches of validated event types and channels stop growing here, so that a publisher
+# inventing names cannot grow memory; names beyond it are simply checked every time.
+_CACHE_LIMIT = 1024
+
+_compact_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+class Stats(NamedTuple):
+    """Counters of one broadcaster, read at once by :meth:`Broadcaster.stats`."""
+
+    subscribers: int
+    """Subscriptions open now."""
+    published: int
+    """Events this process accepted in ``publish`` or ``apublish``."""
+    delivered: int
+    """Event frames handed to subscribers: one per event per subscriber."""
+    evicted: int
+    """Subscriptions ended because they fell more than ``queue_size`` behind."""
+    rejected: int
+    """Publishes refused by validation."""
+
+
+class Broadcaster:
+    """Broadcast events from any thread or event loop to many SSE subscribers.
+
+    ``publish`` validates an event, serializes and encodes it once, and appends the
+    same immutable bytes to every subscriber of its channel. A subscriber that falls
+    more than ``queue_size`` frames behind is evicted rather than buffered without bound,
+    so memory stays under ``max_subscribers x queue_size x max_payload_bytes``.
+
+    :param event_types: the event types ``publish`` accepts; ``None`` accepts any valid one.
+    :param max_payload_bytes: the largest serialized data, in UTF-8 bytes.
+    :param queue_size: frames a subscriber may have pending; one more evicts it.
+    :param history: recent events kept for ``Last-Event-ID`` resume; 0 keeps none.
+    :param heartbeat: seconds of silence before a subscription yields a keep-alive
+        comment; ``None`` sends none.
+    :param retry: milliseconds a client should wait before reconnecting; when set,
+        every stream begins with a ``retry:`` field.
+    :param max_subscribers: the most subscriptions open at once; ``None`` is no limit.
+    :param serializer: turns data into ``str`` or UTF-8 ``bytes``; the default is
+        compact ``json.dumps`` that refuses NaN and infinities.
+    :param backend: assigns ids, keeps history and carries events between processes;
+        the default is a :class:`MemoryBackend`.
+    :raises ConfigurationError: an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        *,
+        event_types: Iterable[str] | None = None,
+        max_payload_bytes: int = 65536,
+        queue_size: int = 256,
+        history: int = 1024,
+        heartbeat: float | None = 15.0,
+        retry: int | None = None,
+        max_subscribers: int | None = None,
+        serializer: Serializer | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        self._max_payload_bytes = _at_least(1, "max_payload_bytes", max_payload_bytes)
+        self._queue_size = _at_least(1, "queue_size", queue_size)
+        self._history = History(_at_least(0, "history", history))
+        if heartbeat is not None and not heartbeat > 0:
+            raise ConfigurationError(
+                f"heartbeat must be a positive number of seconds or None, got {heartbeat!r}"
+            )
+        self._heartbeat = heartbeat
+        self._prelude = b"" if retry is None else _wire.retry(_at_least(0, "retry", retry))
+        self._max_subscribers = (
+            None if max_subscribers is None else _at_least(1, "max_subscribers", max_subscribers)
+        )
+        self._serialize: Serializer = _compact_json if serializer is None else serializer
+        self._backend: Backend = MemoryBackend() if backend is None else backend
+        self._allowed: frozenset[str] | None = None
+        self._prefixes: dict[str, bytes] = {}
+        if event_types is not None:
+            self._allowed = frozenset(event_types)
+            for event_type in self._allowed:
+                self._prefixes[self._check_type(event_type)] = _wire.event_prefix(event_type)
+        self._channels: set[str] = set()
+
+        self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._started = False
+        self._closed = False
+        # Guarded by self._lock:
+        self._subscriptions: dict[str, dict[Subscription, None]] = {}
+        self._subscriber_count = 0
+        self._published = 0
+        self._delivered = 0
+        self._evicted = 0
+        self._rejected = 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._subscriber_count} subscribers"
+        return f"<Broadcaster {type(self._backend).__name__} {state}>"
+
+    # -- publishing ------------------------------------------------------------------
+
+    def publish(
+        self, event_type: str, data: Payload, *, channel: str = DEFAULT_CHANNEL, raw: bool = False
+    ) -> Event:
+        """Send an event to every subscriber of ``channel``; return it, with its id.
+
+        Never blocks on a subscriber; safe from any thread and inside an event loop
+        (with the in-memory backend it does no I/O at all).
+
+        :param event_type: the SSE event type, matched by ``addEventListener``.
+        :param data: any value the serializer takes; with ``raw=True``, a ``str`` sent as is.
+        :param channel: which subscribers get it.
+        :param raw: send ``data`` (a ``str``, such as an HTML fragment) without serializing.
+        :raises PublishError: the event is invalid (see its subclasses); nothing was sent.
+        :raises BroadcasterClosedError: the broadcaster was closed.
+        :raises BackendUnavailableError: the backend could not be reached; nothing was sent.
+        """
+        draft = self._draft(event_type, data, channel, raw)
+        self._start()
+        event = self._backend.publish(draft)
+        with self._lock:
+            self._published += 1
+        return event
+
+    async def apublish(
+        self, event_type: str, data: Payload, *, channel: str = DEFAULT_CHANNEL, raw: bool = False
+    ) -> Event:
+        """Do what :meth:`publish` does; a backend's I/O does not block the running loop."""
+        draft = self._draft(event_type, data, channel, raw)
+        self._start()
+        event = await self._backend.apublish(draft)
+        with self._lock:
+            self._published += 1
+        return event
+
+    def _draft(self, event_type: str, data: Payload, channel: str, raw: bool) -> Draft:
+        """Validate and encode an event: everything ``publish`` does before the backend."""
+        if self._closed:
+            raise BroadcasterClosedError("the broadcaster is closed; create a new one to publish")
+        try:
+            prefix = self._prefixes.get(event_type) if isinstance(event_type, str) else None
+            if prefix is None:
+                prefix = self._admit_type(event_type)
+            if not (isinstance(channel, str) and channel in self._channels):
+                self._admit_channel(channel)
+            text = self._text(data, raw)
+            encoded = text.encode()
+        except PublishError as error:
+            self._reject(error)
+            raise
+        except UnicodeEncodeError as error:
+            unencodable = NotSerializableError(
+                f"data is not valid Unicode text ({error.reason}); remove lone surrogates"
+            )
+            self._reject(unencodable)
+            raise unencodable from error
+        if len(encoded) > self._max_payload_bytes:
+            too_large = PayloadTooLargeError(len(encoded), self._max_payload_bytes)
+            self._reject(too_large)
+            raise too_large
+        return Draft(event_type, channel, text, _wire.encode_body(prefix, encoded))
+
+    def _text(self, data: Payload, raw: bool) -> str:
+        if raw:
+            if not isinstance(data, str):
+                raise NotSerializableError(
+                    f"raw=True sends a str as it is, got {type(data).__name__}; "
+                    "pass a str, or drop raw=True to serialize the value"
+                )
+            return data
+        try:
+            text = self._serialize(data)
+        except (TypeError, ValueError, OverflowError, RecursionError) as error:
+            raise NotSerializableError(
+                f"the serializer refused the data: {error}; publish JSON-compatible values "
+                "or pass Broadcaster(serializer=...)"
+            ) from error
+        if isinstance(text, bytes):
+            try:
+                return text.decode()
+            except UnicodeDecodeError as error:
+                raise NotSerializableError(
+                    f"the serializer returned bytes that are not UTF-8: {error}"
+                ) from error
+        if not isinstance(text, str):
+            raise NotSerializableError(
+                f"the serializer must return str or bytes, not {type(text).__name__}"
+            )
+        return text
+
+    def _check_type(self, event_type: object) -> str:
+        name = check_field("event type", event_type)
+        if name.startswith(_RESERVED_PREFIX):
+            raise InvalidFieldError(
+                "event type",
+                name,
+                f"the prefix {_RESERVED_PREFIX!r} is reserved for ssecast's own events",
+            )
+        return name
+
+    def _admit_type(self, event_type: object) -> bytes:
+        name = self._check_type(event_type)
+        if self._allowed is not None:
+            raise UnknownEventTypeError(name, self._allowed)
+        prefix = _wire.event_prefix(name)
+        if len(self._prefixes) < _CACHE_LIMIT:
+            self._prefixes[name] = prefix
+        return prefix
+
+    def _admit_channel(self, channel: object) -> None:
+        name = check_field("channel", channel)
+        if len(self._channels) < _CACHE_LIMIT:
+            self._channels.add(name)
+
+    def _reject(self, error: PublishError) -> None:
+        with self._lock:
+            self._rejected += 1
+        logger.warning("publish rejected: %s", error)
+
+    # -- delivery --------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Start the backend on first use, so a broadcaster made at import time forks safely."""
+        if not self._started:
+            with self._start_lock:
+                if not self._started:
+                    self._backend.start(self._deliver)
+                    self._started = True
+
+    def _deliver(self, event: Event) -> None:
+        """Append one event's frame to its channel's subscribers; the backend calls this."""
+        woken: list[Waiter] = []
+        evicted: list[Subscription] = []
+        with self._lock:
+            if self._closed:
+                return
+            self._history.append(event)
+            subscribers = self._subscriptions.get(event.channel)
+            if not subscribers:
+                return
+            fan_out(subscribers, event.frame, woken, evicted)
+            self._delivered += len(subscribers) - len(evicted)
+            for sub in evicted:
+                self._forget(sub)
+                sub._end(CloseReason.EVICTED)  # it was full, so no reader is parked
+            self._evicted += len(evicted)
+        wake(woken)
+        for sub in evicted:
+            logger.info(
+                "evicted a subscriber of %s: more than %d frames pending",
+                sorted(sub.channels),
+                sub._capacity,
+            )
+
+    # -- subscribing -----------------------------------------------------------------
+
+    def subscribe(
+        self, *channels: str, last_event_id: str | None = None, queue_size: int | None = None
+    ) -> Subscription:
+        """Open a subscription to ``channels`` (``"default"`` if none); it is live on return.
+
+        With ``last_event_id``, the subscription first replays every event on its
+        channels published after that id, then goes on live with no gap and no
+        duplicate. When those events are no longer known, it begins with an
+        ``ssecast.gap`` event instead, so the client can reload its state.
+
+        :param channels: the channels to receive.
+        :param last_event_id: the id of the last event the client saw (the
+            ``Last-Event-ID`` header); ``None`` or ``""`` starts live.
+        :param queue_size: this subscriber's limit of pending frames, instead of the
+            broadcaster's.
+        :raises InvalidFieldError: a channel name is invalid.
+        :raises TooManySubscribersError: ``max_subscribers`` are open already.
+        :raises BroadcasterClosedError: the broadcaster was closed.
+        :raises BackendUnavailableError: resuming needed the backend, which is unreachable.
+        """
+        names = frozenset(check_field("channel", name) for name in channels) or _DEFAULT_CHANNELS
+        capacity = (
+            self._queue_size if queue_size is None else _at_least(1, "queue_size", queue_size)
+        )
+        if last_event_id is not None and not isinstance(last_event_id, str):
+            raise InvalidFieldError("last event id", last_event_id, "expected a str or None")
+        self._start()
+        with self._lock:
+            if self._closed:
+                raise BroadcasterClosedError("the broadcaster is closed; it takes no subscribers")
+            if (
+                self._max_subscribers is not None
+                and self._subscriber_count >= self._max_subscribers
+            ):
+                raise TooManySubscribersError(self._max_subscribers)
+            replayed = self._history.after(last_event_id, names) if last_event_id else []
+            newest = self._history.last_id
+            head = self._prelude if replayed is None else _joined(self._prelude, replayed)
+            sub = Subscription(
+                channels=names,
+                capacity=capacity,
+                heartbeat=self._heartbeat,
+                head=head,
+                lock=self._lock,
+                release=self._release,
+            )
+            for name in names:
+                self._subscriptions.setdefault(name, {})[sub] = None
+            self._subscriber_count += 1
+        if replayed is None and last_event_id:
+            self._resume_from_backend(sub, last_event_id, newest)
+        return sub
+
+    def _resume_from_backend(
+        self, sub: Subscription, last_event_id: str, newest: str | None
+    ) -> None:
+        """Fill in the replay the ring could not give, from the backend's longer history."""
+        try:
+            replayed = self._backend.replay(last_event_id, newest, sub.channels)
+        except BaseException:
+            sub.close()
+            raise
+        if replayed is None:
+            # The gap carries the newest id, so a reconnect after it resumes from here.
+            head = self._prelude + _wire.stamp(newest or "", _GAP_BODY)
+        else:
+            head = _joined(self._prelude, replayed)
+        with self._lock:
+            sub._head = head
+
+    def _release(self, sub: Subscription) -> None:
+        """Close ``sub`` for its consumer: forget it and wake its reader."""
+        with self._lock:
+            self._forget(sub)
+            waiter = sub._end(CloseReason.UNSUBSCRIBED)
+        wake((waiter,))
+
+    def _forget(self, sub: Subscription) -> None:
+        """Remove ``sub`` from every channel it is registered on, if it still is."""
+        # Precondition: self._lock is held.
+        if sub.close_reason is not None:
+            return  # already forgotten when it ended
+        for name in sub.channels:
+            subscribers = self._subscriptions[name]
+            del subscribers[sub]
+            if not subscribers:
+                del self._subscriptions[name]
+        self._subscriber_count -= 1
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """Return the counters, all read at the same instant."""
+        with self._lock:
+            return Stats(
+                self._subscriber_count,
+                self._published,
+                self._delivered,
+                self._evicted,
+                self._rejected,
+            )
+
+    def close(self) -> None:
+        """End every subscription (after its pending frames) and stop the backend.
+
+        Later ``publish`` and ``subscribe`` calls raise :class:`BroadcasterClosedError`.
+        Safe to call twice.
+        """
+        if self._shut_down():
+            self._backend.close()
+
+    async def aclose(self) -> None:
+        """Do what :meth:`close` does, closing the backend without blocking the loop."""
+        if self._shut_down():
+            await self._backend.aclose()
+
+    def _shut_down(self) -> bool:
+        """End every subscription; return whether a started backend needs closing."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            subs = {sub for subscribers in self._subscriptions.values() for sub in subscribers}
+            self._subscriptions.clear()
+            self._subscriber_count = 0
+            woken = [sub._end(CloseReason.SHUTDOWN) for sub in subs]
+        wake(woken)
+        with self._start_lock:
+            return self._started
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+_GAP_BODY = _wire.encode_body(_wire.event_prefix(GAP_EVENT_TYPE), b"{}")
+
+
+def _joined(prelude: bytes, events: list[Event]) -> bytes:
+    return b"".join([prelude, *(event.frame for event in events)])
+
+
+def _at_least(minimum: int, name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{name} must be an int of at least {minimum}, got {value!r}")
+    return value

@@ -1,0 +1,50 @@
+"""A bounded ring of recent events, for ``Last-Event-ID`` resume without I/O."""
+
+from __future__ import annotations
+
+from collections import deque
+from itertools import islice
+
+from ssecast._event import Event
+
+__all__ = ["History"]
+
+
+class History:
+    """The last ``size`` events, in delivery order, found by id in constant time.
+
+    Not thread-safe: the broadcaster calls it under its lock.
+    """
+
+    __slots__ = ("_events", "_positions", "_total", "last_id")
+
+    def __init__(self, size: int) -> None:
+        self._events: deque[Event] = deque(maxlen=size)
+        # id -> position counted from the first event ever appended.
+        self._positions: dict[str, int] = {}
+        self._total = 0
+        self.last_id: str | None = None
+        """The id of the newest event appended, kept even when ``size`` is 0."""
+
+    def append(self, event: Event) -> None:
+        """Remember ``event``, forgetting the oldest one when full."""
+        events = self._events
+        if events.maxlen:
+            if len(events) == events.maxlen:
+                del self._positions[events[0].id]
+            events.append(event)
+            self._positions[event.id] = self._total
+        self._total += 1
+        self.last_id = event.id
+
+    def after(self, event_id: str, channels: frozenset[str]) -> list[Event] | None:
+        """Return the events after ``event_id`` on ``channels``, oldest first.
+
+        :returns: ``None`` when ``event_id`` is not in the ring (never seen, or forgotten),
+            so the caller cannot know what the client missed.
+        """
+        position = self._positions.get(event_id)
+        if position is None:
+            return None
+        start = position - (self._total - len(self._events)) + 1
+        return [event for event in islice(self._events, start, None) if event.channel in channels]

@@ -1,0 +1,279 @@
+"""One client's subscription: a bounded buffer of frames, read from a thread or a loop.
+
+The broadcaster appends frames under its lock; the consumer takes everything pending
+in one chunk (one socket write however far it fell behind). A consumer with nothing to
+read parks a *waiter*: a ``threading.Event`` for a thread, an ``asyncio.Future`` for a
+task. Publishers collect the waiters they must wake and wake them after releasing the
+lock, one ``call_soon_threadsafe`` per event loop rather than one per subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable
+from enum import StrEnum
+from types import TracebackType
+from typing import Final, Self
+
+from ssecast._wire import HEARTBEAT
+
+__all__ = ["CloseReason", "Subscription", "Waiter", "fan_out", "wake"]
+
+Waiter = threading.Event | asyncio.Future[bool]
+
+_WOKEN: Final = True
+_TIMED_OUT: Final = False
+
+
+class CloseReason(StrEnum):
+    """Why a subscription ended."""
+
+    UNSUBSCRIBED = "unsubscribed"
+    """The consumer closed it, or left its ``with`` block."""
+    EVICTED = "evicted"
+    """It fell more than ``queue_size`` frames behind; its pending frames were dropped."""
+    SHUTDOWN = "shutdown"
+    """The broadcaster was closed; frames already pending are still read out."""
+
+
+class Subscription:
+    """A live feed of SSE frames for one client, from one or more channels.
+
+    Iterate it (``for`` in a thread, ``async for`` in a task) to get ``bytes`` ready for
+    the socket; use it as a context manager (``with`` or ``async with``) so it is
+    closed when the client goes. Made by :meth:`Broadcaster.subscribe`, not directly.
+
+    :ivar channels: the channels it receives.
+    :ivar close_reason: ``None`` while open, then why it ended.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_capacity",
+        "_head",
+        "_heartbeat",
+        "_lock",
+        "_pending",
+        "_release",
+        "_thread_waiter",
+        "_waiter",
+        "channels",
+        "close_reason",
+    )
+
+    def __init__(
+        self,
+        *,
+        channels: frozenset[str],
+        capacity: int,
+        heartbeat: float | None,
+        head: bytes,
+        lock: threading.Lock,
+        release: Callable[[Subscription], None],
+    ) -> None:
+        self.channels = channels
+        self.close_reason: CloseReason | None = None
+        self._capacity = capacity
+        self._heartbeat = heartbeat
+        # Frames written before the live ones (retry, replay, gap); they do not count
+        # against the capacity.
+        self._head = head
+        self._lock = lock
+        self._release = release
+        # All below are guarded by self._lock, which the broadcaster shares.
+        self._pending: list[bytes] = []
+        self._waiter: Waiter | None = None
+        self._thread_waiter: threading.Event | None = None
+
+    def __repr__(self) -> str:
+        state = self.close_reason or "open"
+        return f"<Subscription channels={sorted(self.channels)!r} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether it has ended (see :attr:`close_reason`)."""
+        return self.close_reason is not None
+
+    def close(self) -> None:
+        """Unsubscribe and drop pending frames; a waiting reader ends. Safe to call twice."""
+        self._release(self)
+
+    def read_nowait(self) -> bytes:
+        """Return every pending frame as one chunk, or ``b""`` if there is none; never wait."""
+        with self._lock:
+            return self._poll(None) or b""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> bytes:
+        """Block this thread until there is a chunk, a heartbeat is due, or it ends."""
+        waiter = self._thread_waiter
+        if waiter is None:
+            waiter = self._thread_waiter = threading.Event()
+        deadline = None if self._heartbeat is None else time.monotonic() + self._heartbeat
+        while True:
+            with self._lock:
+                chunk = self._poll(waiter)
+            if chunk is None:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if waiter.wait(timeout):
+                    continue
+                chunk = self._give_up_waiting(waiter)
+            if not chunk:
+                raise StopIteration
+            return chunk
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """Wait, without blocking the loop, for a chunk, a heartbeat, or the end."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self._heartbeat is None else loop.time() + self._heartbeat
+        while True:
+            future: asyncio.Future[bool] = loop.create_future()
+            with self._lock:
+                chunk = self._poll(future)
+            if chunk is None:
+                timer = (
+                    None
+                    if deadline is None
+                    else loop.call_at(deadline, _resolve, future, _TIMED_OUT)
+                )
+                try:
+                    woken = await future
+                except BaseException:  # cancelled: no publisher may hold on to the future
+                    with self._lock:
+                        self._unpark(future)
+                    raise
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                if woken:
+                    continue
+                chunk = self._give_up_waiting(future)
+            if not chunk:
+                raise StopAsyncIteration
+            return chunk
+
+    def _poll(self, waiter: Waiter | None) -> bytes | None:
+        """Take what is pending; ``b""`` if it ended, ``None`` (parking ``waiter``) if idle."""
+        # Precondition: self._lock is held.
+        pending = self._pending
+        if pending or self._head:
+            self._pending = []
+            chunk = self._head + b"".join(pending)
+            self._head = b""
+            return chunk
+        if self.close_reason is not None:
+            return b""
+        if waiter is not None:
+            if isinstance(waiter, threading.Event):
+                waiter.clear()
+            self._waiter = waiter
+        return None
+
+    def _give_up_waiting(self, waiter: Waiter) -> bytes:
+        """Unpark ``waiter`` after a timeout; return what arrived meanwhile, or a heartbeat."""
+        with self._lock:
+            self._unpark(waiter)
+            chunk = self._poll(None)
+        return HEARTBEAT if chunk is None else chunk
+
+    def _unpark(self, waiter: Waiter) -> None:
+        # Precondition: self._lock is held.
+        if self._waiter is waiter:
+            self._waiter = None
+
+    def _end(self, reason: CloseReason) -> Waiter | None:
+        """Mark it ended; return the waiter to wake. Frames stay only for a shutdown."""
+        # Precondition: self._lock is held.
+        if self.close_reason is None:
+            self.close_reason = reason
+        if reason is not CloseReason.SHUTDOWN:
+            self._pending = []
+            self._head = b""
+        waiter, self._waiter = self._waiter, None
+        return waiter
+
+
+def fan_out(
+    subscriptions: Iterable[Subscription],
+    frame: bytes,
+    woken: list[Waiter],
+    evicted: list[Subscription],
+) -> None:
+    """Append ``frame`` to every subscription; collect the waiters to wake and the full ones.
+
+    A full subscription is collected, not removed, because the caller is iterating over
+    the collection that holds it; removing inside the loop would skip the next one.
+    """
+    # Precondition: the broadcaster's lock is held.
+    for sub in subscriptions:
+        pending = sub._pending
+        if len(pending) < sub._capacity:
+            pending.append(frame)
+            if sub._waiter is not None:
+                woken.append(sub._waiter)
+                sub._waiter = None
+        else:
+            evicted.append(sub)
+
+
+def wake(waiters: Iterable[Waiter | None]) -> None:
+    """Wake parked readers: threads directly, tasks by one callback per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = {}
+    for waiter in waiters:
+        if isinstance(waiter, threading.Event):
+            waiter.set()
+        elif waiter is not None:
+            by_loop.setdefault(waiter.get_loop(), []).append(waiter)
+    if not by_loop:
+        return
+    try:
+        here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    for loop, futures in by_loop.items():
+        if loop is here:
+            _resolve_all(futures)
+        else:
+            # A closed loop raises RuntimeError; its readers are gone with it.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve_all, futures)
+
+
+def _resolve(future: asyncio.Future[bool], result: bool) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _resolve_all(futures: list[asyncio.Future[bool]]) -> None:
+    for future in futures:
+        _resolve(future, _WOKEN)
