@@ -39,7 +39,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
-        """Send ``sig`` to the server; return the seconds it took to exit (killed at ``timeout``)."""
+        """Send ``sig``; return the seconds until the server exited (killed at ``timeout``)."""
         if self.process.poll() is not None:
             return 0.0
         started = time.monotonic()
