@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import json.encoder
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -23,7 +24,7 @@ from ssecast._exceptions import (
     UnknownEventTypeError,
 )
 from ssecast._history import History
-from ssecast._subscription import CloseReason, Subscription, Waiter, fan_out, wake
+from ssecast._subscription import Audience, CloseReason, Subscription, Waiter, wake
 
 __all__ = ["DEFAULT_CHANNEL", "GAP_EVENT_TYPE", "Broadcaster", "Serializer", "Stats"]
 
@@ -45,7 +46,30 @@ _RESERVED_PREFIX = "ssecast."
 # inventing names cannot grow memory; names beyond it are simply checked every time.
 _CACHE_LIMIT = 1024
 
-_compact_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+def _refuse(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _make_compact_json() -> Serializer:
+    """Return compact ``json.dumps`` that refuses NaN and infinities; C-accelerated if it can."""
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:  # pragma: no cover  (only Pythons without the _json module)
+        return json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+    # json.dumps builds this encoder on every call; building it once halves the cost.
+    # No circular-reference markers: they would be shared between threads, and a cycle
+    # still ends in RecursionError, which publish reports as NotSerializableError.
+    encode_chunks = c_make_encoder(
+        None, _refuse, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def compact_json(value: object) -> str:
+        return "".join(encode_chunks(value, 0))
+
+    return compact_json
+
+
+_compact_json = _make_compact_json()
 
 
 class Stats(NamedTuple):
@@ -127,7 +151,7 @@ class Broadcaster:
         self._started = False
         self._closed = False
         # Guarded by self._lock:
-        self._subscriptions: dict[str, dict[Subscription, None]] = {}
+        self._audiences: dict[str, Audience] = {}
         self._subscriber_count = 0
         self._published = 0
         self._delivered = 0
@@ -270,20 +294,20 @@ class Broadcaster:
 
     def _deliver(self, event: Event) -> None:
         """Append one event's frame to its channel's subscribers; the backend calls this."""
-        woken: list[Waiter] = []
+        woken: list[Waiter | None] = []
         evicted: list[Subscription] = []
         with self._lock:
             if self._closed:
                 return
             self._history.append(event)
-            subscribers = self._subscriptions.get(event.channel)
-            if not subscribers:
+            audience = self._audiences.get(event.channel)
+            if audience is None:
                 return
-            fan_out(subscribers, event.frame, woken, evicted)
-            self._delivered += len(subscribers) - len(evicted)
+            audience.deliver(event.frame, woken, evicted)
+            self._delivered += len(audience.buffers) - len(evicted)
             for sub in evicted:
                 self._forget(sub)
-                sub._end(CloseReason.EVICTED)  # it was full, so no reader is parked
+                sub._end(CloseReason.EVICTED)  # it had frames, so no reader is parked
             self._evicted += len(evicted)
         wake(woken)
         for sub in evicted:
@@ -341,8 +365,9 @@ class Broadcaster:
                 lock=self._lock,
                 release=self._release,
             )
-            for name in names:
-                self._subscriptions.setdefault(name, {})[sub] = None
+            sub._audiences = tuple(self._audience(name) for name in names)
+            for audience in sub._audiences:
+                audience.add(sub)
             self._subscriber_count += 1
         if replayed is None and last_event_id:
             self._resume_from_backend(sub, last_event_id, newest)
@@ -378,11 +403,18 @@ class Broadcaster:
         if sub.close_reason is not None:
             return  # already forgotten when it ended
         for name in sub.channels:
-            subscribers = self._subscriptions[name]
-            del subscribers[sub]
-            if not subscribers:
-                del self._subscriptions[name]
+            audience = self._audiences[name]
+            del audience.buffers[sub]
+            if not audience.buffers:
+                del self._audiences[name]
         self._subscriber_count -= 1
+
+    def _audience(self, channel: str) -> Audience:
+        # Precondition: self._lock is held.
+        audience = self._audiences.get(channel)
+        if audience is None:
+            audience = self._audiences[channel] = Audience()
+        return audience
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -417,8 +449,8 @@ class Broadcaster:
             if self._closed:
                 return False
             self._closed = True
-            subs = {sub for subscribers in self._subscriptions.values() for sub in subscribers}
-            self._subscriptions.clear()
+            subs = {sub for audience in self._audiences.values() for sub in audience.buffers}
+            self._audiences.clear()
             self._subscriber_count = 0
             woken = [sub._end(CloseReason.SHUTDOWN) for sub in subs]
         wake(woken)

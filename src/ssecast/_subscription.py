@@ -1,4 +1,4 @@
-"""One client's subscription: a bounded buffer of frames, read from a thread or a loop.
+"""One client's subscription, and the audience of one channel that fans frames out to it.
 
 The broadcaster appends frames under its lock; the consumer takes everything pending
 in one chunk (one socket write however far it fell behind). A consumer with nothing to
@@ -20,7 +20,7 @@ from typing import Final, Self
 
 from ssecast._wire import HEARTBEAT
 
-__all__ = ["CloseReason", "Subscription", "Waiter", "fan_out", "wake"]
+__all__ = ["Audience", "CloseReason", "Subscription", "Waiter", "wake"]
 
 Waiter = threading.Event | asyncio.Future[bool]
 
@@ -52,6 +52,7 @@ class Subscription:
 
     __slots__ = (
         "__weakref__",
+        "_audiences",
         "_capacity",
         "_head",
         "_heartbeat",
@@ -84,9 +85,11 @@ class Subscription:
         self._lock = lock
         self._release = release
         # All below are guarded by self._lock, which the broadcaster shares.
+        # The list object never changes: every audience of this subscription holds it.
         self._pending: list[bytes] = []
         self._waiter: Waiter | None = None
         self._thread_waiter: threading.Event | None = None
+        self._audiences: tuple[Audience, ...] = ()
 
     def __repr__(self) -> str:
         state = self.close_reason or "open"
@@ -104,6 +107,11 @@ class Subscription:
     def read_nowait(self) -> bytes:
         """Return every pending frame as one chunk, or ``b""`` if there is none; never wait."""
         with self._lock:
+            pending = self._pending
+            if pending and not self._head:  # the hot path: only live frames are waiting
+                chunk = b"".join(pending)
+                pending.clear()
+                return chunk
             return self._poll(None) or b""
 
     def __enter__(self) -> Self:
@@ -187,8 +195,8 @@ class Subscription:
         # Precondition: self._lock is held.
         pending = self._pending
         if pending or self._head:
-            self._pending = []
             chunk = self._head + b"".join(pending)
+            pending.clear()
             self._head = b""
             return chunk
         if self.close_reason is not None:
@@ -197,6 +205,8 @@ class Subscription:
             if isinstance(waiter, threading.Event):
                 waiter.clear()
             self._waiter = waiter
+            for audience in self._audiences:
+                audience.parked[self] = None
         return None
 
     def _give_up_waiting(self, waiter: Waiter) -> bytes:
@@ -206,10 +216,16 @@ class Subscription:
             chunk = self._poll(None)
         return HEARTBEAT if chunk is None else chunk
 
-    def _unpark(self, waiter: Waiter) -> None:
+    def _unpark(self, waiter: Waiter | None) -> Waiter | None:
+        """Take back the parked waiter if it is ``waiter`` (any, for ``None``); return it."""
         # Precondition: self._lock is held.
-        if self._waiter is waiter:
-            self._waiter = None
+        parked = self._waiter
+        if parked is None or (waiter is not None and parked is not waiter):
+            return None
+        self._waiter = None
+        for audience in self._audiences:
+            del audience.parked[self]
+        return parked
 
     def _end(self, reason: CloseReason) -> Waiter | None:
         """Mark it ended; return the waiter to wake. Frames stay only for a shutdown."""
@@ -217,33 +233,64 @@ class Subscription:
         if self.close_reason is None:
             self.close_reason = reason
         if reason is not CloseReason.SHUTDOWN:
-            self._pending = []
+            self._pending.clear()
             self._head = b""
-        waiter, self._waiter = self._waiter, None
-        return waiter
+        return self._unpark(None)
 
 
-def fan_out(
-    subscriptions: Iterable[Subscription],
-    frame: bytes,
-    woken: list[Waiter],
-    evicted: list[Subscription],
-) -> None:
-    """Append ``frame`` to every subscription; collect the waiters to wake and the full ones.
+class Audience:
+    """The subscriptions of one channel, arranged so that a fan-out is one tight loop.
 
-    A full subscription is collected, not removed, because the caller is iterating over
-    the collection that holds it; removing inside the loop would skip the next one.
+    Not thread-safe: the broadcaster calls it under its lock.
     """
-    # Precondition: the broadcaster's lock is held.
-    for sub in subscriptions:
-        pending = sub._pending
-        if len(pending) < sub._capacity:
-            pending.append(frame)
-            if sub._waiter is not None:
-                woken.append(sub._waiter)
-                sub._waiter = None
+
+    __slots__ = ("buffers", "capacity", "parked")
+
+    def __init__(self) -> None:
+        self.buffers: dict[Subscription, list[bytes]] = {}
+        """Each member's pending list, iterated by :meth:`deliver`."""
+        self.parked: dict[Subscription, None] = {}
+        """Members whose reader waits for a frame."""
+        self.capacity: int | None = None
+        """The capacity every member shares, or ``None`` once two members differ."""
+
+    def add(self, sub: Subscription) -> None:
+        """Make ``sub`` a member; the caller also lists this audience in ``sub._audiences``."""
+        if not self.buffers:
+            self.capacity = sub._capacity
+        elif self.capacity != sub._capacity:
+            self.capacity = None
+        self.buffers[sub] = sub._pending
+
+    def deliver(
+        self, frame: bytes, woken: list[Waiter | None], evicted: list[Subscription]
+    ) -> None:
+        """Append ``frame`` for every member; collect the waiters to wake and the overflowed.
+
+        An overflowed member is collected, not removed, because the loop is iterating over
+        the dict that holds it; removing inside the loop would skip the next one.
+        """
+        capacity = self.capacity
+        if capacity is not None:
+            # Every member has the same limit, so the loop does one comparison and one
+            # append per member; the rare overflow is looked for afterwards.
+            overflowed = False
+            for pending in self.buffers.values():
+                if len(pending) >= capacity:
+                    overflowed = True
+                pending.append(frame)
+            if overflowed:
+                evicted.extend(
+                    sub for sub, pending in self.buffers.items() if len(pending) > capacity
+                )
         else:
-            evicted.append(sub)
+            for sub, pending in self.buffers.items():
+                pending.append(frame)
+                if len(pending) > sub._capacity:
+                    evicted.append(sub)
+        if self.parked:
+            for sub in list(self.parked):
+                woken.append(sub._unpark(None))
 
 
 def wake(waiters: Iterable[Waiter | None]) -> None:
