@@ -127,11 +127,7 @@ class Broadcaster:
         self._max_payload_bytes = _at_least(1, "max_payload_bytes", max_payload_bytes)
         self._queue_size = _at_least(1, "queue_size", queue_size)
         self._history = History(_at_least(0, "history", history))
-        if heartbeat is not None and not heartbeat > 0:
-            raise ConfigurationError(
-                f"heartbeat must be a positive number of seconds or None, got {heartbeat!r}"
-            )
-        self._heartbeat = heartbeat
+        self._heartbeat = None if heartbeat is None else _seconds("heartbeat", heartbeat)
         self._prelude = b"" if retry is None else _wire.retry(_at_least(0, "retry", retry))
         self._max_subscribers = (
             None if max_subscribers is None else _at_least(1, "max_subscribers", max_subscribers)
@@ -141,9 +137,18 @@ class Broadcaster:
         self._allowed: frozenset[str] | None = None
         self._prefixes: dict[str, bytes] = {}
         if event_types is not None:
+            if isinstance(event_types, str):
+                raise ConfigurationError(
+                    f"event_types must be a collection of types, got the str {event_types!r}; "
+                    f"write event_types=[{event_types!r}]"
+                )
             self._allowed = frozenset(event_types)
             for event_type in self._allowed:
-                self._prefixes[self._check_type(event_type)] = _wire.event_prefix(event_type)
+                try:
+                    self._check_type(event_type)
+                except InvalidFieldError as error:
+                    raise ConfigurationError(f"event_types: {error}") from error
+                self._prefixes[event_type] = _wire.event_prefix(event_type)
         self._channels: set[str] = set()
 
         self._lock = threading.Lock()
@@ -485,6 +490,19 @@ _GAP_BODY = _wire.encode_body(_wire.event_prefix(GAP_EVENT_TYPE), b"{}")
 
 def _joined(prelude: bytes, events: list[Event]) -> bytes:
     return b"".join([prelude, *(event.frame for event in events)])
+
+
+def _seconds(name: str, value: float) -> float:
+    # threading waits refuse timeouts beyond TIMEOUT_MAX (about 292 years).
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= threading.TIMEOUT_MAX
+    ):
+        raise ConfigurationError(
+            f"{name} must be a positive number of seconds (or None for none), got {value!r}"
+        )
+    return float(value)
 
 
 def _at_least(minimum: int, name: str, value: int) -> int:
