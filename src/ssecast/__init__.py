@@ -5,7 +5,8 @@ Framework adapters live in their own modules (``ssecast.asgi``, ``ssecast.flask`
 """
 
 from ssecast._backend import Backend, Deliver, MemoryBackend
-from ssecast._broadcaster import DEFAULT_CHANNEL, GAP_EVENT_TYPE, Broadcaster, Serializer, Stats
+from ssecast._broadcaster import DEFAULT_CHANNEL, Broadcaster, Stats
+from ssecast._encoder import GAP_EVENT_TYPE, Payload, Serializer
 from ssecast._event import Draft, Event
 from ssecast._exceptions import (
     BackendUnavailableError,
@@ -38,6 +39,7 @@ __all__ = [
     "InvalidFieldError",
     "MemoryBackend",
     "NotSerializableError",
+    "Payload",
     "PayloadTooLargeError",
     "PublishError",
     "Serializer",

@@ -2,74 +2,32 @@
 
 from __future__ import annotations
 
-import json
-import json.encoder
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, NamedTuple, Self, TypeAlias
+from typing import NamedTuple, Self
 
 from ssecast import _wire
 from ssecast._backend import Backend, MemoryBackend
+from ssecast._encoder import GAP_EVENT_TYPE, Encoder, Payload, Serializer
 from ssecast._event import Draft, Event, check_field
 from ssecast._exceptions import (
     BroadcasterClosedError,
     ConfigurationError,
     InvalidFieldError,
-    NotSerializableError,
-    PayloadTooLargeError,
     PublishError,
     TooManySubscribersError,
-    UnknownEventTypeError,
 )
 from ssecast._history import History
 from ssecast._subscription import Audience, CloseReason, Subscription, Waiter, wake
 
-__all__ = ["DEFAULT_CHANNEL", "GAP_EVENT_TYPE", "Broadcaster", "Serializer", "Stats"]
+__all__ = ["DEFAULT_CHANNEL", "Broadcaster", "Stats"]
 
 logger = logging.getLogger("ssecast")
 
-Payload: TypeAlias = Any
-"""What ``publish`` takes as data: JSON values by default, anything the serializer takes."""
-
-Serializer = Callable[[Payload], str | bytes]
-"""Turns published data into text: ``str``, or ``bytes`` holding UTF-8."""
-
 DEFAULT_CHANNEL = "default"
-GAP_EVENT_TYPE = "ssecast.gap"
-"""Begins a resumed stream whose missed events are no longer known."""
-
 _DEFAULT_CHANNELS = frozenset((DEFAULT_CHANNEL,))
-_RESERVED_PREFIX = "ssecast."
-# Caches of validated event types and channels stop growing here, so that a publisher
-# inventing names cannot grow memory; names beyond it are simply checked every time.
-_CACHE_LIMIT = 1024
-
-
-def _refuse(value: object) -> object:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _make_compact_json() -> Serializer:
-    """Return compact ``json.dumps`` that refuses NaN and infinities; C-accelerated if it can."""
-    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
-    if c_make_encoder is None:  # pragma: no cover  (only Pythons without the _json module)
-        return json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
-    # json.dumps builds this encoder on every call; building it once halves the cost.
-    # No circular-reference markers: they would be shared between threads, and a cycle
-    # still ends in RecursionError, which publish reports as NotSerializableError.
-    encode_chunks = c_make_encoder(
-        None, _refuse, json.encoder.encode_basestring, None, ":", ",", False, False, False
-    )
-
-    def compact_json(value: object) -> str:
-        return "".join(encode_chunks(value, 0))
-
-    return compact_json
-
-
-_compact_json = _make_compact_json()
 
 
 class Stats(NamedTuple):
@@ -132,24 +90,8 @@ class Broadcaster:
         self._max_subscribers = (
             None if max_subscribers is None else _at_least(1, "max_subscribers", max_subscribers)
         )
-        self._serialize: Serializer = _compact_json if serializer is None else serializer
+        self._encoder = Encoder(event_types, self._max_payload_bytes, serializer)
         self._backend: Backend = MemoryBackend() if backend is None else backend
-        self._allowed: frozenset[str] | None = None
-        self._prefixes: dict[str, bytes] = {}
-        if event_types is not None:
-            if isinstance(event_types, str):
-                raise ConfigurationError(
-                    f"event_types must be a collection of types, got the str {event_types!r}; "
-                    f"write event_types=[{event_types!r}]"
-                )
-            self._allowed = frozenset(event_types)
-            for event_type in self._allowed:
-                try:
-                    self._check_type(event_type)
-                except InvalidFieldError as error:
-                    raise ConfigurationError(f"event_types: {error}") from error
-                self._prefixes[event_type] = _wire.event_prefix(event_type)
-        self._channels: set[str] = set()
 
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
@@ -208,79 +150,10 @@ class Broadcaster:
         if self._closed:
             raise BroadcasterClosedError("the broadcaster is closed; create a new one to publish")
         try:
-            prefix = self._prefixes.get(event_type) if isinstance(event_type, str) else None
-            if prefix is None:
-                prefix = self._admit_type(event_type)
-            if not (isinstance(channel, str) and channel in self._channels):
-                self._admit_channel(channel)
-            text = self._text(data, raw)
-            encoded = text.encode()
+            return self._encoder.draft(event_type, data, channel, raw)
         except PublishError as error:
             self._reject(error)
             raise
-        except UnicodeEncodeError as error:
-            unencodable = NotSerializableError(
-                f"data is not valid Unicode text ({error.reason}); remove lone surrogates"
-            )
-            self._reject(unencodable)
-            raise unencodable from error
-        if len(encoded) > self._max_payload_bytes:
-            too_large = PayloadTooLargeError(len(encoded), self._max_payload_bytes)
-            self._reject(too_large)
-            raise too_large
-        return Draft(event_type, channel, text, _wire.encode_body(prefix, encoded))
-
-    def _text(self, data: Payload, raw: bool) -> str:
-        if raw:
-            if not isinstance(data, str):
-                raise NotSerializableError(
-                    f"raw=True sends a str as it is, got {type(data).__name__}; "
-                    "pass a str, or drop raw=True to serialize the value"
-                )
-            return data
-        try:
-            text = self._serialize(data)
-        except (TypeError, ValueError, OverflowError, RecursionError) as error:
-            raise NotSerializableError(
-                f"the serializer refused the data: {error}; publish JSON-compatible values "
-                "or pass Broadcaster(serializer=...)"
-            ) from error
-        if isinstance(text, bytes):
-            try:
-                return text.decode()
-            except UnicodeDecodeError as error:
-                raise NotSerializableError(
-                    f"the serializer returned bytes that are not UTF-8: {error}"
-                ) from error
-        if not isinstance(text, str):
-            raise NotSerializableError(
-                f"the serializer must return str or bytes, not {type(text).__name__}"
-            )
-        return text
-
-    def _check_type(self, event_type: object) -> str:
-        name = check_field("event type", event_type)
-        if name.startswith(_RESERVED_PREFIX):
-            raise InvalidFieldError(
-                "event type",
-                name,
-                f"the prefix {_RESERVED_PREFIX!r} is reserved for ssecast's own events",
-            )
-        return name
-
-    def _admit_type(self, event_type: object) -> bytes:
-        name = self._check_type(event_type)
-        if self._allowed is not None:
-            raise UnknownEventTypeError(name, self._allowed)
-        prefix = _wire.event_prefix(name)
-        if len(self._prefixes) < _CACHE_LIMIT:
-            self._prefixes[name] = prefix
-        return prefix
-
-    def _admit_channel(self, channel: object) -> None:
-        name = check_field("channel", channel)
-        if len(self._channels) < _CACHE_LIMIT:
-            self._channels.add(name)
 
     def _reject(self, error: PublishError) -> None:
         with self._lock:
