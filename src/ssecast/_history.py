@@ -16,12 +16,15 @@ class History:
     Not thread-safe: the broadcaster calls it under its lock.
     """
 
-    __slots__ = ("_events", "_positions", "_total", "last_id")
+    __slots__ = ("_boundary", "_events", "_positions", "_total", "last_id")
 
     def __init__(self, size: int) -> None:
         self._events: deque[Event] = deque(maxlen=size)
         # id -> position counted from the first event ever appended.
         self._positions: dict[str, int] = {}
+        # The id of the newest forgotten event: every event after it is still kept, so a
+        # client that saw it can still resume without a gap.
+        self._boundary: str | None = None
         self._total = 0
         self.last_id: str | None = None
         """The id of the newest event appended, kept even when ``size`` is 0."""
@@ -31,7 +34,9 @@ class History:
         events = self._events
         if events.maxlen:
             if len(events) == events.maxlen:
-                del self._positions[events[0].id]
+                if self._boundary is not None:
+                    del self._positions[self._boundary]
+                self._boundary = events[0].id
             events.append(event)
             self._positions[event.id] = self._total
         self._total += 1
@@ -40,8 +45,8 @@ class History:
     def after(self, event_id: str, channels: frozenset[str]) -> list[Event] | None:
         """Return the events after ``event_id`` on ``channels``, oldest first.
 
-        :returns: ``None`` when ``event_id`` is not in the ring (never seen, or forgotten),
-            so the caller cannot know what the client missed.
+        :returns: ``None`` when some event after ``event_id`` is no longer kept, or the id
+            was never seen, so the caller cannot know what the client missed.
         """
         position = self._positions.get(event_id)
         if position is None:
