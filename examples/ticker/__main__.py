@@ -1,0 +1,88 @@
+"""Run the live ticker demo: ``python examples/ticker`` then open http://127.0.0.1:8000.
+
+Flags:
+
+- ``--redis redis://127.0.0.1:6379/0 --workers 3``: several uvicorn workers, fed through
+  Redis by a publisher in this process, so every worker streams the same events.
+- ``--rate 5``: price moves per second.
+- ``--host``, ``--port``: where to listen (127.0.0.1:8000).
+
+Needs the ``demo`` extra (``pip install -e '.[demo]'``), plus ``redis`` for ``--redis``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import uvicorn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from app import STATE_KEY, make_broadcaster  # noqa: E402  (after the path is set)
+from market import Market  # noqa: E402
+
+
+def publish_through_redis(redis_url: str, rate: float, stop: threading.Event) -> None:
+    """Publish the market's moves to Redis, and keep its state there for the workers."""
+    import redis
+
+    broadcaster = make_broadcaster(redis_url)
+    market = Market()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        while not stop.wait(1 / rate):
+            for event_type, channel, data in market.step():
+                broadcaster.publish(event_type, data, channel=channel)
+            client.set(STATE_KEY, json.dumps(market.snapshot()))
+    finally:
+        client.close()
+        broadcaster.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="ssecast's live ticker demo")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--rate", type=float, default=5.0, help="price moves per second")
+    parser.add_argument("--redis", metavar="URL", help="share events through this Redis")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (with --redis)")
+    args = parser.parse_args()
+    if args.workers > 1 and not args.redis:
+        parser.error("--workers needs --redis: in memory, each worker would have its own market")
+    if not args.rate > 0:
+        parser.error("--rate must be positive")
+
+    os.environ["TICKER_RATE"] = str(args.rate)
+    stop = threading.Event()
+    publisher = None
+    if args.redis:
+        os.environ["TICKER_REDIS_URL"] = args.redis
+        publisher = threading.Thread(
+            target=publish_through_redis, args=(args.redis, args.rate, stop), daemon=True
+        )
+        publisher.start()
+    print(f"ssecast ticker demo on http://{args.host}:{args.port}", flush=True)
+    try:
+        uvicorn.run(
+            "app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            timeout_graceful_shutdown=1,
+            app_dir=str(HERE),
+        )
+    finally:
+        stop.set()
+        if publisher is not None:
+            publisher.join(timeout=5)
+
+
+if __name__ == "__main__":
+    main()
