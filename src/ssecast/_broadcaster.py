@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ __all__ = ["DEFAULT_CHANNEL", "Broadcaster", "Stats"]
 logger = logging.getLogger("ssecast")
 
 DEFAULT_CHANNEL = "default"
+"""The channel ``publish`` and ``subscribe`` use when given none."""
 _DEFAULT_CHANNELS = frozenset((DEFAULT_CHANNEL,))
 
 
@@ -207,6 +209,9 @@ class Broadcaster:
         duplicate. When those events are no longer known, it begins with an
         ``ssecast.gap`` event instead, so the client can reload its state.
 
+        Resuming from an id older than the ``history`` ring asks the backend, which may
+        do I/O (Redis); from a coroutine, :meth:`asubscribe` does that off the loop.
+
         :param channels: the channels to receive.
         :param last_event_id: the id of the last event the client saw (the
             ``Last-Event-ID`` header); ``None`` or ``""`` starts live.
@@ -217,6 +222,28 @@ class Broadcaster:
         :raises BroadcasterClosedError: the broadcaster was closed.
         :raises BackendUnavailableError: resuming needed the backend, which is unreachable.
         """
+        begun = self._begin(channels, last_event_id, queue_size)
+        if isinstance(begun, Subscription):
+            return begun
+        older = self._backend.replay(begun.last_event_id, begun.newest, begun.channels)
+        return self._finish(begun, older)
+
+    async def asubscribe(
+        self, *channels: str, last_event_id: str | None = None, queue_size: int | None = None
+    ) -> Subscription:
+        """Do what :meth:`subscribe` does; a backend's I/O does not block the running loop."""
+        begun = self._begin(channels, last_event_id, queue_size)
+        if isinstance(begun, Subscription):
+            return begun
+        older = await asyncio.to_thread(
+            self._backend.replay, begun.last_event_id, begun.newest, begun.channels
+        )
+        return self._finish(begun, older)
+
+    def _begin(
+        self, channels: tuple[str, ...], last_event_id: str | None, queue_size: int | None
+    ) -> Subscription | _Resume:
+        """Subscribe from the ring of recent events, or say what to ask the backend."""
         names = frozenset(check_field("channel", name) for name in channels) or _DEFAULT_CHANNELS
         capacity = (
             self._queue_size if queue_size is None else _at_least(1, "queue_size", queue_size)
@@ -225,48 +252,55 @@ class Broadcaster:
             raise InvalidFieldError("last event id", last_event_id, "expected a str or None")
         self._start()
         with self._lock:
-            if self._closed:
-                raise BroadcasterClosedError("the broadcaster is closed; it takes no subscribers")
-            if (
-                self._max_subscribers is not None
-                and self._subscriber_count >= self._max_subscribers
-            ):
-                raise TooManySubscribersError(self._max_subscribers)
-            replayed = self._history.after(last_event_id, names) if last_event_id else []
-            newest = self._history.last_id
-            head = self._prelude if replayed is None else _joined(self._prelude, replayed)
-            sub = Subscription(
-                channels=names,
-                capacity=capacity,
-                heartbeat=self._heartbeat,
-                head=head,
-                lock=self._lock,
-                release=self._release,
+            self._check_room()
+            if not last_event_id:
+                return self._register(names, capacity, self._prelude)
+            replayed = self._history.after(last_event_id, names)
+            if replayed is not None:
+                return self._register(names, capacity, _joined(self._prelude, replayed))
+            return _Resume(
+                names, capacity, last_event_id, self._history.mark, self._history.last_id
             )
-            sub._audiences = tuple(self._audience(name) for name in names)
-            for audience in sub._audiences:
-                audience.add(sub)
-            self._subscriber_count += 1
-        if replayed is None and last_event_id:
-            self._resume_from_backend(sub, last_event_id, newest)
-        return sub
 
-    def _resume_from_backend(
-        self, sub: Subscription, last_event_id: str, newest: str | None
-    ) -> None:
-        """Fill in the replay the ring could not give, from the backend's longer history."""
-        try:
-            replayed = self._backend.replay(last_event_id, newest, sub.channels)
-        except BaseException:
-            sub.close()
-            raise
-        if replayed is None:
-            # The gap carries the newest id, so a reconnect after it resumes from here.
-            head = self._prelude + _wire.stamp(newest or "", _GAP_BODY)
-        else:
-            head = _joined(self._prelude, replayed)
+    def _finish(self, resume: _Resume, older: list[Event] | None) -> Subscription:
+        """Subscribe with what the backend replayed; the ring fills in what came since."""
         with self._lock:
-            sub._head = head
+            self._check_room()
+            if older is None:
+                # Unknown to the backend, or newer than what this process has delivered so
+                # far (another process saw it first): the ring may hold it by now.
+                replayed = self._history.after(resume.last_event_id, resume.channels)
+            else:
+                recent = self._history.since(resume.mark, resume.channels)
+                replayed = None if recent is None else older + recent
+            if replayed is None:
+                head = self._prelude + _gap(self._history.last_id)
+            else:
+                head = _joined(self._prelude, replayed)
+            return self._register(resume.channels, resume.capacity, head)
+
+    def _check_room(self) -> None:
+        # Precondition: self._lock is held.
+        if self._closed:
+            raise BroadcasterClosedError("the broadcaster is closed; it takes no subscribers")
+        if self._max_subscribers is not None and self._subscriber_count >= self._max_subscribers:
+            raise TooManySubscribersError(self._max_subscribers)
+
+    def _register(self, channels: frozenset[str], capacity: int, head: bytes) -> Subscription:
+        # Precondition: self._lock is held.
+        sub = Subscription(
+            channels=channels,
+            capacity=capacity,
+            heartbeat=self._heartbeat,
+            head=head,
+            lock=self._lock,
+            release=self._release,
+        )
+        sub._audiences = tuple(self._audience(name) for name in channels)
+        for audience in sub._audiences:
+            audience.add(sub)
+        self._subscriber_count += 1
+        return sub
 
     def _release(self, sub: Subscription) -> None:
         """Close ``sub`` for its consumer: forget it and wake its reader."""
@@ -359,6 +393,27 @@ class Broadcaster:
 
 
 _GAP_BODY = _wire.encode_body(_wire.event_prefix(GAP_EVENT_TYPE), b"{}")
+
+
+class _Resume(NamedTuple):
+    """A subscription the ring could not resume: what to ask the backend, and from when."""
+
+    channels: frozenset[str]
+    capacity: int
+    last_event_id: str
+    mark: int
+    """The ring's bookmark when the backend was asked; the ring gives what came after."""
+    newest: str | None
+    """The newest id delivered then: the backend replays up to it."""
+
+
+def _gap(newest: str | None) -> bytes:
+    """Return the gap event; its id is the newest, so a reconnect after it resumes from there.
+
+    With nothing delivered yet there is no id to give, and the client keeps its own: a
+    reconnect then gets another gap rather than silently starting live.
+    """
+    return _GAP_BODY if newest is None else _wire.stamp(newest, _GAP_BODY)
 
 
 def _joined(prelude: bytes, events: list[Event]) -> bytes:

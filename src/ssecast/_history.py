@@ -42,6 +42,21 @@ class History:
         self._total += 1
         self.last_id = event.id
 
+    @property
+    def mark(self) -> int:
+        """A bookmark for :meth:`since`: how many events were ever appended."""
+        return self._total
+
+    def since(self, mark: int, channels: frozenset[str]) -> list[Event] | None:
+        """Return the events on ``channels`` appended after ``mark``, oldest first.
+
+        :returns: ``None`` when some of them are no longer kept.
+        """
+        start = len(self._events) - (self._total - mark)
+        if start < 0:
+            return None
+        return [event for event in islice(self._events, start, None) if event.channel in channels]
+
     def after(self, event_id: str, channels: frozenset[str]) -> list[Event] | None:
         """Return the events after ``event_id`` on ``channels``, oldest first.
 
