@@ -1,0 +1,358 @@
+"""The ASGI adapter: serve a broadcaster's events to ``EventSource`` clients over any ASGI server.
+
+Install it with ``pip install 'ssecast[asgi]'``; the extra adds nothing, because this
+module uses only the standard library. :class:`EventStream` is a plain ASGI application,
+so it mounts in Starlette, FastAPI, Litestar or Quart, or runs on its own::
+
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from ssecast import Broadcaster
+    from ssecast.asgi import EventStream, close_on_signal
+
+    broadcaster = Broadcaster()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async with close_on_signal(broadcaster):
+            yield
+
+    app = Starlette(
+        routes=[Route("/events", EventStream(broadcaster, ["prices"]))],
+        lifespan=lifespan,
+    )
+
+(FastAPI: ``app.mount("/events", EventStream(...))``, read at ``/events/``; with a
+channels callable, the part of the path after the mount point can name the channel.)
+
+Shutdown. A server stops only when its open responses have ended, and an event stream
+never ends by itself, so a plain SSE endpoint hangs shutdown. uvicorn, on SIGTERM or
+Ctrl+C, stops accepting, waits for open responses, and only *then* runs the lifespan
+shutdown, so closing the broadcaster there comes too late. The setup this module gives:
+
+1. Enter :func:`close_on_signal` in the application's lifespan (as above). On SIGINT
+   or SIGTERM it closes the broadcaster, which ends every stream with a clean end of
+   response, and then hands the signal on to the server's own handler. Nothing is
+   installed at import time.
+2. Run uvicorn with a graceful-shutdown timeout, as a backstop for a stream blocked
+   writing to a client that stopped reading, which cannot end by itself::
+
+       uvicorn myapp:app --timeout-graceful-shutdown 1
+
+   When that timeout cancels a stream, :class:`EventStream` ends the response cleanly
+   instead of letting the server log a traceback; uvicorn logs one line saying how many
+   tasks it cancelled.
+
+With both, SIGTERM with a thousand open streams stops uvicorn in well under two seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import signal
+import threading
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
+from types import FrameType
+from typing import Any, TypeAlias
+
+from ssecast._broadcaster import Broadcaster
+from ssecast._event import check_field
+from ssecast._exceptions import (
+    BackendUnavailableError,
+    BroadcasterClosedError,
+    ConfigurationError,
+    InvalidFieldError,
+    TooManySubscribersError,
+)
+from ssecast._http import OPENING, RETRY_AFTER_SECONDS, STREAM_HEADERS, resume_id
+from ssecast._subscription import Subscription
+
+__all__ = ["EventStream", "close_on_signal"]
+
+# ASGI's types, written here as Starlette's types.py writes them, so that no framework
+# is needed.
+Scope: TypeAlias = MutableMapping[str, Any]
+"""The connection scope an ASGI server passes to the application."""
+Message: TypeAlias = MutableMapping[str, Any]
+"""One ASGI event, received or sent."""
+Receive: TypeAlias = Callable[[], Awaitable[Message]]
+"""The awaitable callable that gives the application the next incoming event."""
+Send: TypeAlias = Callable[[Message], Awaitable[None]]
+"""The awaitable callable that sends an event to the client."""
+
+ChannelsFactory: TypeAlias = Callable[[Scope], Sequence[str]]
+"""Picks the channels of one request from its scope; raises ``LookupError`` for none."""
+Authorize: TypeAlias = Callable[[Scope, Sequence[str]], bool | Awaitable[bool]]
+"""Decides, sync or async, whether the request may receive these channels."""
+
+_ALLOWED_METHOD = "GET"
+_LAST_EVENT_ID = b"last-event-id"
+# When the server cancels a stream, the closing write gets this long before it is dropped.
+_FINAL_WRITE_SECONDS = 0.5
+
+
+class EventStream:
+    """An ASGI application that streams a broadcaster's events to each client that GETs it.
+
+    Each GET subscribes to the channels, answers ``200`` with ``text/event-stream``
+    headers and a first comment at once (so proxies and browsers see the stream open),
+    then writes each chunk of events as it comes. It resumes after the ``Last-Event-ID``
+    header, or a ``lastEventId`` query parameter for clients that cannot set headers.
+    When the client disconnects, its subscription is closed at once; when the broadcaster
+    closes, or evicts the client for falling behind, the response ends cleanly.
+
+    Refusals are short ``text/plain`` answers: ``405`` (with ``Allow``) for a method
+    other than GET, ``404`` when the ``channels`` callable raises ``LookupError``, ``400``
+    for an invalid channel name, ``403`` when ``authorize`` says no (nothing is
+    subscribed), and ``503`` with ``Retry-After`` when ``max_subscribers`` are open or
+    the broadcaster is closed or its backend is unavailable. Exceptions raised by
+    ``channels`` or ``authorize`` for other reasons propagate to the server as bugs.
+
+    :param broadcaster: where the events come from.
+    :param channels: the channels every request receives, or a callable taking the ASGI
+        scope and returning them (from the path or query, say); it raises
+        ``LookupError`` for a channel that does not exist.
+    :param authorize: called as ``authorize(scope, channels)`` before subscribing; a
+        plain or ``async`` function returning a bool.
+    :param headers: extra response headers for the stream; a name given here replaces
+        the default header of that name.
+    :raises ConfigurationError: ``channels`` is a bare ``str`` or empty, or a header
+        holds CR, LF or NUL.
+    :raises InvalidFieldError: a channel name in a fixed ``channels`` is invalid.
+    """
+
+    def __init__(
+        self,
+        broadcaster: Broadcaster,
+        channels: Sequence[str] | ChannelsFactory = ("default",),
+        *,
+        authorize: Authorize | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._broadcaster = broadcaster
+        self._channels: tuple[str, ...] | ChannelsFactory = (
+            channels if callable(channels) else _checked_channels(channels)
+        )
+        self._authorize = authorize
+        self._headers = _response_headers(headers or {})
+
+    def __repr__(self) -> str:
+        return f"<EventStream {self._channels!r} of {self._broadcaster!r}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection: an HTTP request, or the lifespan when run alone."""
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "use GET"})
+        else:
+            raise ValueError(f"EventStream serves HTTP, not ASGI {kind!r} connections")
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != _ALLOWED_METHOD:
+            await _refuse(send, 405, "method not allowed; use GET", ("allow", _ALLOWED_METHOD))
+            return
+        try:
+            channels = self._channels
+            if callable(channels):
+                channels = _picked(channels(scope))
+        except LookupError as error:
+            await _refuse(send, 404, f"no such channel: {error}")
+            return
+        except InvalidFieldError as error:
+            await _refuse(send, 400, str(error))
+            return
+        if self._authorize is not None:
+            allowed = self._authorize(scope, channels)
+            if inspect.isawaitable(allowed):
+                allowed = await allowed
+            if not allowed:
+                await _refuse(send, 403, "forbidden")
+                return
+        try:
+            sub = await self._broadcaster.asubscribe(*channels, last_event_id=_resume_id(scope))
+        except (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError) as e:
+            await _refuse(send, 503, str(e), ("retry-after", str(RETRY_AFTER_SECONDS)))
+            return
+        await self._stream(sub, receive, send)
+
+    async def _stream(self, sub: Subscription, receive: Receive, send: Send) -> None:
+        """Write ``sub`` to the client until either of them ends."""
+        listener = asyncio.get_running_loop().create_task(_close_on_disconnect(receive, sub))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+            await send(_chunk(OPENING + sub.read_nowait()))
+            async for chunk in sub:
+                await send(_chunk(chunk))
+            # The broadcaster closed or evicted it (or the client left): end the response
+            # so that the client reconnects with Last-Event-ID.
+            await send(_end())
+        except OSError:
+            pass  # ASGI 2.4 servers raise it from send() once the client has gone
+        except asyncio.CancelledError:
+            # uvicorn's --timeout-graceful-shutdown cancels the responses still open when
+            # it expires. Ending ours with its final chunk lets the client see a clean end
+            # and reconnect; re-raising would only make the server log a traceback for
+            # every stream. A second cancellation still propagates.
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(_FINAL_WRITE_SECONDS):
+                    await send(_end())
+        finally:
+            sub.close()
+            listener.cancel()
+
+
+def _picked(channels: Sequence[str]) -> tuple[str, ...]:
+    """Check what a channels callable returned."""
+    if isinstance(channels, str):
+        raise TypeError(
+            f"the channels callable returned the str {channels!r}; return a list of names"
+        )
+    names = tuple(check_field("channel", name) for name in channels)
+    if not names:
+        raise LookupError("the channels callable returned none")
+    return names
+
+
+def _chunk(data: bytes) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": True}
+
+
+def _end() -> Message:
+    return {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+async def _close_on_disconnect(receive: Receive, sub: Subscription) -> None:
+    """Close ``sub`` as soon as the server reports that the client has gone."""
+    while (await receive())["type"] != "http.disconnect":
+        pass  # the (empty) request body of the GET
+    sub.close()
+
+
+async def _refuse(send: Send, status: int, reason: str, *extra: tuple[str, str]) -> None:
+    body = f"{reason}\n".encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        # The reason may echo a channel name from the URL; browsers must not sniff it as HTML.
+        (b"x-content-type-options", b"nosniff"),
+        *((name.encode(), value.encode("latin-1")) for name, value in extra),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge the lifespan protocol, for an EventStream served on its own."""
+    while (await receive())["type"] == "lifespan.startup":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+def _resume_id(scope: Scope) -> str | None:
+    header = None
+    for name, value in scope["headers"]:
+        if name == _LAST_EVENT_ID:
+            header = value.decode("latin-1")
+            break
+    query = scope.get("query_string", b"")
+    return resume_id(header, query.decode("latin-1") if query else "")
+
+
+def _checked_channels(channels: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(channels, str):
+        raise ConfigurationError(
+            f"channels must be a list of names, not the str {channels!r}; "
+            f"write [{channels!r}] for one channel"
+        )
+    names = tuple(check_field("channel", name) for name in channels)
+    if not names:
+        raise ConfigurationError("channels must name at least one channel")
+    return names
+
+
+def _response_headers(extra: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    merged = {name.lower(): (name, value) for name, value in STREAM_HEADERS}
+    for name, value in extra.items():
+        for text in (name, value):
+            if any(bad in text for bad in "\r\n\0"):
+                raise ConfigurationError(f"header {name!r}: {value!r} holds CR, LF or NUL")
+        merged[name.lower()] = (name, value)
+    return [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in merged.values()
+    ]
+
+
+@contextlib.asynccontextmanager
+async def close_on_signal(
+    broadcaster: Broadcaster,
+    signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM),
+) -> AsyncIterator[Broadcaster]:
+    """Close ``broadcaster`` when the process gets a stop signal, so that servers can stop.
+
+    Enter it in the application's lifespan, which runs in the server's event loop. For
+    each of ``signals`` whose handler is a Python function (uvicorn's, hypercorn's), it
+    installs a handler that schedules ``broadcaster.aclose()`` on the loop and then calls
+    the handler it replaced, so the server goes on to shut down as usual, now with every
+    event stream ending at once. Signals left at their default or ignored are not
+    touched, and outside the main thread (where Python takes no signal handlers) nothing
+    is installed. On leaving the block it puts the replaced handlers back and closes the
+    broadcaster.
+
+    :param broadcaster: the broadcaster to close.
+    :param signals: the signals that mean "stop"; SIGINT and SIGTERM by default.
+    :returns: an async context manager that yields ``broadcaster``.
+    """
+    loop = asyncio.get_running_loop()
+    closing: set[asyncio.Task[None]] = set()
+
+    def close() -> None:
+        task = loop.create_task(broadcaster.aclose())
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    installed: dict[int, tuple[Callable[[int, FrameType | None], Any], Any]] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            previous = signal.getsignal(sig)
+            if callable(previous):
+                handler = _chained(loop, close, previous)
+                signal.signal(sig, handler)
+                installed[sig] = (handler, previous)
+    try:
+        yield broadcaster
+    finally:
+        for sig, (handler, previous) in installed.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, previous)
+        await broadcaster.aclose()
+
+
+def _chained(
+    loop: asyncio.AbstractEventLoop,
+    close: Callable[[], None],
+    previous: Callable[[int, FrameType | None], Any],
+) -> Callable[[int, FrameType | None], None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        # A signal handler runs between two bytecodes of the main thread, possibly while
+        # it holds the broadcaster's lock, so the closing is left to the event loop.
+        with contextlib.suppress(RuntimeError):  # the loop is closed already
+            loop.call_soon_threadsafe(close)
+        previous(signum, frame)
+
+    return handler
