@@ -29,7 +29,7 @@ from ssecast.asgi import EventStream, close_on_signal
 
 pytestmark = pytest.mark.slow
 
-APPS = ["asgi_app", "starlette_app", "fastapi_app"]
+APPS = ["asgi_app", "starlette_app", "fastapi_app", "litestar_app", "quart_app"]
 MANY = 1000
 """Open streams in the shutdown tests."""
 
