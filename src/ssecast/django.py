@@ -1,0 +1,214 @@
+"""Django adapter: answer a view with a subscription streamed as Server-Sent Events.
+
+Call :func:`stream` from a view, after the view's own checks, or route
+:class:`EventStreamView` in a URLconf. Under ASGI (uvicorn, daphne) the stream is an
+async iterator read on the event loop, so an open stream holds no thread; under WSGI
+(gunicorn, runserver) it is a plain iterator and holds one server thread, so run
+gunicorn with ``--worker-class gthread --threads N`` where N is more than the streams
+you expect.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Self
+
+try:
+    from django.core.exceptions import ImproperlyConfigured
+    from django.core.handlers.asgi import ASGIRequest
+    from django.http import (
+        HttpRequest,
+        HttpResponse,
+        HttpResponseBadRequest,
+        StreamingHttpResponse,
+    )
+    from django.http.response import HttpResponseBase
+    from django.views import View
+except ModuleNotFoundError as error:  # pragma: no cover - tested in a subprocess
+    if error.name != "django":
+        raise
+    raise ImportError(
+        "ssecast.django needs Django, which is not installed; "
+        "install it with: pip install 'ssecast[django]'"
+    ) from error
+
+from ssecast._broadcaster import Broadcaster
+from ssecast._exceptions import (
+    BackendUnavailableError,
+    BroadcasterClosedError,
+    InvalidFieldError,
+    TooManySubscribersError,
+)
+from ssecast._http import OPENING, RETRY_AFTER_SECONDS, STREAM_HEADERS, resume_id
+from ssecast._subscription import Subscription
+from ssecast._wire import HEARTBEAT
+
+__all__ = ["EventStreamView", "stream"]
+
+# Where WSGI servers put the client's socket; a heartbeat checks it for a closed peer.
+_SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
+
+
+def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> HttpResponseBase:
+    """Subscribe ``request`` to ``channels`` and return the streaming response.
+
+    The client resumes where it left off with the ``Last-Event-ID`` header or, for
+    clients that cannot set headers, a ``lastEventId`` query parameter. Refusals come
+    back as ordinary responses rather than exceptions: 400 for an invalid channel name,
+    503 with ``Retry-After`` when the broadcaster is full (``max_subscribers``) or closed,
+    or its backend is unreachable.
+
+    :param request: the request being answered; an ``ASGIRequest`` gets an async stream.
+    :param broadcaster: where the events come from.
+    :param channels: the channels to receive (``"default"`` if none).
+    """
+    last_event_id = resume_id(
+        request.headers.get("Last-Event-ID"), str(request.META.get("QUERY_STRING", ""))
+    )
+    try:
+        subscription = broadcaster.subscribe(*channels, last_event_id=last_event_id)
+    except InvalidFieldError as error:
+        return HttpResponseBadRequest(str(error), content_type="text/plain; charset=utf-8")
+    except (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError) as error:
+        refused = HttpResponse(str(error), status=503, content_type="text/plain; charset=utf-8")
+        refused["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return refused
+    body: _ASGIStream | _WSGIStream
+    if isinstance(request, ASGIRequest):
+        body = _ASGIStream(subscription)
+    else:
+        body = _WSGIStream(subscription, request.META)
+    response = StreamingHttpResponse(body)
+    for name, value in STREAM_HEADERS:
+        response[name] = value
+    return response
+
+
+class EventStreamView(View):
+    """A class-based view that streams a broadcaster's channels to every GET.
+
+    Configure it in the URLconf, and wrap it for authorization as any view::
+
+        path("prices/", login_required(EventStreamView.as_view(broadcaster=b, channels=["prices"])))
+
+    Override :meth:`get_channels` to pick channels per request (from ``self.kwargs``, the
+    user, ...); raise ``PermissionDenied`` there to answer 403 before subscribing.
+
+    :cvar broadcaster: where the events come from; required.
+    :cvar channels: the channels to receive (``"default"`` if empty).
+    """
+
+    broadcaster: Broadcaster | None = None
+    channels: Sequence[str] = ()
+    # HEAD would subscribe a client that reads no body.
+    http_method_names = ["get", "options"]  # noqa: RUF012 - View declares a plain list
+
+    def get_channels(self) -> Sequence[str]:
+        """Return the channels this request receives; by default :attr:`channels`.
+
+        :raises ImproperlyConfigured: ``channels`` is a single ``str``.
+        """
+        if isinstance(self.channels, str):
+            raise ImproperlyConfigured(
+                f"EventStreamView channels must be a list of names, not the str "
+                f"{self.channels!r}; write channels=[{self.channels!r}]"
+            )
+        return self.channels
+
+    def get(self, request: HttpRequest, *args: object, **kwargs: object) -> HttpResponseBase:
+        """Answer the GET with the stream (see :func:`stream`).
+
+        :raises ImproperlyConfigured: no broadcaster was given to ``as_view``.
+        """
+        if self.broadcaster is None:
+            raise ImproperlyConfigured(
+                "EventStreamView needs a broadcaster: EventStreamView.as_view(broadcaster=b)"
+            )
+        return stream(request, self.broadcaster, *self.get_channels())
+
+
+class _ASGIStream:
+    """An ASGI response body: read on the event loop, holding no thread while it waits."""
+
+    __slots__ = ("_subscription",)
+
+    def __init__(self, subscription: Subscription) -> None:
+        self._subscription = subscription
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _frames(self._subscription)
+
+    def close(self) -> None:
+        """End the subscription; Django calls this when the response is done."""
+        self._subscription.close()
+
+
+async def _frames(subscription: Subscription) -> AsyncIterator[bytes]:
+    # On a disconnect Django cancels the task reading this and does not close the
+    # response, so the subscription ends here, in the generator's finally.
+    try:
+        yield OPENING
+        async for chunk in subscription:
+            yield chunk
+    finally:
+        subscription.close()
+
+
+class _WSGIStream:
+    """A WSGI response body: the opening comment, then the subscription's chunks.
+
+    A class rather than a generator because the server calls ``close()`` even on a
+    body it never iterated, and the subscription must end then too; a generator never
+    started runs no cleanup.
+    """
+
+    __slots__ = ("_opened", "_socket", "_subscription")
+
+    def __init__(self, subscription: Subscription, environ: Mapping[str, object]) -> None:
+        self._subscription = subscription
+        self._opened = False
+        self._socket = _client_socket(environ)
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> bytes:
+        if not self._opened:
+            self._opened = True
+            return OPENING
+        chunk = next(self._subscription)
+        if chunk == HEARTBEAT and _peer_closed(self._socket):
+            self.close()
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        """End the subscription; the server calls this when the response is done."""
+        self._subscription.close()
+
+
+def _client_socket(environ: Mapping[str, object]) -> socket.socket | None:
+    """Return the client's socket, where the WSGI server exposes it."""
+    for key in _SOCKET_KEYS:
+        candidate = environ.get(key)
+        if isinstance(candidate, socket.socket):
+            return candidate
+    return None
+
+
+def _peer_closed(sock: socket.socket | None) -> bool:
+    """Whether the client has closed its end, without reading anything it sent."""
+    # Under WSGI a write to a closed peer succeeds once (it only provokes a reset), so
+    # without this check a disconnect would be noticed a heartbeat later than promised.
+    flags = getattr(socket, "MSG_DONTWAIT", 0)
+    if sock is None or not flags:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | flags) == b""
+    except BlockingIOError:
+        return False  # open, and nothing sent: the usual case
+    except ConnectionError:
+        return True
+    except (OSError, ValueError):
+        return False  # e.g. a TLS socket, which takes no flags: leave it to the next write

@@ -1,0 +1,1 @@
+"""The Django project the adapter tests run under gunicorn (WSGI) and uvicorn (ASGI)."""

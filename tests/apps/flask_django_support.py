@@ -1,0 +1,64 @@
+"""What the Flask and Django test apps share: settings from the environment, publishing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from ssecast import Broadcaster
+
+TOKEN = "letmein"
+"""The bearer token the apps' own authorization accepts."""
+
+
+def broadcaster_from_env() -> Broadcaster:
+    """Build the app's broadcaster from ``SSECAST_TEST_*`` variables the test sets."""
+    env = os.environ
+    heartbeat = float(env.get("SSECAST_TEST_HEARTBEAT", "0.5"))
+    max_subscribers = env.get("SSECAST_TEST_MAX_SUBSCRIBERS")
+    return Broadcaster(
+        heartbeat=heartbeat or None,
+        history=int(env.get("SSECAST_TEST_HISTORY", "1024")),
+        queue_size=int(env.get("SSECAST_TEST_QUEUE_SIZE", "256")),
+        max_subscribers=int(max_subscribers) if max_subscribers else None,
+    )
+
+
+def publish_batch(broadcaster: Broadcaster, body: dict[str, Any]) -> list[str]:
+    """Publish ``body["events"]``; each may be ``raw``, repeat (``count``) or be ``size`` bytes."""
+    ids = []
+    for item in body["events"]:
+        data = "x" * item["size"] if "size" in item else item.get("data")
+        for _ in range(item.get("count", 1)):
+            event = broadcaster.publish(
+                item["type"],
+                data,
+                channel=item.get("channel", "default"),
+                raw=item.get("raw", False),
+            )
+            ids.append(event.id)
+    return ids
+
+
+def close_on_sigterm(broadcaster: Broadcaster) -> None:
+    """End every stream on SIGTERM, then let the server's own handler stop the server.
+
+    Servers wait for open responses before they exit; closing the broadcaster ends them.
+    Install it after the server set its handler: from gunicorn's ``post_worker_init``
+    hook. (Under uvicorn, ``ssecast.asgi.close_on_signal`` does this from the lifespan.)
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        raise RuntimeError("close_on_sigterm chains to the server's handler; none is set")
+
+    def close_then_stop(signum: int, frame: FrameType | None) -> None:
+        # A handler may run while this very thread holds the broadcaster's lock.
+        threading.Thread(target=broadcaster.close, name="ssecast-close").start()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, close_then_stop)
+    # signal.signal() makes the signal interrupt system calls again; gunicorn turns that off.
+    signal.siginterrupt(signal.SIGTERM, False)

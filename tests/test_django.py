@@ -1,0 +1,247 @@
+"""ssecast.django over real servers: gunicorn (WSGI, gthread) and uvicorn (ASGI)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.http import StreamingHttpResponse
+from django.test import AsyncRequestFactory, RequestFactory
+
+from ssecast import Broadcaster
+from ssecast._http import OPENING
+from ssecast.django import EventStreamView, stream
+
+pytest.register_assert_rewrite("flask_django_checks")
+
+import flask_django_checks as checks  # noqa: E402 - after its assertions are set to be rewritten
+from servers import PYTHON, Server, free_port, running  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SERVERS = ("gunicorn", "uvicorn")
+# Streams held open by the shutdown checks. Under gunicorn each holds a busy thread; under
+# uvicorn the stream is read on the loop (Django keeps one idle thread per ASGI request).
+STREAMS = {"gunicorn": 1000, "uvicorn": 1000}
+SETTINGS = {"DJANGO_SETTINGS_MODULE": "apps.django_project.settings"}
+
+
+@contextmanager
+def django_server(kind: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Run the Django test project under ``kind`` with ``SSECAST_TEST_*`` settings ``env``."""
+    port = free_port()
+    if kind == "gunicorn":
+        argv = [PYTHON, "-m", "gunicorn", "-c", "apps/django_project/gunicorn_conf.py"]
+        argv += ["-b", f"127.0.0.1:{port}", "apps.django_project.wsgi:application"]
+    else:
+        # The docs' setup: the app closes the broadcaster on SIGTERM (asgi.py, at lifespan
+        # startup); the graceful timeout only bounds shutdown should a response still hang.
+        argv = [PYTHON, "-m", "uvicorn", "apps.django_project.asgi:application"]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--lifespan", "on"]
+        argv += ["--timeout-graceful-shutdown", "5", "--no-access-log"]
+    with running(argv, port=port, env={**SETTINGS, **(env or {})}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The Django test project with the main settings, one per server kind."""
+    with django_server(request.param, checks.MAIN_ENV) as running_server:
+        yield running_server
+
+
+def test_headers_and_opening(server: Server) -> None:
+    """The response has the SSE headers and sends its opening bytes at once."""
+    checks.check_headers_and_opening(server)
+
+
+def test_events_in_order(server: Server) -> None:
+    """Events arrive in publish order with their type, id and data."""
+    checks.check_events_in_order(server)
+
+
+def test_resume_by_header(server: Server) -> None:
+    """A Last-Event-ID header replays exactly the missed events."""
+    checks.check_resume(server, by_query=False)
+
+
+def test_resume_by_query(server: Server) -> None:
+    """A lastEventId query parameter replays exactly the missed events."""
+    checks.check_resume(server, by_query=True)
+
+
+def test_gap(server: Server) -> None:
+    """An id the server no longer knows begins the stream with the gap event."""
+    checks.check_gap(server)
+
+
+def test_disconnect_noticed(server: Server) -> None:
+    """A gone client leaves stats(): under ASGI at once, under WSGI by the next heartbeat."""
+    asgi = "uvicorn" in server.process.args
+    elapsed = checks.check_disconnect(server, within=0.5 if asgi else checks.HEARTBEAT + 0.6)
+    print(f"disconnect noticed after {elapsed:.2f} s (heartbeat {checks.HEARTBEAT} s)")
+
+
+def test_event_stream_view(server: Server) -> None:
+    """EventStreamView.as_view(broadcaster=..., channels=[...]) streams its channels."""
+    checks.check_events_in_order(server, path="/prices", name="prices")
+
+
+def test_event_stream_view_refuses_head(server: Server) -> None:
+    """EventStreamView answers HEAD with 405 rather than subscribing a client that reads nothing."""
+    assert httpx.head(f"{server.url}/prices").status_code == 405
+
+
+def test_forbidden_subscribes_nothing(server: Server) -> None:
+    """The view's own authorization check answers 403 and no subscription is made."""
+    checks.check_forbidden(server)
+
+
+def test_invalid_channel_is_400(server: Server) -> None:
+    """An invalid channel name is answered 400, never 500."""
+    checks.check_invalid_channel(server)
+
+
+async def test_200_clients_receive_every_event(server: Server) -> None:
+    """200 concurrent clients each receive every event, in order."""
+    elapsed = await checks.check_many_clients(server, clients=200)
+    print(f"200 clients received 10 events each within {elapsed:.2f} s")
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_too_many_subscribers_is_503(kind: str) -> None:
+    """Beyond max_subscribers a client gets 503 with Retry-After; the others go on."""
+    with django_server(kind, {"SSECAST_TEST_MAX_SUBSCRIBERS": "3"}) as server:
+        checks.check_too_many(server, limit=3)
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_slow_reader_is_evicted(kind: str) -> None:
+    """A client that stops reading is evicted and never holds up the others."""
+    with django_server(kind, {"SSECAST_TEST_QUEUE_SIZE": "8"}) as server:
+        checks.check_slow_reader(server, queue_size=8)
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_close_ends_every_stream(kind: str) -> None:
+    """broadcaster.close() ends every open stream within 2 s; newcomers then get 503."""
+    env = {"SSECAST_TEST_HEARTBEAT": "0", "SSECAST_TEST_THREADS": str(STREAMS[kind] + 16)}
+    with django_server(kind, env) as server:
+        elapsed = await checks.check_close_ends_streams(server, STREAMS[kind])
+    print(f"{kind}: close() ended {STREAMS[kind]} streams in {elapsed:.2f} s")
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_sigterm_stops_server_with_open_streams(kind: str) -> None:
+    """SIGTERM stops the server within 2 s with every stream open, and logs no traceback."""
+    env = {"SSECAST_TEST_HEARTBEAT": "0", "SSECAST_TEST_THREADS": str(STREAMS[kind] + 16)}
+    with django_server(kind, env) as server:
+        elapsed = await checks.check_sigterm(server, STREAMS[kind])
+    print(f"{kind}: SIGTERM stopped the server with {STREAMS[kind]} streams in {elapsed:.2f} s")
+
+
+@pytest.mark.parametrize(
+    ("hidden", "expected"),
+    [
+        ("django", "pip install 'ssecast[django]'"),
+        ("asgiref", "asgiref"),
+    ],
+)
+def test_import_without_django_names_the_extra(hidden: str, expected: str) -> None:
+    """Without Django the import error names the extra; a missing dependency is re-raised."""
+    # A finder that finds nothing by these names: what an environment without them does.
+    code = (
+        "import importlib.abc, sys\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name.partition('.')[0] == {hidden!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "try:\n"
+        "    import ssecast.django\n"
+        "except ImportError as error:\n"
+        "    print(type(error).__name__, error.name, error, sep='|')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    kind, name, message = result.stdout.strip().split("|")
+    assert kind == ("ImportError" if hidden == "django" else "ModuleNotFoundError")
+    assert expected in message
+    if hidden != "django":
+        assert name == hidden  # re-raised unchanged
+        assert "pip install" not in message
+
+
+@pytest.fixture(scope="module")
+def factories() -> tuple[RequestFactory, AsyncRequestFactory]:
+    """Request factories for calling stream() in this process, with default settings."""
+    if not settings.configured:
+        settings.configure()
+    return RequestFactory(), AsyncRequestFactory()
+
+
+def test_wsgi_request_gets_a_sync_stream(
+    broadcaster: Broadcaster, factories: tuple[RequestFactory, AsyncRequestFactory]
+) -> None:
+    """Under WSGI the body is a plain iterator: the opening bytes, then each event."""
+    response = stream(factories[0].get("/events"), broadcaster)
+    assert isinstance(response, StreamingHttpResponse)
+    assert not response.is_async
+    body = iter(response.streaming_content)
+    assert next(body) == OPENING
+    event = broadcaster.publish("tick", 1)
+    assert next(body) == event.frame
+    response.close()
+    assert broadcaster.stats().subscribers == 0
+
+
+async def test_asgi_request_gets_an_async_stream(
+    broadcaster: Broadcaster, factories: tuple[RequestFactory, AsyncRequestFactory]
+) -> None:
+    """Under ASGI the body is an async iterator read on the loop: opening, then events."""
+    response = stream(factories[1].get("/events"), broadcaster)
+    assert isinstance(response, StreamingHttpResponse)
+    assert response.is_async
+    body = aiter(response.streaming_content)
+    assert await anext(body) == OPENING
+    event = broadcaster.publish("tick", 1)
+    async with asyncio.timeout(5):
+        assert await anext(body) == event.frame
+    response.close()
+    assert broadcaster.stats().subscribers == 0
+
+
+@pytest.mark.parametrize("factory", [0, 1], ids=["wsgi", "asgi"])
+def test_response_closed_unread_unsubscribes(
+    broadcaster: Broadcaster, factories: tuple[RequestFactory, AsyncRequestFactory], factory: int
+) -> None:
+    """A response closed without being read (an error in a middleware) unsubscribes."""
+    response = stream(factories[factory].get("/events"), broadcaster)
+    assert broadcaster.stats().subscribers == 1
+    response.close()
+    assert broadcaster.stats().subscribers == 0
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"channels": "prices"}], ids=["no broadcaster", "channels a str"]
+)
+def test_event_stream_view_misconfigured(
+    broadcaster: Broadcaster,
+    factories: tuple[RequestFactory, AsyncRequestFactory],
+    options: dict[str, object],
+) -> None:
+    """EventStreamView without a broadcaster, or with one channel name as a str, says so."""
+    if options:
+        options = {"broadcaster": broadcaster, **options}
+    view = EventStreamView.as_view(**options)
+    with pytest.raises(ImproperlyConfigured, match="EventStreamView"):
+        view(factories[0].get("/prices"))
+    assert broadcaster.stats().subscribers == 0
