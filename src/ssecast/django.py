@@ -10,9 +10,7 @@ you expect.
 
 from __future__ import annotations
 
-import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Self
+from collections.abc import AsyncIterator, Sequence
 
 try:
     from django.core.exceptions import ImproperlyConfigured
@@ -42,12 +40,9 @@ from ssecast._exceptions import (
 )
 from ssecast._http import OPENING, RETRY_AFTER_SECONDS, STREAM_HEADERS, resume_id
 from ssecast._subscription import Subscription
-from ssecast._wire import HEARTBEAT
+from ssecast._wsgi import WSGIStream, close_on_sigterm
 
-__all__ = ["EventStreamView", "stream"]
-
-# Where WSGI servers put the client's socket; a heartbeat checks it for a closed peer.
-_SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
+__all__ = ["EventStreamView", "close_on_sigterm", "stream"]
 
 
 def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> HttpResponseBase:
@@ -74,11 +69,11 @@ def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> Ht
         refused = HttpResponse(str(error), status=503, content_type="text/plain; charset=utf-8")
         refused["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return refused
-    body: _ASGIStream | _WSGIStream
+    body: _ASGIStream | WSGIStream
     if isinstance(request, ASGIRequest):
         body = _ASGIStream(subscription)
     else:
-        body = _WSGIStream(subscription, request.META)
+        body = WSGIStream(subscription, request.META)
     response = StreamingHttpResponse(body)
     for name, value in STREAM_HEADERS:
         response[name] = value
@@ -153,62 +148,3 @@ async def _frames(subscription: Subscription) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         subscription.close()
-
-
-class _WSGIStream:
-    """A WSGI response body: the opening comment, then the subscription's chunks.
-
-    A class rather than a generator because the server calls ``close()`` even on a
-    body it never iterated, and the subscription must end then too; a generator never
-    started runs no cleanup.
-    """
-
-    __slots__ = ("_opened", "_socket", "_subscription")
-
-    def __init__(self, subscription: Subscription, environ: Mapping[str, object]) -> None:
-        self._subscription = subscription
-        self._opened = False
-        self._socket = _client_socket(environ)
-
-    def __iter__(self) -> Self:
-        return self
-
-    def __next__(self) -> bytes:
-        if not self._opened:
-            self._opened = True
-            return OPENING
-        chunk = next(self._subscription)
-        if chunk == HEARTBEAT and _peer_closed(self._socket):
-            self.close()
-            raise StopIteration
-        return chunk
-
-    def close(self) -> None:
-        """End the subscription; the server calls this when the response is done."""
-        self._subscription.close()
-
-
-def _client_socket(environ: Mapping[str, object]) -> socket.socket | None:
-    """Return the client's socket, where the WSGI server exposes it."""
-    for key in _SOCKET_KEYS:
-        candidate = environ.get(key)
-        if isinstance(candidate, socket.socket):
-            return candidate
-    return None
-
-
-def _peer_closed(sock: socket.socket | None) -> bool:
-    """Whether the client has closed its end, without reading anything it sent."""
-    # Under WSGI a write to a closed peer succeeds once (it only provokes a reset), so
-    # without this check a disconnect would be noticed a heartbeat later than promised.
-    flags = getattr(socket, "MSG_DONTWAIT", 0)
-    if sock is None or not flags:
-        return False
-    try:
-        return sock.recv(1, socket.MSG_PEEK | flags) == b""
-    except BlockingIOError:
-        return False  # open, and nothing sent: the usual case
-    except ConnectionError:
-        return True
-    except (OSError, ValueError):
-        return False  # e.g. a TLS socket, which takes no flags: leave it to the next write

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import threading
-from types import FrameType
 from typing import Any
 
 from ssecast import Broadcaster
@@ -41,24 +38,3 @@ def publish_batch(broadcaster: Broadcaster, body: dict[str, Any]) -> list[str]:
             )
             ids.append(event.id)
     return ids
-
-
-def close_on_sigterm(broadcaster: Broadcaster) -> None:
-    """End every stream on SIGTERM, then let the server's own handler stop the server.
-
-    Servers wait for open responses before they exit; closing the broadcaster ends them.
-    Install it after the server set its handler: from gunicorn's ``post_worker_init``
-    hook. (Under uvicorn, ``ssecast.asgi.close_on_signal`` does this from the lifespan.)
-    """
-    previous = signal.getsignal(signal.SIGTERM)
-    if not callable(previous):
-        raise RuntimeError("close_on_sigterm chains to the server's handler; none is set")
-
-    def close_then_stop(signum: int, frame: FrameType | None) -> None:
-        # A handler may run while this very thread holds the broadcaster's lock.
-        threading.Thread(target=broadcaster.close, name="ssecast-close").start()
-        previous(signum, frame)
-
-    signal.signal(signal.SIGTERM, close_then_stop)
-    # signal.signal() makes the signal interrupt system calls again; gunicorn turns that off.
-    signal.siginterrupt(signal.SIGTERM, False)

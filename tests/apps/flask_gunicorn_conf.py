@@ -21,6 +21,6 @@ control_socket_disable = True
 
 def post_worker_init(worker: object) -> None:
     from apps.flask_app import broadcaster
-    from apps.flask_django_support import close_on_sigterm
+    from ssecast.flask import close_on_sigterm
 
     close_on_sigterm(broadcaster)

@@ -19,6 +19,6 @@ control_socket_disable = True
 
 def post_worker_init(worker: object) -> None:
     from apps.django_project.views import broadcaster
-    from apps.flask_django_support import close_on_sigterm
+    from ssecast.django import close_on_sigterm
 
     close_on_sigterm(broadcaster)
