@@ -10,9 +10,10 @@ you expect.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 try:
+    from django.core.asgi import get_asgi_application as get_django_asgi_application
     from django.core.exceptions import ImproperlyConfigured
     from django.core.handlers.asgi import ASGIRequest
     from django.http import (
@@ -41,8 +42,9 @@ from ssecast._exceptions import (
 from ssecast._http import OPENING, RETRY_AFTER_SECONDS, STREAM_HEADERS, resume_id
 from ssecast._subscription import Subscription
 from ssecast._wsgi import WSGIStream, close_on_sigterm
+from ssecast.asgi import Receive, Scope, Send, close_on_signal
 
-__all__ = ["EventStreamView", "close_on_sigterm", "stream"]
+__all__ = ["EventStreamView", "close_on_sigterm", "get_asgi_application", "stream"]
 
 
 def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> HttpResponseBase:
@@ -148,3 +150,36 @@ async def _frames(subscription: Subscription) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         subscription.close()
+
+
+def get_asgi_application(
+    broadcaster: Broadcaster,
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """Return Django's ASGI application, made to close ``broadcaster`` on SIGTERM and SIGINT.
+
+    Use it in place of Django's own ``get_asgi_application()`` in ``asgi.py``::
+
+        application = ssecast.django.get_asgi_application(broadcaster)
+
+    A server waits for open responses before it stops, and an event stream never ends
+    by itself. Django answers no ASGI lifespan, so this adds one that enters
+    :func:`ssecast.asgi.close_on_signal` once the server (uvicorn) has installed its
+    signal handlers: a stop signal then closes the broadcaster first and every stream
+    ends at once.
+
+    :param broadcaster: the broadcaster whose streams must end on a stop signal.
+    """
+    django_application = get_django_asgi_application()
+
+    async def application(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            # django-stubs spell the ASGI types more narrowly (dict scope); same objects.
+            await django_application(scope, receive, send)  # type: ignore[arg-type]
+            return
+        await receive()  # lifespan.startup
+        async with close_on_signal(broadcaster):
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+        await send({"type": "lifespan.shutdown.complete"})
+
+    return application
