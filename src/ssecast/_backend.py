@@ -53,7 +53,9 @@ class Backend(Protocol):
 
         :param until: the last id already delivered to this process; ``None`` means the
             point at which this backend's delivery began.
-        :returns: ``None`` when ``after`` is unknown or trimmed, so the client has a gap.
+        :returns: ``None`` when ``after`` is unknown, trimmed, or newer than ``until`` (another
+            process delivered it first); the broadcaster then looks for it in its ring once
+            more, and otherwise begins the stream with a gap.
         :raises BackendUnavailableError: the history could not be read.
         """
 

@@ -141,7 +141,7 @@ class Broadcaster:
     ) -> Event:
         """Do what :meth:`publish` does; a backend's I/O does not block the running loop."""
         draft = self._draft(event_type, data, channel, raw)
-        self._start()
+        await self._astart()
         event = await self._backend.apublish(draft)
         with self._lock:
             self._published += 1
@@ -163,6 +163,11 @@ class Broadcaster:
         logger.warning("publish rejected: %s", error)
 
     # -- delivery --------------------------------------------------------------------
+
+    async def _astart(self) -> None:
+        """Do what :meth:`_start` does; a backend's connecting does not block the loop."""
+        if not self._started:
+            await asyncio.to_thread(self._start)
 
     def _start(self) -> None:
         """Start the backend on first use, so a broadcaster made at import time forks safely."""
@@ -232,6 +237,7 @@ class Broadcaster:
         self, *channels: str, last_event_id: str | None = None, queue_size: int | None = None
     ) -> Subscription:
         """Do what :meth:`subscribe` does; a backend's I/O does not block the running loop."""
+        await self._astart()
         begun = self._begin(channels, last_event_id, queue_size)
         if isinstance(begun, Subscription):
             return begun
