@@ -66,4 +66,11 @@ def check_field(field: str, value: object) -> str:
         raise InvalidFieldError(field, value, "it must not be empty")
     if "\r" in value or "\n" in value or "\0" in value:
         raise InvalidFieldError(field, value, "CR, LF and NUL would inject SSE fields; remove them")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidFieldError(
+                field, value, "it is not valid Unicode text (a lone surrogate); remove it"
+            ) from None
     return value
