@@ -1,0 +1,340 @@
+"""The Backend protocol and the in-memory backend (ssecast._backend), seen from a Broadcaster."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from sse_parser import parse
+from ssecast import (
+    GAP_EVENT_TYPE,
+    Backend,
+    BackendUnavailableError,
+    Broadcaster,
+    BroadcasterClosedError,
+    Deliver,
+    Draft,
+    Event,
+    MemoryBackend,
+    Subscription,
+    TooManySubscribersError,
+)
+
+JOIN_TIMEOUT = 10.0
+
+
+def _draft(data: str = "1", channel: str = "default") -> Draft:
+    return Draft("t", channel, data, b"event: t\ndata: " + data.encode() + b"\n\n")
+
+
+class LoggingBackend:
+    """A whole backend in a few lines: it keeps every event, so it can replay any of them.
+
+    It stands for a backend with a longer memory than the broadcaster's ring (as the Redis
+    one has), and records what the broadcaster asks of it.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.deliver: Deliver | None = None
+        self.starts = 0
+        self.closes: list[str] = []
+        self.replays: list[tuple[str, str | None, frozenset[str]]] = []
+        self.unavailable = False
+        self.slow_start = 0.0
+        self.replay_threads: list[int] = []
+        # Runs inside replay, standing for what happens elsewhere while the backend does I/O.
+        self.during_replay: Callable[[], None] = lambda: None
+        self._lock = threading.Lock()
+
+    def start(self, deliver: Deliver) -> None:
+        self.starts += 1
+        # A backend connecting over the network takes a while; concurrent first users wait.
+        time.sleep(self.slow_start)
+        self.deliver = deliver
+
+    def publish(self, draft: Draft) -> Event:
+        if self.unavailable:
+            raise BackendUnavailableError("the store is down")
+        assert self.deliver is not None
+        with self._lock:
+            event = draft.stamp(f"log-{len(self.events) + 1}")
+            self.events.append(event)
+            self.deliver(event)
+        return event
+
+    async def apublish(self, draft: Draft) -> Event:
+        return self.publish(draft)
+
+    def replay(self, after: str, until: str | None, channels: frozenset[str]) -> list[Event] | None:
+        self.replays.append((after, until, channels))
+        self.replay_threads.append(threading.get_ident())
+        self.during_replay()
+        if self.unavailable:
+            raise BackendUnavailableError("the store is down")
+        ids = [event.id for event in self.events]
+        if after not in ids:
+            return None
+        end = len(ids) if until is None else ids.index(until) + 1
+        return [e for e in self.events[ids.index(after) + 1 : end] if e.channel in channels]
+
+    def close(self) -> None:
+        self.closes.append("close")
+
+    async def aclose(self) -> None:
+        self.closes.append("aclose")
+
+
+# -- the in-memory backend ----------------------------------------------------------------
+
+
+def test_both_backends_satisfy_the_protocol() -> None:
+    """The default backend and a hand-written one are both Backends."""
+    assert isinstance(MemoryBackend(), Backend)
+    assert isinstance(LoggingBackend(), Backend)
+
+
+def test_memory_backend_refuses_to_publish_before_start() -> None:
+    """Publishing through a backend nobody started is a programming error, said plainly."""
+    with pytest.raises(RuntimeError, match=r"before start\(\)"):
+        MemoryBackend().publish(_draft())
+
+
+def test_memory_backend_delivers_each_event_once_in_id_order() -> None:
+    """Every published draft is stamped with a new id and delivered at once, in order."""
+    backend = MemoryBackend()
+    delivered: list[Event] = []
+    backend.start(delivered.append)
+    events = [backend.publish(_draft(str(number))) for number in range(3)]
+    events.append(asyncio.run(backend.apublish(_draft("3"))))
+    assert delivered == events
+    assert [event.data for event in events] == ["0", "1", "2", "3"]
+    assert len({event.id for event in events}) == 4
+    assert all(parse(event.frame).events[0].last_event_id == event.id for event in events)
+
+
+def test_memory_backends_never_share_ids_and_replay_nothing() -> None:
+    """Each instance has its own id space; beyond the ring there is no history."""
+    one, two = MemoryBackend(), MemoryBackend()
+    one.start(lambda event: None)
+    two.start(lambda event: None)
+    first = one.publish(_draft())
+    assert first.id != two.publish(_draft()).id
+    assert one.replay(first.id, None, frozenset({"default"})) is None
+    one.close()
+    asyncio.run(one.aclose())
+
+
+# -- what the broadcaster asks of a backend -----------------------------------------------
+
+
+def test_the_backend_starts_lazily_and_once() -> None:
+    """Constructing a broadcaster does not start its backend; the first use does, once."""
+    backend = LoggingBackend()
+    b = Broadcaster(backend=backend)
+    assert backend.starts == 0
+    b.subscribe()
+    b.publish("t", 1)
+    assert backend.starts == 1
+    b.close()
+    b.close()
+    assert backend.closes == ["close"]
+
+
+def test_the_backend_starts_once_when_many_threads_use_a_new_broadcaster() -> None:
+    """Concurrent first publishes and subscribes start the backend exactly once."""
+    backend = LoggingBackend()
+    backend.slow_start = 0.05
+    b = Broadcaster(backend=backend)
+    barrier = threading.Barrier(8)
+
+    def first_use(number: int) -> None:
+        barrier.wait(JOIN_TIMEOUT)
+        if number % 2:
+            b.publish("t", number)
+        else:
+            b.subscribe()
+
+    threads = [threading.Thread(target=first_use, args=(n,), daemon=True) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    assert backend.starts == 1
+    assert b.stats().published == 4
+    b.close()
+
+
+def test_a_broadcaster_never_used_does_not_close_its_backend() -> None:
+    """There is nothing to release in a backend that never started."""
+    backend = LoggingBackend()
+    Broadcaster(backend=backend).close()
+    assert backend.closes == []
+
+
+async def test_aclose_closes_the_backend_without_blocking() -> None:
+    """The async close awaits the backend's own async close."""
+    backend = LoggingBackend()
+    b = Broadcaster(backend=backend)
+    await b.apublish("t", 1)
+    await b.aclose()
+    await b.aclose()
+    assert backend.closes == ["aclose"]
+
+
+def test_resume_beyond_the_ring_is_filled_in_by_the_backend() -> None:
+    """An id older than the broadcaster's ring is replayed from the backend, then live."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend, history=2) as b:
+        published = [
+            b.publish("t", number, channel="a" if number % 2 else "b") for number in range(8)
+        ]
+        with b.subscribe("a", last_event_id=published[0].id) as sub:
+            live = b.publish("t", 9, channel="a")
+            expected = [*(event for event in published[1:] if event.channel == "a"), live]
+            assert sub.read_nowait() == b"".join(event.frame for event in expected)
+    assert backend.replays == [(published[0].id, published[-1].id, frozenset({"a"}))]
+
+
+def test_an_id_the_backend_does_not_know_either_gives_a_gap() -> None:
+    """When neither the ring nor the backend has the id, the stream begins with a gap."""
+    with Broadcaster(backend=LoggingBackend(), history=2) as b:
+        newest = b.publish("t", 1)
+        with b.subscribe(last_event_id="elsewhere-7") as sub:
+            events = parse(sub.read_nowait()).events
+    assert [(event.type, event.last_event_id) for event in events] == [(GAP_EVENT_TYPE, newest.id)]
+
+
+def test_a_backend_failing_during_resume_fails_subscribe_and_leaves_no_subscriber() -> None:
+    """BackendUnavailableError (a ConnectionError) reaches the caller; nothing stays registered."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend, history=1) as b:
+        first = b.publish("t", 1)
+        b.publish("t", 2)
+        b.publish("t", 3)
+        backend.unavailable = True
+        with pytest.raises(ConnectionError, match="the store is down"):
+            b.subscribe(last_event_id=first.id)
+        assert b.stats().subscribers == 0
+
+
+def test_a_backend_failing_to_publish_sends_nothing() -> None:
+    """When the backend cannot take the event, publish raises and no subscriber sees it."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend) as b:
+        sub = b.subscribe()
+        backend.unavailable = True
+        with pytest.raises(BackendUnavailableError):
+            b.publish("t", 1)
+        assert sub.read_nowait() == b""
+        assert b.stats().published == 0
+
+
+def test_events_the_backend_brings_from_elsewhere_reach_subscribers() -> None:
+    """Events published by another process arrive through deliver like local ones."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend) as b:
+        sub = b.subscribe()
+        remote = _draft("from-another-process").stamp("remote-1")
+        assert backend.deliver is not None
+        backend.deliver(remote)
+        assert sub.read_nowait() == remote.frame
+        assert b.stats().delivered == 1
+    backend.deliver(_draft().stamp("remote-2"))
+    assert sub.read_nowait() == b""
+    assert b.stats().delivered == 1
+
+
+def _frames(events: list[Event]) -> bytes:
+    return b"".join(event.frame for event in events)
+
+
+def test_events_published_while_the_backend_replays_follow_the_replay() -> None:
+    """What other threads publish during the backend's I/O comes after the replay, once each."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend, history=2) as b:
+        published = [b.publish("t", number) for number in range(5)]
+        backend.during_replay = lambda: published.extend(b.publish("t", n) for n in (5, 6))
+        with b.subscribe(last_event_id=published[0].id) as sub:
+            assert sub.read_nowait() == _frames(published[1:])
+
+
+def test_more_events_during_the_replay_than_the_ring_holds_give_a_gap() -> None:
+    """If the ring lost some of what arrived during the backend's I/O, the client is told."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend, history=2) as b:
+        published = [b.publish("t", number) for number in range(5)]
+        backend.during_replay = lambda: published.extend(b.publish("t", n) for n in range(5, 9))
+        with b.subscribe(last_event_id=published[0].id) as sub:
+            events = parse(sub.read_nowait()).events
+    assert [(event.type, event.last_event_id) for event in events] == [
+        (GAP_EVENT_TYPE, published[-1].id)
+    ]
+
+
+def test_an_id_delivered_while_the_backend_replays_resumes_without_a_gap() -> None:
+    """An id this process had not delivered yet (another process was first) resumes exactly."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend) as b:
+        b.publish("t", 0)
+        remote = _draft("remote").stamp("remote-1")
+        assert backend.deliver is not None
+        deliver = backend.deliver
+        backend.during_replay = lambda: deliver(remote)
+        with b.subscribe(last_event_id=remote.id) as sub:
+            assert sub.read_nowait() == b""
+            live = b.publish("t", 1)
+            assert sub.read_nowait() == live.frame
+
+
+def test_closing_the_broadcaster_during_a_replay_fails_that_subscribe() -> None:
+    """A subscribe that finishes after close() raises BroadcasterClosedError, leaving nothing."""
+    backend = LoggingBackend()
+    b = Broadcaster(backend=backend, history=1)
+    published = [b.publish("t", number) for number in range(3)]
+    backend.during_replay = b.close
+    with pytest.raises(BroadcasterClosedError):
+        b.subscribe(last_event_id=published[0].id)
+    assert b.stats().subscribers == 0
+
+
+def test_the_subscriber_limit_is_checked_again_after_a_replay() -> None:
+    """Slots taken by others during the backend's I/O count: max_subscribers is never exceeded."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend, history=1, max_subscribers=1) as b:
+        published = [b.publish("t", number) for number in range(3)]
+        taken: list[Subscription] = []
+        backend.during_replay = lambda: taken.append(b.subscribe())
+        with pytest.raises(TooManySubscribersError):
+            b.subscribe(last_event_id=published[0].id)
+        assert b.stats().subscribers == 1
+
+
+async def test_asubscribe_runs_the_backend_replay_off_the_event_loop() -> None:
+    """The awaitable subscribe asks the backend from another thread, then resumes exactly."""
+    backend = LoggingBackend()
+    async with Broadcaster(backend=backend, history=2) as b:
+        published = [await b.apublish("t", number) for number in range(5)]
+        async with await b.asubscribe(last_event_id=published[0].id) as sub:
+            assert sub.read_nowait() == _frames(published[1:])
+    assert backend.replay_threads != [threading.get_ident()]
+    assert len(backend.replay_threads) == 1
+
+
+async def test_asubscribe_from_the_ring_or_live_asks_no_backend() -> None:
+    """Resumes the ring can serve, and fresh subscriptions, do no backend I/O at all."""
+    backend = LoggingBackend()
+    async with Broadcaster(backend=backend) as b:
+        first = await b.apublish("t", 1)
+        second = await b.apublish("t", 2)
+        resumed = await b.asubscribe(last_event_id=first.id)
+        fresh = await b.asubscribe("default", queue_size=5)
+        third = await b.apublish("t", 3)
+        assert resumed.read_nowait() == second.frame + third.frame
+        assert fresh.read_nowait() == third.frame
+    assert backend.replays == []
