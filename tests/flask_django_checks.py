@@ -23,6 +23,7 @@ import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
 from servers import Server
+from sse_client import aevents, events
 from ssecast import GAP_EVENT_TYPE
 from ssecast._http import OPENING, RETRY_AFTER_SECONDS
 
@@ -90,7 +91,7 @@ def listening(
         connect_sse(client, "GET", f"{server.url}{path}", headers=headers, **kwargs) as source,
     ):
         assert source.response.status_code == 200
-        yield source.iter_sse()
+        yield events(source.iter_sse())
 
 
 def take(events: Iterator[ServerSentEvent], count: int) -> list[tuple[str, str, str]]:
@@ -226,7 +227,7 @@ async def check_many_clients(server: Server, clients: int = 200, count: int = 10
             assert source.response.status_code == 200
             opened.release()
             received = []
-            async for event in source.aiter_sse():
+            async for event in aevents(source.aiter_sse()):
                 received.append(event.id)
                 if len(received) == count:
                     return received

@@ -24,6 +24,7 @@ import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from servers import PYTHON, Server, free_port, running
+from sse_client import aevents
 from ssecast import Broadcaster, BroadcasterClosedError, ConfigurationError, InvalidFieldError
 from ssecast.asgi import EventStream, close_on_signal
 
@@ -148,7 +149,7 @@ async def test_events_arrive_in_order_with_type_id_and_data(client: httpx.AsyncC
         ticks = await publish(client, channel, 10)
         tocks = await publish(client, channel, 5, type="tock")
         async with asyncio.timeout(5):
-            events = await take(source.aiter_sse(), 15)
+            events = await take(aevents(source.aiter_sse()), 15)
     assert [e.id for e in events] == ticks + tocks
     assert [e.event for e in events] == ["tick"] * 10 + ["tock"] * 5
     assert [json.loads(e.data) for e in events] == [{"n": n} for n in [*range(10), *range(5)]]
@@ -161,7 +162,7 @@ async def test_other_channels_are_not_received(client: httpx.AsyncClient) -> Non
         await publish(client, other, 3)
         wanted = await publish(client, mine, 1)
         async with asyncio.timeout(5):
-            events = await take(source.aiter_sse(), 1)
+            events = await take(aevents(source.aiter_sse()), 1)
     assert [e.id for e in events] == wanted
 
 
@@ -181,7 +182,7 @@ async def test_resume_replays_exactly_the_missed_events(
     async with aconnect_sse(client, "GET", "/events/", params=params, headers=headers) as source:
         live = await publish(client, channel, 1)
         async with asyncio.timeout(5):
-            events = await take(source.aiter_sse(), 4)
+            events = await take(aevents(source.aiter_sse()), 4)
     assert [e.id for e in events] == ids[2:] + live
 
 
@@ -193,7 +194,7 @@ async def test_unknown_resume_id_begins_with_a_gap_event(client: httpx.AsyncClie
     async with aconnect_sse(client, "GET", "/events/", params=params, headers=headers) as source:
         live = await publish(client, channel, 1)
         async with asyncio.timeout(5):
-            gap, event = await take(source.aiter_sse(), 2)
+            gap, event = await take(aevents(source.aiter_sse()), 2)
     assert gap.event == "ssecast.gap"
     assert event.id == live[0]
 
@@ -252,7 +253,7 @@ async def test_200_concurrent_clients_all_receive_every_event(server: Server) ->
         async def listen() -> list[str]:
             params = {"channel": channel}
             async with aconnect_sse(http, "GET", "/events/", params=params) as source:
-                return [e.id for e in await take(source.aiter_sse(), count)]
+                return [e.id for e in await take(aevents(source.aiter_sse()), count)]
 
         listeners = [asyncio.create_task(listen()) for _ in range(clients)]
         await until_subscribers(http, clients, within=30)
@@ -292,7 +293,7 @@ async def test_slow_client_is_evicted_and_never_blocks_others(limited: Server) -
             await until_subscribers(http, 1)  # the stalled client, once earlier ones are gone
             params = {"channel": channel}
             async with aconnect_sse(http, "GET", "/events/", params=params) as source:
-                events = source.aiter_sse()
+                events = aevents(source.aiter_sse())
                 published: list[str] = []
                 received: list[str] = []
                 # 32 KiB events; the kernel's socket buffers hold a few MiB first.
