@@ -160,7 +160,8 @@ class Broadcaster:
     def _reject(self, error: PublishError) -> None:
         with self._lock:
             self._rejected += 1
-        logger.warning("publish rejected: %s", error)
+        # The caller gets the exception; this is for operators, so it must not be noisy.
+        logger.info("publish rejected: %s", error)
 
     # -- delivery --------------------------------------------------------------------
 
