@@ -245,3 +245,14 @@ def test_event_stream_view_misconfigured(
     with pytest.raises(ImproperlyConfigured, match="EventStreamView"):
         view(factories[0].get("/prices"))
     assert broadcaster.stats().subscribers == 0
+
+
+@pytest.mark.parametrize("factory", [0, 1], ids=["wsgi", "asgi"])
+def test_head_answers_the_headers_and_subscribes_nothing(
+    broadcaster: Broadcaster, factories: tuple[RequestFactory, AsyncRequestFactory], factory: int
+) -> None:
+    """HEAD gets the stream's headers at once; no subscription waits for a body never sent."""
+    response = stream(factories[factory].head("/events"), broadcaster)
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert broadcaster.stats().subscribers == 0

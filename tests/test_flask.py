@@ -181,3 +181,13 @@ def test_stream_reads_opening_then_events(broadcaster: Broadcaster) -> None:
     event = broadcaster.publish("tick", 1)
     assert next(body) == event.frame
     response.close()
+
+
+def test_head_answers_the_headers_and_subscribes_nothing(broadcaster: Broadcaster) -> None:
+    """HEAD gets the stream's headers at once; no subscription waits for a body never sent."""
+    app = flask.Flask(__name__)
+    app.add_url_rule("/events", view_func=lambda: stream(broadcaster), methods=["GET", "HEAD"])
+    response = app.test_client().head("/events")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert broadcaster.stats().subscribers == 0

@@ -60,6 +60,9 @@ def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> Ht
     :param broadcaster: where the events come from.
     :param channels: the channels to receive (``"default"`` if none).
     """
+    if request.method == "HEAD":
+        # A HEAD response has no body, so a subscription would only hold a thread.
+        return _with_stream_headers(HttpResponse())
     last_event_id = resume_id(
         request.headers.get("Last-Event-ID"), str(request.META.get("QUERY_STRING", ""))
     )
@@ -76,7 +79,10 @@ def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> Ht
         body = _ASGIStream(subscription)
     else:
         body = WSGIStream(subscription, request.META)
-    response = StreamingHttpResponse(body)
+    return _with_stream_headers(StreamingHttpResponse(body))
+
+
+def _with_stream_headers(response: HttpResponseBase) -> HttpResponseBase:
     for name, value in STREAM_HEADERS:
         response[name] = value
     return response

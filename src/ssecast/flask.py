@@ -55,6 +55,9 @@ def stream(broadcaster: Broadcaster, *channels: str) -> flask.Response:
         ``Retry-After``).
     """
     request = flask.request
+    if request.method == "HEAD":
+        # A HEAD response has no body, so a subscription would only hold a thread.
+        return flask.Response(headers=STREAM_HEADERS)
     last_event_id = resume_id(
         request.headers.get("Last-Event-ID"), request.query_string.decode("latin-1")
     )
