@@ -1,0 +1,107 @@
+"""The benchmark's report: the table printed at the end and the optional PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Label = Callable[[str], str]
+"""Turns a mode name into its column label (``"rate"`` -> ``"100/s"``)."""
+
+
+def fmt(value: Any, spec: str, width: int) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    return f"{value:>{width}{spec}}"
+
+
+COLUMNS = [
+    # title, key, format spec, width
+    ("server", "server", "", 26),
+    ("C", "C", ",", 6),
+    ("mode", "mode_label", "", 6),
+    ("pub/s", "published_per_s", ",.0f", 7),
+    ("delivered/s", "delivered_per_s", ",.0f", 11),
+    ("%floor", "pct_of_floor", ".0f", 6),
+    ("p50 ms", "p50_ms", ".1f", 7),
+    ("p99 ms", "p99_ms", ".1f", 7),
+    ("missed", "missed", ",", 9),
+    ("disc", "disconnects", ",", 5),
+    ("KiB/conn", "kib_per_idle_connection", ".1f", 8),
+    ("cli CPU", "client_cpu_pct", ".0f", 7),
+    ("cli us/ev", "client_cpu_us_per_event", ".1f", 9),
+    ("srv CPU", "server_cpu_pct", ".0f", 7),
+    ("srv us/ev", "server_cpu_us_per_event", ".1f", 9),
+    ("srv wait", "server_wait_pct", ".0f", 8),
+]
+
+
+MODE_ORDER = {"rate": 0, "thread": 1, "max": 2, "burst": 3}
+
+
+def case_key(row: dict[str, Any]) -> tuple[int, int]:
+    return row["C"], MODE_ORDER.get(row["mode"], 9)
+
+
+def table(rows: list[dict[str, Any]], label: Label) -> str:
+    lines = [" | ".join(f"{title:>{width}}" for title, _, _, width in COLUMNS)]
+    lines.append("-" * len(lines[0]))
+    for row in sorted(rows, key=case_key):
+        if "error" in row:
+            lines.append(f"{row['server']:>26} | {row['C']:>6,} | {row['error']}")
+            continue
+        row = {**row, "mode_label": label(row["mode"])}
+        lines.append(" | ".join(fmt(row.get(key), spec, width) for _, key, spec, width in COLUMNS))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: str, label: Label, duration: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = [row for row in rows if "error" not in row]
+    servers = list(dict.fromkeys(row["server"] for row in good))
+    by_key = {(row["server"], row["C"], row["mode"]): row for row in good}
+    cases = sorted({(*case_key(row), row["mode"]) for row in good})
+    labels = [f"C={count:,}\n{label(mode)}" for count, _, mode in cases]
+    counts = sorted({row["C"] for row in good})
+    figure, axes = plt.subplots(2, 2, figsize=(16, 10))
+    width = 0.8 / max(1, len(servers))
+
+    def bars(axis: Any, title: str, keys: list[tuple[int, str]], names: list[str], field: str):
+        for index, server in enumerate(servers):
+            values = [(by_key.get((server, *key)) or {}).get(field) or 0 for key in keys]
+            offsets = [i + index * width for i in range(len(keys))]
+            axis.bar(offsets, values, width, label=server)
+        axis.set_xticks([i + width * (len(servers) - 1) / 2 for i in range(len(keys))])
+        axis.set_xticklabels(names)
+        axis.set_title(title)
+
+    keys = [(count, mode) for count, _, mode in cases]
+    bars(axes[0][0], "delivered events/s (higher is better)", keys, labels, "delivered_per_s")
+    bars(axes[0][1], "p99 latency, ms, log scale (lower is better)", keys, labels, "p99_ms")
+    axes[0][1].set_yscale("log")
+    bars(
+        axes[1][0],
+        "server CPU µs per delivered event (lower is better)",
+        keys,
+        labels,
+        "server_cpu_us_per_event",
+    )
+    first_mode = {count: mode for count, _, mode in reversed(cases)}
+    memory_keys = [(count, first_mode[count]) for count in counts]
+    bars(
+        axes[1][1],
+        "server memory per idle connection, KiB (lower is better)",
+        memory_keys,
+        [f"C={count:,}" for count in counts],
+        "kib_per_idle_connection",
+    )
+    axes[0][0].legend(fontsize=9)
+    figure.suptitle(
+        f"SSE fan-out over loopback, {duration:g} s runs (server pinned to CPU 0, client to CPU 1)"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)

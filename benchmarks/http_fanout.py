@@ -1,0 +1,420 @@
+"""HTTP fan-out over loopback: ssecast's ASGI adapter against its peers and a floor, in one run.
+
+For each server and each client count C, a fresh server process (pinned to CPU 0) and
+this load client (pinned to CPU 1) go through:
+
+1. memory: the server's RSS (``/proc/<pid>/status`` VmRSS) with no client, then with C
+   idle SSE connections; the difference divided by C is the memory per idle connection;
+2. ``rate``: a fixed-rate run (``--rate`` events/s, 100 by default) for ``--duration``
+   seconds, published by a task of the server's event loop (``await asyncio.sleep``
+   until each event is due): when the loop is overloaded, the publisher falls behind;
+   ``thread`` (label ``T``): the same rate kept by a thread, with ``time.sleep``.
+   ssecast's thread-safe ``Broadcaster.publish`` is called from it directly; the
+   others get each event through ``loop.call_soon_threadsafe``, as they must;
+3. ``max``: saturation, the publisher publishes as fast as it can for ``--duration``
+   seconds, yielding to the event loop after every event (``await asyncio.sleep(0)``):
+   events come one at a time, as from a loop that publishes each as it arrives;
+4. ``burst``: saturation again, yielding after every ``--burst`` events (10 by
+   default), as from a publisher that receives events in batches; a server that
+   writes what is pending in one chunk per client gains here, one that writes each
+   event on its own does not.
+
+Each server runs its own publisher in its own process, started by ``POST /start``
+once all C clients are connected, so all are driven the same way. Every event carries
+``{"run", "seq", "t"}``: ``t`` is ``time.time_ns()`` at publish (one machine, one clock),
+``seq`` a per-channel sequence number. Reported per case: the publisher's rate, the
+events/s delivered (client side, summed over connections, over the time from the start
+until the last event arrived), p50/p99 latency, missed events (sequence gaps plus events
+never received within the grace period), server disconnects, memory per idle
+connection, and the CPU used by the client and by the server during the run (a client
+near 100% would mean the client, not the server, is the limit). The server's CPU time
+per delivered event is the figure least disturbed by other load on the machine. With
+``--repeat N`` each run is done N times on the same server and the one that delivered
+most is kept.
+
+Servers (``--servers``):
+
+- ``floor``: asyncio.start_server writing each pre-encoded frame to every transport.
+- ``ssecast``: ``ssecast.asgi.EventStream`` as the whole ``/events`` app on uvicorn.
+- ``sse-starlette-queues``: sse-starlette with one ``asyncio.Queue`` per client.
+- ``sse-starlette-broadcaster``: sse-starlette with ``broadcaster.Broadcast("memory://")``.
+- ``ssecast-starlette`` (not in the default set): the adapter mounted in Starlette.
+- ``ssecast-redis`` (not in the default set; needs Redis at 127.0.0.1:6379, or
+  ``HTTP_FANOUT_REDIS_URL``): two uvicorn workers with ``RedisBackend`` holding the
+  clients (spread over both), and a third process publishing through Redis. All three
+  are pinned to CPU 0, like every other server.
+
+uvicorn runs with its asyncio loop and h11 (neither uvloop nor httptools is assumed).
+
+Run: ``python benchmarks/http_fanout.py`` (about 3.5 minutes); ``--quick`` for a short
+run; ``--json out.json`` and ``--plot out.png`` (needs matplotlib) to keep the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from _loadclient import Clients, Target, rss_kib, wait_for_subscribers, wait_until_up
+from _report import MODE_ORDER, table
+from _report import plot as draw
+
+HERE = Path(__file__).resolve().parent
+SERVE = HERE / "_servers" / "serve.py"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The processes of one server under test, each a ``_servers/serve.py`` app name.
+
+    The clients are spread over the ``events`` processes, whose memory and CPU are the
+    server's. The first of them runs the publisher, unless ``publisher`` names a separate
+    process (for a backend that carries events between processes, such as Redis).
+    """
+
+    label: str
+    events: tuple[str, ...]
+    publisher: str | None = None
+
+
+SERVERS = {
+    "floor": Deployment("floor (asyncio, transport.write)", ("floor",)),
+    "ssecast": Deployment("ssecast EventStream (uvicorn)", ("ssecast",)),
+    "ssecast-starlette": Deployment("ssecast in Starlette (uvicorn)", ("ssecast-starlette",)),
+    "sse-starlette-queues": Deployment(
+        "sse-starlette + Queue per client", ("sse-starlette-queues",)
+    ),
+    "sse-starlette-broadcaster": Deployment(
+        "sse-starlette + broadcaster", ("sse-starlette-broadcaster",)
+    ),
+    "ssecast-redis": Deployment(
+        "ssecast + RedisBackend: 2 workers, 1 publisher",
+        ("ssecast-redis-worker", "ssecast-redis-worker"),
+        publisher="ssecast-redis-publisher",
+    ),
+}
+DEFAULT_SERVERS = ["floor", "ssecast", "sse-starlette-queues", "sse-starlette-broadcaster"]
+SERVER_CPU = 0
+CLIENT_CPU = 1
+
+
+@dataclass(frozen=True)
+class Options:
+    clients: list[int]
+    servers: list[str]
+    rate: float
+    duration: float
+    burst: int
+    grace: float
+    modes: list[str]
+    repeat: int
+    time_cap: float
+    profile: str | None
+
+    def label(self, mode: str) -> str:
+        labels = {"rate": f"{self.rate:g}/s", "thread": f"{self.rate:g}/s T", "max": "max"}
+        return labels.get(mode, f"max/{self.burst}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def deployed(name: str, log_dir: Path, pin: bool, profile: str | None):
+    """Start a deployment's processes on free ports; stop each by pid however the block ends."""
+    deployment = SERVERS[name]
+    env = dict(os.environ)
+    # Processes of one deployment share a Redis prefix; no two deployments do.
+    env["HTTP_FANOUT_REDIS_PREFIX"] = f"http_fanout:{os.getpid()}:{time.monotonic_ns()}:"
+    if profile:
+        env["HTTP_FANOUT_PROFILE"] = profile
+    processes: list[subprocess.Popen[bytes]] = []
+    ports: list[int] = []
+    try:
+        for app in (*deployment.events, *filter(None, [deployment.publisher])):
+            port = free_port()
+            command = [sys.executable, str(SERVE), app, "--port", str(port)]
+            if pin:
+                command += ["--cpu", str(SERVER_CPU)]
+            with (log_dir / f"{app}-{port}.log").open("ab") as log:
+                processes.append(
+                    subprocess.Popen(
+                        command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env
+                    )
+                )
+            ports.append(port)
+        count = len(deployment.events)
+        target = Target(
+            "127.0.0.1",
+            event_ports=tuple(ports[:count]),
+            control_port=ports[-1] if deployment.publisher else ports[0],
+            pids=tuple(process.pid for process in processes[:count]),
+        )
+        yield target, processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def measure_server(
+    rows: list[dict[str, Any]], name: str, count: int, options: Options, log_dir: Path, pin: bool
+) -> None:
+    """Run the memory measurement and every mode against a fresh server, adding to ``rows``.
+
+    Each row is added as soon as it is measured, so a time cap keeps what was done.
+    """
+    with deployed(name, log_dir, pin, options.profile) as (target, processes):
+        clients = Clients(target)
+        try:
+            await wait_until_up(target, limit=20)
+            # Warm up: the first request imports and allocates what every later one reuses.
+            await clients.fill(1)
+            await wait_for_subscribers(target, 1, limit=5)
+            clients.close_all()
+            await wait_for_subscribers(target, 0, limit=5)
+            await asyncio.sleep(0.5)
+            idle_before = rss_kib(target.pids)
+            await clients.fill(count, limit=60)
+            subscribed = await wait_for_subscribers(target, count, limit=30)
+            await asyncio.sleep(1.0)
+            idle_after = rss_kib(target.pids)
+            memory = {
+                "rss_idle_0_kib": idle_before,
+                "rss_idle_c_kib": idle_after,
+                "kib_per_idle_connection": (idle_after - idle_before) / count,
+                "connected": len(clients.open),
+                "subscribed": subscribed,
+                "failed_connects": clients.failed_connects,
+            }
+            for mode in options.modes:
+                rate = options.rate if mode in ("rate", "thread") else 0.0
+                burst = options.burst if mode == "burst" else 1
+                thread = mode == "thread"
+                best: dict[str, Any] | None = None
+                for _ in range(options.repeat):
+                    await clients.fill(count, limit=60)
+                    await wait_for_subscribers(target, count, limit=10)
+                    result = await clients.run(rate, options.duration, burst, options.grace, thread)
+                    for process in processes:
+                        if process.poll() is not None:
+                            raise RuntimeError(f"{name} exited with code {process.returncode}")
+                    if best is None or result["delivered_per_s"] > best["delivered_per_s"]:
+                        best = result
+                rows.append({"server": name, "C": count, "mode": mode, **(best or {}), **memory})
+        finally:
+            clients.stop()
+
+
+async def run_all(options: Options, pin: bool, log_dir: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    deadline = time.monotonic() + options.time_cap
+    runs = len(options.modes) * options.repeat
+    per_server = 45 + runs * (options.duration + options.grace + 10)
+    for count in options.clients:
+        for name in options.servers:
+            left = deadline - time.monotonic()
+            if left <= 5:
+                print(f"  {name} C={count}: skipped, the --time-cap is spent", file=sys.stderr)
+                rows.append({"server": name, "C": count, "mode": "-", "error": "time cap"})
+                continue
+            print(f"  {name} C={count} ...", file=sys.stderr, flush=True)
+            try:
+                async with asyncio.timeout(min(per_server, left)):
+                    await measure_server(rows, name, count, options, log_dir, pin)
+            except (TimeoutError, OSError, RuntimeError, ValueError) as error:
+                print(f"  {name} C={count}: failed: {error!r}", file=sys.stderr)
+                print_log_tails(SERVERS[name], log_dir)
+                rows.append({"server": name, "C": count, "mode": "-", "error": repr(error)})
+    add_floor_share(rows)
+    return rows
+
+
+def print_log_tails(deployment: Deployment, log_dir: Path) -> None:
+    for app in {*deployment.events, deployment.publisher} - {None}:
+        for log in sorted(log_dir.glob(f"{app}-*.log"))[-1:]:
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            print(f"  last lines of {log.name}:", *tail, sep="\n    ", file=sys.stderr)
+
+
+def add_floor_share(rows: list[dict[str, Any]]) -> None:
+    floor = {
+        (row["C"], row["mode"]): row["delivered_per_s"]
+        for row in rows
+        if row["server"] == "floor" and "delivered_per_s" in row
+    }
+    for row in rows:
+        base = floor.get((row["C"], row["mode"]))
+        if base and "delivered_per_s" in row:
+            row["pct_of_floor"] = 100 * row["delivered_per_s"] / base
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in ("ssecast", "uvicorn", "starlette", "sse-starlette", "broadcaster", "h11"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[100, 1_000], metavar="C", help="client counts"
+    )
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        default=DEFAULT_SERVERS,
+        choices=list(SERVERS),
+        metavar="NAME",
+        help=f"of {', '.join(SERVERS)}; default {' '.join(DEFAULT_SERVERS)}",
+    )
+    parser.add_argument("--rate", type=float, default=100.0, help="events/s of the fixed-rate run")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of publishing per run")
+    parser.add_argument(
+        "--burst", type=int, default=10, help="events published per turn of the loop in 'burst'"
+    )
+    parser.add_argument(
+        "--grace", type=float, default=3.0, help="seconds after a run to wait for the last events"
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODE_ORDER),
+        choices=list(MODE_ORDER),
+        metavar="MODE",
+        help=f"of {', '.join(MODE_ORDER)} (all by default)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the best is kept")
+    parser.add_argument(
+        "--time-cap", type=float, default=330.0, help="seconds; servers not reached are skipped"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="C=100 only, 2 s runs, 1 s grace (about 40 s)"
+    )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="let the scheduler place server and client"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="also draw a PNG (needs matplotlib)")
+    parser.add_argument(
+        "--profile",
+        metavar="PREFIX",
+        help="run the servers under cProfile, writing PREFIX-NAME-PORT.prof (slows them)",
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.duration, args.grace = [100], 2.0, 1.0
+    options = Options(
+        clients=args.clients,
+        servers=args.servers,
+        rate=args.rate,
+        duration=args.duration,
+        burst=args.burst,
+        grace=args.grace,
+        modes=args.modes,
+        repeat=max(1, args.repeat),
+        time_cap=args.time_cap,
+        profile=args.profile,
+    )
+
+    sys.path.insert(0, str(HERE / "_servers"))
+    from _control import raise_nofile
+
+    nofile = raise_nofile()
+    if nofile < max(options.clients) + 100:
+        parser.error(f"the open-file limit is {nofile}; raise it to run {max(options.clients)}")
+    pin = not args.no_pin and {SERVER_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)
+    if pin:
+        os.sched_setaffinity(0, {CLIENT_CPU})
+    elif not args.no_pin:
+        print(f"CPUs {SERVER_CPU} and {CLIENT_CPU} are not both available: not pinned")
+
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="http_fanout-") as log_dir:
+        rows = asyncio.run(run_all(options, pin, Path(log_dir)))
+    elapsed = time.monotonic() - started
+    load_after = os.getloadavg()
+
+    meta = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "pinned": {"server": SERVER_CPU, "client": CLIENT_CPU} if pin else None,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "elapsed_s": elapsed,
+        "options": options.__dict__,
+    }
+    pinned = f"server on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}" if pin else "not pinned"
+    modes = ", ".join(options.label(mode) for mode in options.modes)
+    print(
+        f"\nSSE fan-out over loopback at {meta['utc']}: {options.duration:g} s per run, "
+        f"modes {modes}, best of {options.repeat}; {pinned}"
+    )
+    print(table(rows, options.label))
+    print(
+        "\nmissed: sequence gaps plus events not received within the grace period; "
+        "disc: connections the server closed;\nKiB/conn: server RSS with C idle connections "
+        "minus with none, over C; cli/srv CPU: CPU time over wall time during the run;\n"
+        "cli/srv us/ev: CPU microseconds per delivered event (less sensitive to other load);\n"
+        "srv wait: time the server was ready to run but another process had its CPU, over wall "
+        "time (high: a disturbed run).\nsrv figures add up the server's processes "
+        "(ssecast-redis has two workers on CPU 0, so its wait can pass 100%)."
+    )
+    busy = [row for row in rows if row.get("client_cpu_pct", 0) > 85 and row.get("mode") != "rate"]
+    for row in busy:
+        print(
+            f"note: the client used {row['client_cpu_pct']:.0f}% of its core in "
+            f"{row['server']} C={row['C']} {options.label(row['mode'])}: "
+            "the client may be the limit there"
+        )
+    for row in rows:
+        if row.get("publisher_error"):
+            print(
+                f"note: {row['server']} C={row['C']} {row['mode']}: "
+                f"the publisher failed: {row['publisher_error']}"
+            )
+    versions_text = ", ".join(f"{name} {version}" for name, version in meta["versions"].items())
+    print(
+        f"{elapsed:.0f} s; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"Python {meta['python']}; {versions_text}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    if args.plot:
+        try:
+            draw(rows, args.plot, options.label, options.duration)
+        except ImportError:
+            print("--plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
