@@ -44,7 +44,8 @@ Servers (``--servers``):
   clients (spread over both), and a third process publishing through Redis. All three
   are pinned to CPU 0, like every other server.
 
-uvicorn runs with its asyncio loop and h11 (neither uvloop nor httptools is assumed).
+uvicorn runs with its asyncio loop and h11 (neither uvloop nor httptools is assumed); with
+--standard, with uvloop and httptools, as ``uvicorn[standard]`` installs them.
 
 Run: ``python benchmarks/http_fanout.py`` (about 3.5 minutes); ``--quick`` for a short
 run; ``--json out.json`` and ``--plot out.png`` (needs matplotlib) to keep the results.
@@ -123,6 +124,7 @@ class Options:
     repeat: int
     time_cap: float
     profile: str | None
+    standard: bool = False
 
     def label(self, mode: str) -> str:
         labels = {"rate": f"{self.rate:g}/s", "thread": f"{self.rate:g}/s T", "max": "max"}
@@ -136,7 +138,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def deployed(name: str, log_dir: Path, pin: bool, profile: str | None):
+def deployed(name: str, log_dir: Path, pin: bool, profile: str | None, standard: bool = False):
     """Start a deployment's processes on free ports; stop each by pid however the block ends."""
     deployment = SERVERS[name]
     env = dict(os.environ)
@@ -144,6 +146,8 @@ def deployed(name: str, log_dir: Path, pin: bool, profile: str | None):
     env["HTTP_FANOUT_REDIS_PREFIX"] = f"http_fanout:{os.getpid()}:{time.monotonic_ns()}:"
     if profile:
         env["HTTP_FANOUT_PROFILE"] = profile
+    if standard:
+        env["HTTP_FANOUT_UVICORN"] = "standard"
     processes: list[subprocess.Popen[bytes]] = []
     ports: list[int] = []
     try:
@@ -186,7 +190,7 @@ async def measure_server(
 
     Each row is added as soon as it is measured, so a time cap keeps what was done.
     """
-    with deployed(name, log_dir, pin, options.profile) as (target, processes):
+    with deployed(name, log_dir, pin, options.profile, options.standard) as (target, processes):
         clients = Clients(target)
         try:
             await wait_until_up(target, limit=20)
@@ -323,6 +327,11 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also draw a PNG (needs matplotlib)")
     parser.add_argument(
+        "--standard",
+        action="store_true",
+        help="run uvicorn with uvloop and httptools (uvicorn[standard]) instead of asyncio and h11",
+    )
+    parser.add_argument(
         "--profile",
         metavar="PREFIX",
         help="run the servers under cProfile, writing PREFIX-NAME-PORT.prof (slows them)",
@@ -341,6 +350,7 @@ def main() -> None:
         repeat=max(1, args.repeat),
         time_cap=args.time_cap,
         profile=args.profile,
+        standard=args.standard,
     )
 
     sys.path.insert(0, str(HERE / "_servers"))

@@ -224,15 +224,20 @@ def raise_nofile() -> int:
 
 
 def run_uvicorn(app: ASGIApp, port: int) -> None:
-    """Serve ``app`` on 127.0.0.1:``port`` with uvicorn's asyncio loop and h11, quietly."""
+    """Serve ``app`` on 127.0.0.1:``port`` with uvicorn, quietly.
+
+    uvicorn's asyncio loop and h11 by default; uvloop and httptools (``uvicorn[standard]``)
+    with ``HTTP_FANOUT_UVICORN=standard``.
+    """
     import uvicorn
 
+    standard = os.environ.get("HTTP_FANOUT_UVICORN") == "standard"
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=port,
-        loop="asyncio",
-        http="h11",
+        loop="uvloop" if standard else "asyncio",
+        http="httptools" if standard else "h11",
         lifespan="on",
         log_level="warning",
         access_log=False,
