@@ -152,6 +152,42 @@ async def test_async_heartbeat_when_idle_then_events() -> None:
         assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == event.frame
 
 
+async def test_an_async_reader_fed_often_gets_no_heartbeat_until_it_goes_quiet() -> None:
+    """Chunks closer together than ``heartbeat`` keep heartbeats away; quiet brings one."""
+    async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b, b.subscribe() as sub:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while loop.time() - started < HEARTBEAT_SECONDS * 3:
+            await asyncio.sleep(HEARTBEAT_SECONDS / 4)
+            event = await b.apublish("t", 1)
+            assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == event.frame
+            quiet = loop.time()
+        assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == HEARTBEAT
+        assert loop.time() - quiet >= HEARTBEAT_SECONDS * 0.9
+
+
+async def test_an_async_reader_busy_when_its_heartbeat_fell_due_gets_one_later() -> None:
+    """A reader that was not waiting when a heartbeat fell due gets one once it waits."""
+    async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b, b.subscribe() as sub:
+        event = await b.apublish("t", 1)
+        assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == event.frame
+        await asyncio.sleep(HEARTBEAT_SECONDS * 2)  # busy elsewhere: not waiting on sub
+        assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == HEARTBEAT
+
+
+async def test_a_closed_async_reader_leaves_no_heartbeat_timer_behind() -> None:
+    """Once its subscription ends, a reader's heartbeat timer stops re-arming itself."""
+    async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b:
+        sub = b.subscribe()
+        reader = asyncio.ensure_future(anext(sub))
+        await asyncio.sleep(0)
+        sub.close()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(reader, JOIN_TIMEOUT)
+        await asyncio.sleep(HEARTBEAT_SECONDS * 1.5)
+        assert sub._heartbeat_timer is None
+
+
 def _publish_into(b: Broadcaster, number: int, published: list[Event]) -> None:
     published.append(b.publish("t", number))
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from enum import StrEnum
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, cast
 
 from ssecast._wire import HEARTBEAT
 
@@ -56,8 +56,10 @@ class Subscription:
         "_capacity",
         "_head",
         "_heartbeat",
+        "_heartbeat_timer",
         "_lock",
         "_pending",
+        "_quiet_since",
         "_release",
         "_thread_waiter",
         "_waiter",
@@ -90,6 +92,10 @@ class Subscription:
         self._waiter: Waiter | None = None
         self._thread_waiter: threading.Event | None = None
         self._audiences: tuple[Audience, ...] = ()
+        # Only touched by an async reader, on its loop: when it last returned a chunk,
+        # and the one timer that checks, at most once a heartbeat, whether it is due.
+        self._quiet_since = 0.0
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         state = self.close_reason or "open"
@@ -163,32 +169,48 @@ class Subscription:
     async def __anext__(self) -> bytes:
         """Wait, without blocking the loop, for a chunk, a heartbeat, or the end."""
         loop = asyncio.get_running_loop()
-        deadline = None if self._heartbeat is None else loop.time() + self._heartbeat
+        if self._heartbeat is not None and self._heartbeat_timer is None:
+            self._quiet_since = loop.time()
+            self._heartbeat_timer = loop.call_at(
+                self._quiet_since + self._heartbeat, self._heartbeat_due, loop
+            )
         while True:
-            future: asyncio.Future[bool] = loop.create_future()
             with self._lock:
-                chunk = self._poll(future)
+                chunk = self._poll(None)
+                if chunk is None:
+                    future: asyncio.Future[bool] = loop.create_future()
+                    self._poll(future)
             if chunk is None:
-                timer = (
-                    None
-                    if deadline is None
-                    else loop.call_at(deadline, _resolve, future, _TIMED_OUT)
-                )
                 try:
                     woken = await future
                 except BaseException:  # cancelled: no publisher may hold on to the future
                     with self._lock:
                         self._unpark(future)
                     raise
-                finally:
-                    if timer is not None:
-                        timer.cancel()
                 if woken:
                     continue
                 chunk = self._give_up_waiting(future)
             if not chunk:
                 raise StopAsyncIteration
+            self._quiet_since = loop.time()
             return chunk
+
+    def _heartbeat_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wake a reader quiet for a heartbeat; otherwise look again when one could be due."""
+        # Runs on the reader's loop. One timer per reader, not one per wait: a reader that
+        # gets a chunk every few milliseconds would otherwise make and cancel a timer each.
+        if self.close_reason is not None:
+            self._heartbeat_timer = None
+            return
+        heartbeat = cast(float, self._heartbeat)
+        due = self._quiet_since + heartbeat
+        if loop.time() >= due:
+            with self._lock:
+                waiter = self._waiter
+            if isinstance(waiter, asyncio.Future):
+                _resolve(waiter, _TIMED_OUT)
+            due = loop.time() + heartbeat
+        self._heartbeat_timer = loop.call_at(due, self._heartbeat_due, loop)
 
     def _poll(self, waiter: Waiter | None) -> bytes | None:
         """Take what is pending; ``b""`` if it ended, ``None`` (parking ``waiter``) if idle."""
