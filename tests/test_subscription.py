@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -186,6 +188,23 @@ async def test_a_closed_async_reader_leaves_no_heartbeat_timer_behind() -> None:
             await asyncio.wait_for(reader, JOIN_TIMEOUT)
         await asyncio.sleep(HEARTBEAT_SECONDS * 1.5)
         assert sub._heartbeat_timer is None
+
+
+async def test_a_reader_closed_from_another_thread_is_not_kept_alive_by_its_timer() -> None:
+    """A timer cannot be cancelled from another thread; it finds the end and stops."""
+    async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b:
+        kept = b.subscribe()
+        dropped = b.subscribe()
+        event = await b.apublish("t", 1)
+        for sub in (kept, dropped):
+            assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == event.frame
+            await asyncio.to_thread(sub.close)
+        gone = weakref.ref(dropped)
+        del dropped, sub
+        gc.collect()
+        assert gone() is None  # its timer holds it weakly
+        await asyncio.sleep(HEARTBEAT_SECONDS * 2)  # both timers fire and stop
+        assert kept._heartbeat_timer is None
 
 
 def _publish_into(b: Broadcaster, number: int, published: list[Event]) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from enum import StrEnum
 from types import TracebackType
@@ -56,6 +57,7 @@ class Subscription:
         "_capacity",
         "_head",
         "_heartbeat",
+        "_heartbeat_loop",
         "_heartbeat_timer",
         "_lock",
         "_pending",
@@ -96,6 +98,7 @@ class Subscription:
         # and the one timer that checks, at most once a heartbeat, whether it is due.
         self._quiet_since = 0.0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._heartbeat_loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         state = self.close_reason or "open"
@@ -109,6 +112,7 @@ class Subscription:
     def close(self) -> None:
         """Unsubscribe and drop pending frames; a waiting reader ends. Safe to call twice."""
         self._release(self)
+        self._stop_heartbeat()
 
     def read_nowait(self) -> bytes:
         """Return every pending frame as one chunk, or ``b""`` if there is none; never wait."""
@@ -170,9 +174,10 @@ class Subscription:
         """Wait, without blocking the loop, for a chunk, a heartbeat, or the end."""
         loop = asyncio.get_running_loop()
         if self._heartbeat is not None and self._heartbeat_timer is None:
+            self._heartbeat_loop = loop
             self._quiet_since = loop.time()
             self._heartbeat_timer = loop.call_at(
-                self._quiet_since + self._heartbeat, self._heartbeat_due, loop
+                self._quiet_since + self._heartbeat, _heartbeat_due, weakref.ref(self), loop
             )
         while True:
             with self._lock:
@@ -191,9 +196,25 @@ class Subscription:
                     continue
                 chunk = self._give_up_waiting(future)
             if not chunk:
+                self._stop_heartbeat()
                 raise StopAsyncIteration
             self._quiet_since = loop.time()
             return chunk
+
+    def _stop_heartbeat(self) -> None:
+        """Cancel the heartbeat timer, if this thread runs the loop it is on."""
+        timer = self._heartbeat_timer
+        if timer is None:
+            return
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        # A timer may only be cancelled from its loop's thread; elsewhere it is left to
+        # fire, find the subscription closed (or gone: it holds a weak reference), and stop.
+        if here is self._heartbeat_loop:
+            timer.cancel()
+            self._heartbeat_timer = None
 
     def _heartbeat_due(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake a reader quiet for a heartbeat; otherwise look again when one could be due."""
@@ -210,7 +231,7 @@ class Subscription:
             if isinstance(waiter, asyncio.Future):
                 _resolve(waiter, _TIMED_OUT)
             due = loop.time() + heartbeat
-        self._heartbeat_timer = loop.call_at(due, self._heartbeat_due, loop)
+        self._heartbeat_timer = loop.call_at(due, _heartbeat_due, weakref.ref(self), loop)
 
     def _poll(self, waiter: Waiter | None) -> bytes | None:
         """Take what is pending; ``b""`` if it ended, ``None`` (parking ``waiter``) if idle."""
@@ -336,6 +357,14 @@ def wake(waiters: Iterable[Waiter | None]) -> None:
             # A closed loop raises RuntimeError; its readers are gone with it.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve_all, futures)
+
+
+def _heartbeat_due(ref: weakref.ref[Subscription], loop: asyncio.AbstractEventLoop) -> None:
+    # The timer holds the subscription weakly, so that one closed in another thread (where
+    # its timer cannot be cancelled) is not kept alive until the timer fires.
+    sub = ref()
+    if sub is not None:
+        sub._heartbeat_due(loop)
 
 
 def _resolve(future: asyncio.Future[bool], result: bool) -> None:
