@@ -37,8 +37,9 @@ _READ_SIZE = 262_144
 _QUIET_NS = 300_000_000
 _QUIET_LIMIT = 10.0
 _loads = json.loads
-# A data line's value, whatever ends the line (LF, or CRLF as sse-starlette writes).
-_DATA_LINE = re.compile(rb"^data: ([^\r\n]*)", re.MULTILINE)
+# A data line's value, whatever ends the line (LF, or CRLF as sse-starlette writes), with or
+# without the optional space after the colon (flask-sse writes none).
+_DATA_LINE = re.compile(rb"^data: ?([^\r\n]*)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,13 @@ class Connection:
             self._buffer = buffer
             return True
         self._buffer = buffer[end + 1 :]
-        start = buffer.find(b"data: ", 0, end)
+        start = buffer.find(b"data:", 0, end)
         if start < 0:
             return True
-        if buffer.find(b"data: ", start + 6, end) < 0:
-            # The common read with 1,000 connections: one event.
-            events = [_loads(buffer[start + 6 : buffer.find(b"\n", start, end + 1)])]
+        if buffer.find(b"data:", start + 5, end) < 0:
+            # The common read with 1,000 connections: one event. (json.loads skips the
+            # space after "data:" that most servers write and flask-sse does not.)
+            events = [_loads(buffer[start + 5 : buffer.find(b"\n", start, end + 1)])]
         else:
             # One loads for the whole read: parsing an array amortizes the per-call cost.
             events = _loads(b"[" + b",".join(_DATA_LINE.findall(buffer, start, end)) + b"]")

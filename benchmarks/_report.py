@@ -33,6 +33,7 @@ COLUMNS = [
     ("srv CPU", "server_cpu_pct", ".0f", 7),
     ("srv us/ev", "server_cpu_us_per_event", ".1f", 9),
     ("srv wait", "server_wait_pct", ".0f", 8),
+    ("redis conn", "redis_connections", ",", 10),
 ]
 
 
@@ -53,6 +54,26 @@ def table(rows: list[dict[str, Any]], label: Label) -> str:
         row = {**row, "mode_label": label(row["mode"])}
         lines.append(" | ".join(fmt(row.get(key), spec, width) for _, key, spec, width in COLUMNS))
     return "\n".join(lines)
+
+
+def redis_hop(rows: list[dict[str, Any]], label: Label) -> list[str]:
+    """Return a line per saturated case: ssecast with ``RedisBackend`` over the memory backend."""
+    delivered = {
+        (row["server"], row["C"], row["mode"]): row["delivered_per_s"]
+        for row in rows
+        if "delivered_per_s" in row
+    }
+    lines = []
+    for (server, count, mode), value in sorted(delivered.items(), key=lambda item: item[0][1:]):
+        memory = delivered.get(("ssecast", count, mode))
+        if server != "ssecast-redis" or mode not in ("max", "burst") or not memory:
+            continue
+        lines.append(
+            f"Redis hop, C={count:,} {label(mode)}: ssecast-redis delivers {value:,.0f}/s, "
+            f"{100 * value / memory:.0f}% of ssecast's {memory:,.0f}/s "
+            f"(the hop costs {100 * (1 - value / memory):.0f}%)"
+        )
+    return lines
 
 
 def plot(rows: list[dict[str, Any]], path: str, label: Label, duration: float) -> None:

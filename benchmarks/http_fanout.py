@@ -43,6 +43,16 @@ Servers (``--servers``):
   ``HTTP_FANOUT_REDIS_URL``): two uvicorn workers with ``RedisBackend`` holding the
   clients (spread over both), and a third process publishing through Redis. All three
   are pinned to CPU 0, like every other server.
+- ``flask-sse`` (not in the default set; needs Redis too): flask-sse on two gunicorns
+  with one gevent worker each (the clients spread over both), and a third process
+  publishing with ``sse.publish`` in an app context. flask-sse subscribes to Redis once
+  per client: before each run the benchmark waits until ``PUBSUB NUMSUB`` counts all.
+
+For the two Redis deployments, ``redis conn`` is the deployment's connections in
+``CLIENT LIST`` (found by client name) just before each run's publish starts, and the
+ratio of ssecast-redis's saturated throughput to ssecast's (memory backend) is printed
+when both ran. Each deployment has its own Redis prefix (and flask-sse its own channel);
+nothing is flushed.
 
 uvicorn runs with its asyncio loop and h11 (neither uvloop nor httptools is assumed); with
 --standard, with uvloop and httptools, as ``uvicorn[standard]`` installs them.
@@ -56,6 +66,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -64,13 +75,21 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from _loadclient import Clients, Target, rss_kib, wait_for_subscribers, wait_until_up
-from _report import MODE_ORDER, table
+from _loadclient import (
+    Clients,
+    Target,
+    http_json,
+    rss_kib,
+    wait_for_subscribers,
+    wait_until_up,
+)
+from _report import MODE_ORDER, redis_hop, table
 from _report import plot as draw
 
 HERE = Path(__file__).resolve().parent
@@ -89,6 +108,14 @@ class Deployment:
     label: str
     events: tuple[str, ...]
     publisher: str | None = None
+    redis_name: str | None = None
+    """For a deployment on Redis: its connections' client name, less the run's prefix.
+
+    Before each run the benchmark counts them in ``CLIENT LIST``."""
+    pubsub: bool = False
+    """Each client SUBSCRIBEs to ``<prefix>bench`` on its own connection: before a run the
+    benchmark waits until Redis counts them all (``PUBSUB NUMSUB``), and a closed client
+    stays subscribed until the next event is written to it."""
 
 
 SERVERS = {
@@ -105,8 +132,17 @@ SERVERS = {
         "ssecast + RedisBackend: 2 workers, 1 publisher",
         ("ssecast-redis-worker", "ssecast-redis-worker"),
         publisher="ssecast-redis-publisher",
+        redis_name="ssecast:",
+    ),
+    "flask-sse": Deployment(
+        "flask-sse gunicorn+gevent: 2 workers, 1 publisher",
+        ("flask-sse-worker", "flask-sse-worker"),
+        publisher="flask-sse-publisher",
+        redis_name="flask-sse:",
+        pubsub=True,
     ),
 }
+REDIS_URL = os.environ.get("HTTP_FANOUT_REDIS_URL", "redis://127.0.0.1:6379/0")
 DEFAULT_SERVERS = ["floor", "ssecast", "sse-starlette-queues", "sse-starlette-broadcaster"]
 SERVER_CPU = 0
 CLIENT_CPU = 1
@@ -143,7 +179,8 @@ def deployed(name: str, log_dir: Path, pin: bool, profile: str | None, standard:
     deployment = SERVERS[name]
     env = dict(os.environ)
     # Processes of one deployment share a Redis prefix; no two deployments do.
-    env["HTTP_FANOUT_REDIS_PREFIX"] = f"http_fanout:{os.getpid()}:{time.monotonic_ns()}:"
+    prefix = f"http_fanout:{os.getpid()}:{time.monotonic_ns()}:"
+    env["HTTP_FANOUT_REDIS_PREFIX"] = prefix
     if profile:
         env["HTTP_FANOUT_PROFILE"] = profile
     if standard:
@@ -170,7 +207,7 @@ def deployed(name: str, log_dir: Path, pin: bool, profile: str | None, standard:
             control_port=ports[-1] if deployment.publisher else ports[0],
             pids=tuple(process.pid for process in processes[:count]),
         )
-        yield target, processes
+        yield target, processes, prefix
     finally:
         for process in processes:
             if process.poll() is None:
@@ -190,14 +227,24 @@ async def measure_server(
 
     Each row is added as soon as it is measured, so a time cap keeps what was done.
     """
-    with deployed(name, log_dir, pin, options.profile, options.standard) as (target, processes):
+    deployment = SERVERS[name]
+    with deployed(name, log_dir, pin, options.profile, options.standard) as (
+        target,
+        processes,
+        prefix,
+    ):
+        await wait_until_up(target, limit=20)
+        target = await worker_pids(target)
+        redis = RedisWatch(deployment, prefix) if deployment.redis_name else None
         clients = Clients(target)
         try:
-            await wait_until_up(target, limit=20)
             # Warm up: the first request imports and allocates what every later one reuses.
             await clients.fill(1)
             await wait_for_subscribers(target, 1, limit=5)
             clients.close_all()
+            if deployment.pubsub:
+                # The closed client stays subscribed until an event is written to it.
+                await clients.run(50, 0.2, 1, 0.5)
             await wait_for_subscribers(target, 0, limit=5)
             await asyncio.sleep(0.5)
             idle_before = rss_kib(target.pids)
@@ -221,7 +268,13 @@ async def measure_server(
                 for _ in range(options.repeat):
                     await clients.fill(count, limit=60)
                     await wait_for_subscribers(target, count, limit=10)
+                    extra: dict[str, Any] = {}
+                    if redis is not None:
+                        if deployment.pubsub:
+                            extra["redis_subscribed"] = await redis.wait_subscribed(count, 10)
+                        extra["redis_connections"] = redis.connections()
                     result = await clients.run(rate, options.duration, burst, options.grace, thread)
+                    result.update(extra)
                     for process in processes:
                         if process.poll() is not None:
                             raise RuntimeError(f"{name} exited with code {process.returncode}")
@@ -230,13 +283,59 @@ async def measure_server(
                 rows.append({"server": name, "C": count, "mode": mode, **(best or {}), **memory})
         finally:
             clients.stop()
+            if redis is not None:
+                redis.close()
+
+
+async def worker_pids(target: Target) -> Target:
+    """Return ``target`` with the pids the event processes report in ``/stats``, if they do.
+
+    gunicorn's arbiter forks the worker that holds the connections: its pid is the one
+    whose memory and CPU count, not the arbiter's, which the benchmark started.
+    """
+    answers = [await http_json(target.host, port, "GET", "/stats") for port in target.event_ports]
+    if not all("pid" in answer for answer in answers):
+        return target
+    return dataclasses.replace(target, pids=tuple(int(answer["pid"]) for answer in answers))
+
+
+class RedisWatch:
+    """Reads, from Redis, how many connections and subscriptions a deployment holds."""
+
+    def __init__(self, deployment: Deployment, prefix: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(REDIS_URL)
+        self.name = f"{deployment.redis_name}{prefix}"
+        self.channel = prefix + "bench"
+
+    def connections(self) -> int:
+        """Return the deployment's connections in ``CLIENT LIST`` (by their client name)."""
+        return sum(1 for client in self.client.client_list() if client.get("name") == self.name)
+
+    def subscribed(self) -> int:
+        return int(dict(self.client.pubsub_numsub(self.channel)).get(self.channel.encode(), 0))
+
+    async def wait_subscribed(self, count: int, limit: float) -> int:
+        """Poll ``PUBSUB NUMSUB`` for ``limit`` s until ``count`` clients are subscribed."""
+        deadline = time.monotonic() + limit
+        seen = self.subscribed()
+        while seen < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            seen = self.subscribed()
+        return seen
+
+    def close(self) -> None:
+        self.client.close()
 
 
 async def run_all(options: Options, pin: bool, log_dir: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     deadline = time.monotonic() + options.time_cap
     runs = len(options.modes) * options.repeat
-    per_server = 45 + runs * (options.duration + options.grace + 10)
+    # Per run: the quiet wait (up to 10 s while a server still drains the last run's backlog,
+    # as flask-sse does for many seconds), the run, its grace, the control requests.
+    per_server = 60 + runs * (options.duration + options.grace + 20)
     for count in options.clients:
         for name in options.servers:
             left = deadline - time.monotonic()
@@ -249,7 +348,12 @@ async def run_all(options: Options, pin: bool, log_dir: Path) -> list[dict[str, 
                 async with asyncio.timeout(min(per_server, left)):
                     await measure_server(rows, name, count, options, log_dir, pin)
             except (TimeoutError, OSError, RuntimeError, ValueError) as error:
-                print(f"  {name} C={count}: failed: {error!r}", file=sys.stderr)
+                where = traceback.extract_tb(error.__traceback__)
+                print(
+                    f"  {name} C={count}: failed: {error!r} in "
+                    + " <- ".join(f"{frame.name}:{frame.lineno}" for frame in reversed(where[-6:])),
+                    file=sys.stderr,
+                )
                 print_log_tails(SERVERS[name], log_dir)
                 rows.append({"server": name, "C": count, "mode": "-", "error": repr(error)})
     add_floor_share(rows)
@@ -277,7 +381,8 @@ def add_floor_share(rows: list[dict[str, Any]]) -> None:
 
 def versions() -> dict[str, str]:
     found = {}
-    for name in ("ssecast", "uvicorn", "starlette", "sse-starlette", "broadcaster", "h11"):
+    names = ("ssecast", "uvicorn", "starlette", "sse-starlette", "broadcaster", "h11")
+    for name in (*names, "redis", "flask", "flask-sse", "gunicorn", "gevent"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
@@ -397,7 +502,11 @@ def main() -> None:
         "cli/srv us/ev: CPU microseconds per delivered event (less sensitive to other load);\n"
         "srv wait: time the server was ready to run but another process had its CPU, over wall "
         "time (high: a disturbed run).\nsrv figures add up the server's processes "
-        "(ssecast-redis has two workers on CPU 0, so its wait can pass 100%)."
+        "(ssecast-redis has two workers on CPU 0, so its wait can pass 100%).\n"
+        "redis conn: the deployment's connections in Redis's CLIENT LIST just before the run's "
+        "publish starts\n(ssecast-redis: ssecast:<prefix>, its 3 processes; flask-sse: "
+        "flask-sse:<prefix>, its 2 workers; flask-sse's publisher\nopens a connection per "
+        "sse.publish, unnamed and not counted)."
     )
     busy = [row for row in rows if row.get("client_cpu_pct", 0) > 85 and row.get("mode") != "rate"]
     for row in busy:
@@ -411,6 +520,14 @@ def main() -> None:
             print(
                 f"note: {row['server']} C={row['C']} {row['mode']}: "
                 f"the publisher failed: {row['publisher_error']}"
+            )
+    for line in redis_hop(rows, options.label):
+        print(line)
+    for row in rows:
+        if row.get("redis_subscribed") not in (None, row.get("clients")):
+            print(
+                f"note: {row['server']} C={row['C']} {options.label(row['mode'])}: Redis counted "
+                f"{row['redis_subscribed']} subscriptions for {row['clients']} clients at the start"
             )
     versions_text = ", ".join(f"{name} {version}" for name, version in meta["versions"].items())
     print(
