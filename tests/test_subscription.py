@@ -207,6 +207,17 @@ async def test_a_reader_closed_from_another_thread_is_not_kept_alive_by_its_time
         assert kept._heartbeat_timer is None
 
 
+async def test_a_frame_that_lands_as_the_heartbeat_fires_is_read_instead() -> None:
+    """The timer woke the reader, then a frame came before it ran: it gets the frame."""
+    async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b, b.subscribe() as sub:
+        reader = asyncio.ensure_future(anext(sub))
+        await asyncio.sleep(0)  # the reader waits
+        sub._quiet_since -= HEARTBEAT_SECONDS  # ...and has been quiet for a heartbeat
+        sub._heartbeat_due(asyncio.get_running_loop())  # the timer fires
+        event = b.publish("t", 1)  # before the reader runs again
+        assert await asyncio.wait_for(reader, JOIN_TIMEOUT) == event.frame
+
+
 def _publish_into(b: Broadcaster, number: int, published: list[Event]) -> None:
     published.append(b.publish("t", number))
 
