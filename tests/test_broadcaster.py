@@ -562,6 +562,16 @@ def test_without_history_every_resume_is_a_gap() -> None:
             _assert_gap(sub, newest.id)
 
 
+def test_a_client_that_saw_the_newest_event_resumes_without_a_gap_even_without_history() -> None:
+    """Nothing was missed, so an idle client that reconnects is not told to reload."""
+    with Broadcaster(history=0) as b:
+        newest = b.publish("t", 1)
+        with b.subscribe(last_event_id=newest.id) as sub:
+            assert sub.read_nowait() == b""
+            event = b.publish("t", 2)
+            assert sub.read_nowait() == event.frame
+
+
 def test_a_gap_before_any_event_leaves_the_clients_last_id_alone(
     broadcaster: Broadcaster,
 ) -> None:
@@ -628,3 +638,31 @@ def test_evictions_and_rejections_are_logged_without_the_payload(
     assert len(rejections) == 3
     assert all(record.levelno == logging.INFO for record in rejections)
     assert all(secret not in record.getMessage() for record in records)
+
+
+def test_a_log_handler_that_publishes_does_not_deadlock() -> None:
+    """A handler that streams ssecast's own log records (a live log viewer) may publish."""
+    b = Broadcaster(queue_size=1)
+    b.subscribe("app")  # never read: the second event evicts it, which is logged
+    viewer = b.subscribe("logs", queue_size=100)
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            b.publish("log", record.getMessage(), channel="logs", raw=True)
+
+    ssecast_logger = logging.getLogger("ssecast")
+    handler, level = Forward(), ssecast_logger.level
+    ssecast_logger.addHandler(handler)
+    ssecast_logger.setLevel(logging.INFO)
+    try:
+        publisher = threading.Thread(
+            target=lambda: [b.publish("t", n, channel="app") for n in range(2)], daemon=True
+        )
+        publisher.start()
+        publisher.join(5)
+        assert not publisher.is_alive()
+    finally:
+        ssecast_logger.removeHandler(handler)
+        ssecast_logger.setLevel(level)
+    assert b"evicted a subscriber" in viewer.read_nowait()
+    b.close()

@@ -57,9 +57,10 @@ def test_full_ring_forgets_the_oldest_and_keeps_positions_right() -> None:
 
 
 def test_size_zero_keeps_nothing_but_the_newest_id() -> None:
-    """With no history every id is unknown, yet the newest id is still known."""
+    """With no history an older id is unknown; the newest one means nothing was missed."""
     history, _ = _filled(0, 3)
-    assert history.after("3", ALL) is None
+    assert history.after("2", ALL) is None
+    assert history.after("3", ALL) == []
     assert history.last_id == "3"
 
 

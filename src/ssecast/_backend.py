@@ -74,7 +74,9 @@ class MemoryBackend:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a logging handler that publishes (a live log viewer) may run inside
+        # deliver(), which logs evictions; a plain lock would deadlock that thread.
+        self._lock = threading.RLock()
         # Ids carry a per-instance prefix so an id from an earlier run of the process,
         # or from another broadcaster, is never mistaken for one of ours.
         self._prefix = secrets.token_hex(4) + "-"

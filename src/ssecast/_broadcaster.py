@@ -88,7 +88,7 @@ class Broadcaster:
         self._queue_size = _at_least(1, "queue_size", queue_size)
         self._history = History(_at_least(0, "history", history))
         self._heartbeat = None if heartbeat is None else _seconds("heartbeat", heartbeat)
-        self._prelude = b"" if retry is None else _wire.retry(_at_least(0, "retry", retry))
+        self._prelude = [] if retry is None else [_wire.retry(_at_least(0, "retry", retry))]
         self._max_subscribers = (
             None if max_subscribers is None else _at_least(1, "max_subscribers", max_subscribers)
         )
@@ -174,6 +174,10 @@ class Broadcaster:
         """Start the backend on first use, so a broadcaster made at import time forks safely."""
         if not self._started:
             with self._start_lock:
+                # Checked under the lock _shut_down reads _started with: a backend
+                # started after close() would never be closed.
+                if self._closed:
+                    raise BroadcasterClosedError("the broadcaster is closed")
                 if not self._started:
                     self._backend.start(self._deliver)
                     self._started = True
@@ -261,7 +265,7 @@ class Broadcaster:
         with self._lock:
             self._check_room()
             if not last_event_id:
-                return self._register(names, capacity, self._prelude)
+                return self._register(names, capacity, self._prelude.copy())
             replayed = self._history.after(last_event_id, names)
             if replayed is not None:
                 return self._register(names, capacity, _joined(self._prelude, replayed))
@@ -281,7 +285,7 @@ class Broadcaster:
                 recent = self._history.since(resume.mark, resume.channels)
                 replayed = None if recent is None else older + recent
             if replayed is None:
-                head = self._prelude + _gap(self._history.last_id)
+                head = [*self._prelude, _gap(self._history.last_id)]
             else:
                 head = _joined(self._prelude, replayed)
             return self._register(resume.channels, resume.capacity, head)
@@ -293,7 +297,7 @@ class Broadcaster:
         if self._max_subscribers is not None and self._subscriber_count >= self._max_subscribers:
             raise TooManySubscribersError(self._max_subscribers)
 
-    def _register(self, channels: frozenset[str], capacity: int, head: bytes) -> Subscription:
+    def _register(self, channels: frozenset[str], capacity: int, head: list[bytes]) -> Subscription:
         # Precondition: self._lock is held.
         sub = Subscription(
             channels=channels,
@@ -423,8 +427,8 @@ def _gap(newest: str | None) -> bytes:
     return _GAP_BODY if newest is None else _wire.stamp(newest, _GAP_BODY)
 
 
-def _joined(prelude: bytes, events: list[Event]) -> bytes:
-    return b"".join([prelude, *(event.frame for event in events)])
+def _joined(prelude: list[bytes], events: list[Event]) -> list[bytes]:
+    return [*prelude, *(event.frame for event in events)]
 
 
 def _seconds(name: str, value: float) -> float:

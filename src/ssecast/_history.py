@@ -35,7 +35,9 @@ class History:
         if events.maxlen:
             if len(events) == events.maxlen:
                 if self._boundary is not None:
-                    del self._positions[self._boundary]
+                    # pop, not del: a backend may deliver an id twice, and the ring must
+                    # not break on it.
+                    self._positions.pop(self._boundary, None)
                 self._boundary = events[0].id
             events.append(event)
             self._positions[event.id] = self._total
@@ -63,6 +65,8 @@ class History:
         :returns: ``None`` when some event after ``event_id`` is no longer kept, or the id
             was never seen, so the caller cannot know what the client missed.
         """
+        if event_id == self.last_id:
+            return []  # caught up, even when the ring keeps nothing (history=0)
         position = self._positions.get(event_id)
         if position is None:
             return None

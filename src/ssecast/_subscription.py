@@ -75,7 +75,7 @@ class Subscription:
         channels: frozenset[str],
         capacity: int,
         heartbeat: float | None,
-        head: bytes,
+        head: list[bytes],
         lock: threading.Lock,
         release: Callable[[Subscription], None],
     ) -> None:
@@ -84,7 +84,7 @@ class Subscription:
         self._capacity = capacity
         self._heartbeat = heartbeat
         # Frames written before the live ones (retry, replay, gap); they do not count
-        # against the capacity.
+        # against the capacity, and are the very objects the history holds, not copies.
         self._head = head
         self._lock = lock
         self._release = release
@@ -117,12 +117,8 @@ class Subscription:
     def read_nowait(self) -> bytes:
         """Return every pending frame as one chunk, or ``b""`` if there is none; never wait."""
         with self._lock:
-            pending = self._pending
-            if pending and not self._head:  # the hot path: only live frames are waiting
-                chunk = b"".join(pending)
-                pending.clear()
-                return chunk
-            return self._poll(None) or b""
+            frames = self._take()
+        return b"".join(frames) if frames else b""
 
     def __enter__(self) -> Self:
         return self
@@ -157,15 +153,17 @@ class Subscription:
         deadline = None if self._heartbeat is None else time.monotonic() + self._heartbeat
         while True:
             with self._lock:
-                chunk = self._poll(waiter)
-            if chunk is None:
+                frames = self._take()
+                if frames is None:
+                    self._park(waiter)
+            if frames is None:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if waiter.wait(timeout):
                     continue
-                chunk = self._give_up_waiting(waiter)
-            if not chunk:
+                frames = self._give_up_waiting(waiter)
+            if not frames:
                 raise StopIteration
-            return chunk
+            return b"".join(frames)
 
     def __aiter__(self) -> Self:
         return self
@@ -181,11 +179,11 @@ class Subscription:
             )
         while True:
             with self._lock:
-                chunk = self._poll(None)
-                if chunk is None:
+                frames = self._take()
+                if frames is None:
                     future: asyncio.Future[bool] = loop.create_future()
-                    self._poll(future)
-            if chunk is None:
+                    self._park(future)
+            if frames is None:
                 try:
                     woken = await future
                 except BaseException:  # cancelled: no publisher may hold on to the future
@@ -194,12 +192,12 @@ class Subscription:
                     raise
                 if woken:
                     continue
-                chunk = self._give_up_waiting(future)
-            if not chunk:
+                frames = self._give_up_waiting(future)
+            if not frames:
                 self._stop_heartbeat()
                 raise StopAsyncIteration
             self._quiet_since = loop.time()
-            return chunk
+            return b"".join(frames)
 
     def _stop_heartbeat(self) -> None:
         """Cancel the heartbeat timer, if this thread runs the loop it is on."""
@@ -233,31 +231,41 @@ class Subscription:
             due = loop.time() + heartbeat
         self._heartbeat_timer = loop.call_at(due, _heartbeat_due, weakref.ref(self), loop)
 
-    def _poll(self, waiter: Waiter | None) -> bytes | None:
-        """Take what is pending; ``b""`` if it ended, ``None`` (parking ``waiter``) if idle."""
+    def _take(self) -> list[bytes] | None:
+        """Take the pending frames; ``[]`` once it ended, ``None`` while open and idle.
+
+        The caller joins them after releasing the lock: a reader far behind must not
+        hold up publishers while it copies megabytes.
+        """
         # Precondition: self._lock is held.
         pending = self._pending
-        if pending or self._head:
-            chunk = self._head + b"".join(pending)
-            pending.clear()
-            self._head = b""
-            return chunk
-        if self.close_reason is not None:
-            return b""
-        if waiter is not None:
-            if isinstance(waiter, threading.Event):
-                waiter.clear()
-            self._waiter = waiter
-            for audience in self._audiences:
-                audience.parked[self] = None
-        return None
+        if self._head:
+            frames = self._head + pending
+            self._head = []
+        elif pending:
+            frames = pending.copy()
+        elif self.close_reason is not None:
+            return []
+        else:
+            return None
+        pending.clear()
+        return frames
 
-    def _give_up_waiting(self, waiter: Waiter) -> bytes:
+    def _park(self, waiter: Waiter) -> None:
+        """Register ``waiter`` to be woken by the next frame or the end."""
+        # Precondition: self._lock is held, and _take() just found nothing.
+        if isinstance(waiter, threading.Event):
+            waiter.clear()
+        self._waiter = waiter
+        for audience in self._audiences:
+            audience.parked[self] = None
+
+    def _give_up_waiting(self, waiter: Waiter) -> list[bytes]:
         """Unpark ``waiter`` after a timeout; return what arrived meanwhile, or a heartbeat."""
         with self._lock:
             self._unpark(waiter)
-            chunk = self._poll(None)
-        return HEARTBEAT if chunk is None else chunk
+            frames = self._take()
+        return [HEARTBEAT] if frames is None else frames
 
     def _unpark(self, waiter: Waiter | None) -> Waiter | None:
         """Take back the parked waiter if it is ``waiter`` (any, for ``None``); return it."""
@@ -277,7 +285,7 @@ class Subscription:
             self.close_reason = reason
         if reason is not CloseReason.SHUTDOWN:
             self._pending.clear()
-            self._head = b""
+            self._head = []
         return self._unpark(None)
 
 
