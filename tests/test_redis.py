@@ -779,3 +779,29 @@ async def test_sync_close_inside_the_loop_closes_its_client_soon(prefix: str) ->
     draft = Draft("n", "default", "1", b"event: n\ndata: 1\n\n")
     with pytest.raises(BackendUnavailableError, match="closed"):
         await backend.apublish(draft)
+
+
+def test_an_entry_ssecast_did_not_write_is_skipped_not_fatal(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A foreign entry in the stream is logged and skipped; the reader and replay go on."""
+    with redis_broadcaster(prefix) as b, redis.Redis.from_url(REDIS_URL) as client:
+        reader = Reader(b.subscribe())
+        first = b.publish("t", 1)
+        client.xadd(prefix + "events", {"something": "else"})
+        second = b.publish("t", 2)
+        assert seen(reader.events(2)) == expected([first, second], "default")
+        assert "not an ssecast event" in caplog.text
+        with redis_broadcaster(prefix) as fresh:  # its ring is empty: replay reads Redis
+            resumed = Reader(fresh.subscribe(last_event_id=first.id))
+            assert seen(resumed.events(1)) == expected([second], "default")
+
+
+def test_a_refused_command_is_backend_unavailable(prefix: str) -> None:
+    """Redis refusing the write (here, a key of the wrong type) means nothing was published."""
+    with redis_broadcaster(prefix) as b, redis.Redis.from_url(REDIS_URL) as client:
+        b.publish("t", 0)  # started
+        client.delete(prefix + "events")
+        client.set(prefix + "events", "not a stream")
+        with pytest.raises(BackendUnavailableError, match="refused the command"):
+            b.publish("t", 1)

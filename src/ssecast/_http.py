@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
+from ssecast._exceptions import BackendUnavailableError, SsecastError
 from ssecast._wire import HEARTBEAT
 
-__all__ = ["OPENING", "RETRY_AFTER_SECONDS", "STREAM_HEADERS", "resume_id"]
+__all__ = ["OPENING", "RETRY_AFTER_SECONDS", "STREAM_HEADERS", "resume_id", "unavailable_reason"]
 
 STREAM_HEADERS: tuple[tuple[str, str], ...] = (
     ("Content-Type", "text/event-stream; charset=utf-8"),
@@ -38,3 +39,10 @@ def resume_id(header: str | None, query_string: str) -> str | None:
         if name == RESUME_QUERY_PARAMETER:
             return value
     return None
+
+
+def unavailable_reason(error: SsecastError) -> str:
+    """Return what a 503 tells the client about ``error``: never the backend's address."""
+    if isinstance(error, BackendUnavailableError):
+        return "the event backend is unavailable; retry later"
+    return str(error)

@@ -76,7 +76,13 @@ from ssecast._exceptions import (
     InvalidFieldError,
     TooManySubscribersError,
 )
-from ssecast._http import OPENING, RETRY_AFTER_SECONDS, STREAM_HEADERS, resume_id
+from ssecast._http import (
+    OPENING,
+    RETRY_AFTER_SECONDS,
+    STREAM_HEADERS,
+    resume_id,
+    unavailable_reason,
+)
 from ssecast._subscription import Subscription
 
 __all__ = ["EventStream", "close_on_signal"]
@@ -187,7 +193,8 @@ class EventStream:
         try:
             sub = await self._broadcaster.asubscribe(*channels, last_event_id=_resume_id(scope))
         except (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError) as e:
-            await _refuse(send, 503, str(e), ("retry-after", str(RETRY_AFTER_SECONDS)))
+            reason = unavailable_reason(e)
+            await _refuse(send, 503, reason, ("retry-after", str(RETRY_AFTER_SECONDS)))
             return
         await self._stream(sub, receive, send)
 

@@ -39,7 +39,13 @@ from ssecast._exceptions import (
     InvalidFieldError,
     TooManySubscribersError,
 )
-from ssecast._http import OPENING, RETRY_AFTER_SECONDS, STREAM_HEADERS, resume_id
+from ssecast._http import (
+    OPENING,
+    RETRY_AFTER_SECONDS,
+    STREAM_HEADERS,
+    resume_id,
+    unavailable_reason,
+)
 from ssecast._subscription import Subscription
 from ssecast._wsgi import WSGIStream, close_on_sigterm
 from ssecast.asgi import Receive, Scope, Send, close_on_signal
@@ -71,7 +77,9 @@ def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> Ht
     except InvalidFieldError as error:
         return HttpResponseBadRequest(str(error), content_type="text/plain; charset=utf-8")
     except (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError) as error:
-        refused = HttpResponse(str(error), status=503, content_type="text/plain; charset=utf-8")
+        refused = HttpResponse(
+            unavailable_reason(error), status=503, content_type="text/plain; charset=utf-8"
+        )
         refused["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return refused
     body: _ASGIStream | WSGIStream

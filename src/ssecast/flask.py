@@ -34,7 +34,7 @@ from ssecast._exceptions import (
     InvalidFieldError,
     TooManySubscribersError,
 )
-from ssecast._http import RETRY_AFTER_SECONDS, STREAM_HEADERS, resume_id
+from ssecast._http import RETRY_AFTER_SECONDS, STREAM_HEADERS, resume_id, unavailable_reason
 from ssecast._wsgi import WSGIStream, close_on_sigterm
 
 __all__ = ["close_on_sigterm", "stream"]
@@ -66,5 +66,6 @@ def stream(broadcaster: Broadcaster, *channels: str) -> flask.Response:
     except InvalidFieldError as error:
         raise BadRequest(str(error)) from error
     except (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError) as error:
-        raise ServiceUnavailable(str(error), retry_after=RETRY_AFTER_SECONDS) from error
+        reason = unavailable_reason(error)
+        raise ServiceUnavailable(reason, retry_after=RETRY_AFTER_SECONDS) from error
     return flask.Response(WSGIStream(subscription, request.environ), headers=STREAM_HEADERS)

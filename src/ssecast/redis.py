@@ -79,8 +79,7 @@ try:
     import redis.asyncio
     import redis.asyncio.retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.exceptions import RedisError
     from redis.retry import Retry
     from redis.typing import EncodableT, FieldT
 except ImportError as error:  # pragma: no cover - tested in a subprocess without redis
@@ -113,7 +112,9 @@ _STREAM_START: Final = "0-0"
 _STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 _MAX_ID_PART: Final = 2**64 - 1
 _SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
-_UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError)
+# Unreachable, timed out, or refused (READONLY after a failover, OOM, NOPERM): to the
+# caller all of these mean the event was not published.
+_UNAVAILABLE: Final = (RedisError,)
 
 # A stream entry as redis-py returns it without decoding: (id, {field: value}).
 _Entry = tuple[bytes, dict[bytes, bytes]]
@@ -232,11 +233,11 @@ class RedisBackend:
                     self._log_failure(error, failures)
                     self._stopping.wait(_backoff(failures))
                     continue
-                for event in _read_events(response):
-                    cursor = event.id
-                    if event.id in delivered:
+                for event_id, event in _read_entries(response):
+                    cursor = event_id
+                    if event is None or event_id in delivered:
                         continue
-                    delivered.add(event.id)
+                    delivered.add(event_id)
                     try:
                         deliver(event)
                     except Exception:
@@ -259,7 +260,7 @@ class RedisBackend:
 
     def _log_failure(self, error: Exception, failures: int) -> None:
         if failures == 1:
-            if isinstance(error, _UNAVAILABLE):
+            if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
                 logger.warning(
                     "Redis reader of %s lost its connection (%s); reconnecting", self.key, error
                 )
@@ -334,7 +335,7 @@ class RedisBackend:
                         return None
                     for entry in entries:
                         event = _event(entry)
-                        if event.channel in channels:
+                        if event is not None and event.channel in channels:
                             events.append(event)
                     if len(entries) < _REPLAY_PAGE:
                         return events
@@ -460,21 +461,29 @@ def _fields(draft: Draft) -> dict[FieldT, EncodableT]:
     return {"type": draft.type, "channel": draft.channel, "data": draft.data, "body": draft.body}
 
 
-def _read_events(response: object) -> list[Event]:
-    """Return the events of an XREAD reply (RESP2: ``[[key, [entry, ...]]]``)."""
+def _read_entries(response: object) -> list[tuple[str, Event | None]]:
+    """Return the ids and events of an XREAD reply (RESP2: ``[[key, [entry, ...]]]``)."""
     streams = cast("list[tuple[bytes, list[_Entry]]]", response)
-    return [_event(entry) for _key, entries in streams for entry in entries]
+    return [(entry[0].decode(), _event(entry)) for _key, entries in streams for entry in entries]
 
 
-def _event(entry: _Entry) -> Event:
-    """Rebuild the event of a raw stream entry, without serializing anything."""
+def _event(entry: _Entry) -> Event | None:
+    """Rebuild the event of a raw stream entry, without serializing anything.
+
+    :returns: ``None`` (and a warning) for an entry ssecast did not write, such as one from
+        another version or another program: it is skipped, not allowed to stop the reader.
+    """
     stream_id, fields = entry
-    draft = Draft(
-        fields[b"type"].decode(),
-        fields[b"channel"].decode(),
-        fields[b"data"].decode(),
-        fields[b"body"],
-    )
+    try:
+        draft = Draft(
+            fields[b"type"].decode(),
+            fields[b"channel"].decode(),
+            fields[b"data"].decode(),
+            fields[b"body"],
+        )
+    except (KeyError, UnicodeDecodeError):
+        logger.warning("skipped stream entry %s: not an ssecast event", stream_id.decode())
+        return None
     return draft.stamp(stream_id.decode())
 
 
@@ -497,8 +506,9 @@ def _backoff(failures: int) -> float:
 
 def _unavailable(what: str, error: Exception) -> BackendUnavailableError:
     return BackendUnavailableError(
-        f"{what}: Redis is unreachable or did not answer ({type(error).__name__}: {error}); "
-        "check that it runs and that the URL is right"
+        f"{what}: Redis is unreachable, did not answer, or refused the command "
+        f"({type(error).__name__}: {error}); check that it runs, that the URL is right and "
+        "that it accepts writes"
     )
 
 
