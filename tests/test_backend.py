@@ -338,3 +338,14 @@ async def test_asubscribe_from_the_ring_or_live_asks_no_backend() -> None:
         assert resumed.read_nowait() == second.frame + third.frame
         assert fresh.read_nowait() == third.frame
     assert backend.replays == []
+
+
+async def test_asubscribe_with_an_id_the_memory_backend_cannot_know_gives_a_gap_at_once() -> None:
+    """The default backend keeps nothing beyond the ring: a stale id is a gap, no thread."""
+    async with Broadcaster(history=1) as b:
+        stale = await b.apublish("t", 1)
+        await b.apublish("t", 2)
+        newest = await b.apublish("t", 3)
+        async with await b.asubscribe(last_event_id=stale.id) as sub:
+            (gap,) = parse(sub.read_nowait()).events
+            assert (gap.type, gap.last_event_id) == (GAP_EVENT_TYPE, newest.id)

@@ -84,7 +84,7 @@ class Broadcaster:
         serializer: Serializer | None = None,
         backend: Backend | None = None,
     ) -> None:
-        self._max_payload_bytes = _at_least(1, "max_payload_bytes", max_payload_bytes)
+        max_payload_bytes = _at_least(1, "max_payload_bytes", max_payload_bytes)
         self._queue_size = _at_least(1, "queue_size", queue_size)
         self._history = History(_at_least(0, "history", history))
         self._heartbeat = None if heartbeat is None else _seconds("heartbeat", heartbeat)
@@ -92,7 +92,7 @@ class Broadcaster:
         self._max_subscribers = (
             None if max_subscribers is None else _at_least(1, "max_subscribers", max_subscribers)
         )
-        self._encoder = Encoder(event_types, self._max_payload_bytes, serializer)
+        self._encoder = Encoder(event_types, max_payload_bytes, serializer)
         self._backend: Backend = MemoryBackend() if backend is None else backend
 
         self._lock = threading.Lock()
@@ -246,6 +246,10 @@ class Broadcaster:
         begun = self._begin(channels, last_event_id, queue_size)
         if isinstance(begun, Subscription):
             return begun
+        if type(self._backend) is MemoryBackend:
+            # It keeps no history of its own: no call, and no thread, for a stale id.
+            # (A subclass may keep some, so it is asked like any other backend.)
+            return self._finish(begun, None)
         older = await asyncio.to_thread(
             self._backend.replay, begun.last_event_id, begun.newest, begun.channels
         )

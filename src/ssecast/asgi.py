@@ -246,9 +246,13 @@ def _end() -> Message:
 
 async def _close_on_disconnect(receive: Receive, sub: Subscription) -> None:
     """Close ``sub`` as soon as the server reports that the client has gone."""
-    while (await receive())["type"] != "http.disconnect":
-        pass  # the (empty) request body of the GET
-    sub.close()
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass  # the (empty) request body of the GET
+    finally:
+        # Also when receive() fails: nobody awaits this task, so an error raised here
+        # would only be logged as never retrieved, while the stream went on.
+        sub.close()
 
 
 async def _refuse(send: Send, status: int, reason: str, *extra: tuple[str, str]) -> None:
