@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
-from ssecast._exceptions import BackendUnavailableError, SsecastError
+from ssecast._exceptions import (
+    BackendUnavailableError,
+    BroadcasterClosedError,
+    SsecastError,
+    TooManySubscribersError,
+)
 from ssecast._wire import HEARTBEAT
 
-__all__ = ["OPENING", "RETRY_AFTER_SECONDS", "STREAM_HEADERS", "resume_id", "unavailable_reason"]
+__all__ = [
+    "OPENING",
+    "RETRY_AFTER_SECONDS",
+    "STREAM_HEADERS",
+    "UNAVAILABLE",
+    "resume_id",
+    "unavailable_reason",
+]
 
 STREAM_HEADERS: tuple[tuple[str, str], ...] = (
     ("Content-Type", "text/event-stream; charset=utf-8"),
@@ -19,6 +31,9 @@ STREAM_HEADERS: tuple[tuple[str, str], ...] = (
 # Written as soon as the response starts, so proxies and browsers see the stream open
 # before the first event.
 OPENING = HEARTBEAT
+
+# What subscribe() raises when the client should come back later: a 503 with Retry-After.
+UNAVAILABLE = (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError)
 
 # Seconds a client refused for lack of room (503) is asked to wait.
 RETRY_AFTER_SECONDS = 5

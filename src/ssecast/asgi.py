@@ -70,16 +70,14 @@ from typing import Any, TypeAlias
 from ssecast._broadcaster import Broadcaster
 from ssecast._event import check_field
 from ssecast._exceptions import (
-    BackendUnavailableError,
-    BroadcasterClosedError,
     ConfigurationError,
     InvalidFieldError,
-    TooManySubscribersError,
 )
 from ssecast._http import (
     OPENING,
     RETRY_AFTER_SECONDS,
     STREAM_HEADERS,
+    UNAVAILABLE,
     resume_id,
     unavailable_reason,
 )
@@ -192,7 +190,7 @@ class EventStream:
                 return
         try:
             sub = await self._broadcaster.asubscribe(*channels, last_event_id=_resume_id(scope))
-        except (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError) as e:
+        except UNAVAILABLE as e:
             reason = unavailable_reason(e)
             await _refuse(send, 503, reason, ("retry-after", str(RETRY_AFTER_SECONDS)))
             return

@@ -34,15 +34,13 @@ except ModuleNotFoundError as error:  # pragma: no cover - tested in a subproces
 
 from ssecast._broadcaster import Broadcaster
 from ssecast._exceptions import (
-    BackendUnavailableError,
-    BroadcasterClosedError,
     InvalidFieldError,
-    TooManySubscribersError,
 )
 from ssecast._http import (
     OPENING,
     RETRY_AFTER_SECONDS,
     STREAM_HEADERS,
+    UNAVAILABLE,
     resume_id,
     unavailable_reason,
 )
@@ -76,7 +74,7 @@ def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> Ht
         subscription = broadcaster.subscribe(*channels, last_event_id=last_event_id)
     except InvalidFieldError as error:
         return HttpResponseBadRequest(str(error), content_type="text/plain; charset=utf-8")
-    except (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError) as error:
+    except UNAVAILABLE as error:
         refused = HttpResponse(
             unavailable_reason(error), status=503, content_type="text/plain; charset=utf-8"
         )

@@ -29,12 +29,15 @@ from werkzeug.exceptions import BadRequest, ServiceUnavailable
 
 from ssecast._broadcaster import Broadcaster
 from ssecast._exceptions import (
-    BackendUnavailableError,
-    BroadcasterClosedError,
     InvalidFieldError,
-    TooManySubscribersError,
 )
-from ssecast._http import RETRY_AFTER_SECONDS, STREAM_HEADERS, resume_id, unavailable_reason
+from ssecast._http import (
+    RETRY_AFTER_SECONDS,
+    STREAM_HEADERS,
+    UNAVAILABLE,
+    resume_id,
+    unavailable_reason,
+)
 from ssecast._wsgi import WSGIStream, close_on_sigterm
 
 __all__ = ["close_on_sigterm", "stream"]
@@ -65,7 +68,7 @@ def stream(broadcaster: Broadcaster, *channels: str) -> flask.Response:
         subscription = broadcaster.subscribe(*channels, last_event_id=last_event_id)
     except InvalidFieldError as error:
         raise BadRequest(str(error)) from error
-    except (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError) as error:
+    except UNAVAILABLE as error:
         reason = unavailable_reason(error)
         raise ServiceUnavailable(reason, retry_after=RETRY_AFTER_SECONDS) from error
     return flask.Response(WSGIStream(subscription, request.environ), headers=STREAM_HEADERS)
