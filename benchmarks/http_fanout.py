@@ -41,18 +41,19 @@ Servers (``--servers``):
 - ``ssecast-starlette`` (not in the default set): the adapter mounted in Starlette.
 - ``ssecast-redis`` (not in the default set; needs Redis at 127.0.0.1:6379, or
   ``HTTP_FANOUT_REDIS_URL``): two uvicorn workers with ``RedisBackend`` holding the
-  clients (spread over both), and a third process publishing through Redis. All three
-  are pinned to CPU 0, like every other server.
+  clients (spread over both), and a third process publishing through Redis.
 - ``flask-sse`` (not in the default set; needs Redis too): flask-sse on two gunicorns
   with one gevent worker each (the clients spread over both), and a third process
   publishing with ``sse.publish`` in an app context. flask-sse subscribes to Redis once
   per client: before each run the benchmark waits until ``PUBSUB NUMSUB`` counts all.
 
-For the two Redis deployments, ``redis conn`` is the deployment's connections in
-``CLIENT LIST`` (found by client name) just before each run's publish starts, and the
-ratio of ssecast-redis's saturated throughput to ssecast's (memory backend) is printed
-when both ran. Each deployment has its own Redis prefix (and flask-sse its own channel);
-nothing is flushed.
+In the two Redis deployments the workers, which hold the connections, are the server
+under test and are pinned to CPU 0; the publisher process, like the load client, drives
+the load and runs on CPU 1 (``--publisher-cpu server`` puts it on CPU 0 with the workers).
+``redis conn`` is the deployment's connections in ``CLIENT LIST`` (found by client name)
+at the end of each run's publishing, and the ratio of ssecast-redis's saturated
+throughput to ssecast's (memory backend) is printed when both ran. Each deployment has
+its own Redis prefix (and flask-sse its own channel); nothing is flushed.
 
 uvicorn runs with its asyncio loop and h11 (neither uvloop nor httptools is assumed); with
 --standard, with uvloop and httptools, as ``uvicorn[standard]`` installs them.
@@ -161,6 +162,8 @@ class Options:
     time_cap: float
     profile: str | None
     standard: bool = False
+    publisher_cpu: int = 1
+    """Where a deployment's separate publisher process runs (CPU 1: with the client)."""
 
     def label(self, mode: str) -> str:
         labels = {"rate": f"{self.rate:g}/s", "thread": f"{self.rate:g}/s T", "max": "max"}
@@ -174,16 +177,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def deployed(name: str, log_dir: Path, pin: bool, profile: str | None, standard: bool = False):
+def deployed(name: str, log_dir: Path, pin: bool, options: Options):
     """Start a deployment's processes on free ports; stop each by pid however the block ends."""
     deployment = SERVERS[name]
     env = dict(os.environ)
     # Processes of one deployment share a Redis prefix; no two deployments do.
     prefix = f"http_fanout:{os.getpid()}:{time.monotonic_ns()}:"
     env["HTTP_FANOUT_REDIS_PREFIX"] = prefix
-    if profile:
-        env["HTTP_FANOUT_PROFILE"] = profile
-    if standard:
+    if options.profile:
+        env["HTTP_FANOUT_PROFILE"] = options.profile
+    if options.standard:
         env["HTTP_FANOUT_UVICORN"] = "standard"
     processes: list[subprocess.Popen[bytes]] = []
     ports: list[int] = []
@@ -192,7 +195,8 @@ def deployed(name: str, log_dir: Path, pin: bool, profile: str | None, standard:
             port = free_port()
             command = [sys.executable, str(SERVE), app, "--port", str(port)]
             if pin:
-                command += ["--cpu", str(SERVER_CPU)]
+                cpu = options.publisher_cpu if app == deployment.publisher else SERVER_CPU
+                command += ["--cpu", str(cpu)]
             with (log_dir / f"{app}-{port}.log").open("ab") as log:
                 processes.append(
                     subprocess.Popen(
@@ -228,7 +232,7 @@ async def measure_server(
     Each row is added as soon as it is measured, so a time cap keeps what was done.
     """
     deployment = SERVERS[name]
-    with deployed(name, log_dir, pin, options.profile, options.standard) as (
+    with deployed(name, log_dir, pin, options) as (
         target,
         processes,
         prefix,
@@ -269,11 +273,12 @@ async def measure_server(
                     await clients.fill(count, limit=60)
                     await wait_for_subscribers(target, count, limit=10)
                     extra: dict[str, Any] = {}
-                    if redis is not None:
-                        if deployment.pubsub:
-                            extra["redis_subscribed"] = await redis.wait_subscribed(count, 10)
-                        extra["redis_connections"] = redis.connections()
+                    if redis is not None and deployment.pubsub:
+                        extra["redis_subscribed"] = await redis.wait_subscribed(count, 10)
                     result = await clients.run(rate, options.duration, burst, options.grace, thread)
+                    if redis is not None:
+                        # Now, when every process has connected: the publisher does so lazily.
+                        extra["redis_connections"] = redis.connections()
                     result.update(extra)
                     for process in processes:
                         if process.poll() is not None:
@@ -437,6 +442,12 @@ def main() -> None:
         help="run uvicorn with uvloop and httptools (uvicorn[standard]) instead of asyncio and h11",
     )
     parser.add_argument(
+        "--publisher-cpu",
+        choices=["client", "server"],
+        default="client",
+        help="where the Redis deployments' publisher process runs (default: on the client's CPU)",
+    )
+    parser.add_argument(
         "--profile",
         metavar="PREFIX",
         help="run the servers under cProfile, writing PREFIX-NAME-PORT.prof (slows them)",
@@ -456,6 +467,7 @@ def main() -> None:
         time_cap=args.time_cap,
         profile=args.profile,
         standard=args.standard,
+        publisher_cpu=CLIENT_CPU if args.publisher_cpu == "client" else SERVER_CPU,
     )
 
     sys.path.insert(0, str(HERE / "_servers"))
@@ -482,13 +494,17 @@ def main() -> None:
         "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "python": platform.python_version(),
         "versions": versions(),
-        "pinned": {"server": SERVER_CPU, "client": CLIENT_CPU} if pin else None,
+        "pinned": {"server": SERVER_CPU, "client": CLIENT_CPU, "publisher": options.publisher_cpu}
+        if pin
+        else None,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "elapsed_s": elapsed,
         "options": options.__dict__,
     }
     pinned = f"server on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}" if pin else "not pinned"
+    if pin and any(SERVERS[name].publisher for name in options.servers):
+        pinned += f", separate publishers on CPU {options.publisher_cpu}"
     modes = ", ".join(options.label(mode) for mode in options.modes)
     print(
         f"\nSSE fan-out over loopback at {meta['utc']}: {options.duration:g} s per run, "
@@ -503,10 +519,10 @@ def main() -> None:
         "srv wait: time the server was ready to run but another process had its CPU, over wall "
         "time (high: a disturbed run).\nsrv figures add up the server's processes "
         "(ssecast-redis has two workers on CPU 0, so its wait can pass 100%).\n"
-        "redis conn: the deployment's connections in Redis's CLIENT LIST just before the run's "
-        "publish starts\n(ssecast-redis: ssecast:<prefix>, its 3 processes; flask-sse: "
-        "flask-sse:<prefix>, its 2 workers; flask-sse's publisher\nopens a connection per "
-        "sse.publish, unnamed and not counted)."
+        "redis conn: the deployment's connections in Redis's CLIENT LIST at the end of the run "
+        "(ssecast-redis: ssecast:<prefix>, its 3 processes;\nflask-sse: flask-sse:<prefix>, "
+        "its 2 workers; flask-sse's publisher opens a connection per sse.publish, unnamed and "
+        "not counted)."
     )
     busy = [row for row in rows if row.get("client_cpu_pct", 0) > 85 and row.get("mode") != "rate"]
     for row in busy:

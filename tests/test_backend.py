@@ -42,10 +42,12 @@ class LoggingBackend:
         self.events: list[Event] = []
         self.deliver: Deliver | None = None
         self.starts = 0
+        self.listen_loops: list[asyncio.AbstractEventLoop | None] = []
         self.closes: list[str] = []
         self.replays: list[tuple[str, str | None, frozenset[str]]] = []
         self.unavailable = False
         self.slow_start = 0.0
+        self.slow_listen = 0.0
         self.replay_threads: list[int] = []
         # Runs inside replay, standing for what happens elsewhere while the backend does I/O.
         self.during_replay: Callable[[], None] = lambda: None
@@ -53,9 +55,16 @@ class LoggingBackend:
 
     def start(self, deliver: Deliver) -> None:
         self.starts += 1
-        # A backend connecting over the network takes a while; concurrent first users wait.
+        # Time for concurrent first users to pile up behind the broadcaster's lock.
         time.sleep(self.slow_start)
         self.deliver = deliver
+
+    def listen(self, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        # A backend connecting over the network takes a while; concurrent first users wait.
+        time.sleep(self.slow_listen)
+        if self.unavailable:
+            raise BackendUnavailableError("the store is down")
+        self.listen_loops.append(loop)
 
     def publish(self, draft: Draft) -> Event:
         if self.unavailable:
@@ -139,16 +148,53 @@ def test_the_backend_starts_lazily_and_once() -> None:
     assert backend.starts == 0
     b.subscribe()
     b.publish("t", 1)
+    b.subscribe()
     assert backend.starts == 1
+    assert backend.listen_loops == [None]
     b.close()
     b.close()
     assert backend.closes == ["close"]
 
 
+def test_a_broadcaster_that_only_publishes_never_listens() -> None:
+    """Publishing starts the backend but asks it for nobody's events: no reader is needed."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend) as b:
+        b.publish("t", 1)
+        asyncio.run(b.apublish("t", 2))
+        assert (backend.starts, backend.listen_loops) == (1, [])
+        assert b.stats().published == 2
+
+
+async def test_asubscribe_listens_with_its_own_loop_from_another_thread() -> None:
+    """The first asubscribe hands the backend its loop, so a reader can live on it."""
+    backend = LoggingBackend()
+    async with Broadcaster(backend=backend) as b:
+        await b.asubscribe()
+        await b.asubscribe()
+        b.subscribe()
+    assert backend.listen_loops == [asyncio.get_running_loop()]
+
+
+def test_a_backend_that_cannot_listen_fails_subscribe_until_it_can() -> None:
+    """An unreachable backend fails the subscribe that needed it; a later one tries again."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend) as b:
+        backend.unavailable = True
+        with pytest.raises(BackendUnavailableError, match="the store is down"):
+            b.subscribe()
+        assert b.stats().subscribers == 0
+        backend.unavailable = False
+        with b.subscribe() as sub:
+            event = b.publish("t", 1)
+            assert sub.read_nowait() == event.frame
+    assert backend.listen_loops == [None]
+
+
 def test_the_backend_starts_once_when_many_threads_use_a_new_broadcaster() -> None:
     """Concurrent first publishes and subscribes start the backend exactly once."""
     backend = LoggingBackend()
-    backend.slow_start = 0.05
+    backend.slow_start = backend.slow_listen = 0.05
     b = Broadcaster(backend=backend)
     barrier = threading.Barrier(8)
 
@@ -165,9 +211,21 @@ def test_the_backend_starts_once_when_many_threads_use_a_new_broadcaster() -> No
     for thread in threads:
         thread.join(JOIN_TIMEOUT)
     assert not any(thread.is_alive() for thread in threads)
-    assert backend.starts == 1
+    assert (backend.starts, backend.listen_loops) == (1, [None])
     assert b.stats().published == 4
     b.close()
+
+
+def test_a_closed_broadcaster_does_not_begin_listening() -> None:
+    """After close(), a first subscribe raises at once and asks the backend for nothing."""
+    backend = LoggingBackend()
+    b = Broadcaster(backend=backend)
+    b.publish("t", 1)
+    b.close()
+    with pytest.raises(BroadcasterClosedError):
+        b.subscribe()
+    assert backend.listen_loops == []
+    assert backend.closes == ["close"]
 
 
 def test_a_broadcaster_never_used_does_not_close_its_backend() -> None:

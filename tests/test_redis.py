@@ -357,6 +357,37 @@ def test_redis_back_from_an_older_snapshot_delivers_nothing_twice(
         b.close()  # before the server stops, which its reader would log
 
 
+async def test_a_reader_task_outlives_a_redis_restart(
+    prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop's reader reconnects after a restart and delivers every acknowledged event."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    argv = redis_server_argv(port, tmp_path)
+    async with contextlib.AsyncExitStack() as stack:
+        server = stack.enter_context(running(argv, port=port))
+        b = await stack.enter_async_context(redis_broadcaster(prefix, url=url))
+        sub = await b.asubscribe()
+        acked = [await b.apublish("n", n) for n in range(3)]
+        assert seen(await read_async(sub, 3)) == expected(acked, "default")
+        server.stop(signal.SIGKILL)
+        with pytest.raises(BackendUnavailableError):
+            await b.apublish("n", "refused")
+        stack.enter_context(running(argv, port=port))
+        async with asyncio.timeout(10):
+            while True:  # the restarted server may still be loading
+                try:
+                    acked.append(await b.apublish("n", "after"))
+                    break
+                except BackendUnavailableError:
+                    await asyncio.sleep(0.05)
+        acked += [await b.apublish("n", n) for n in range(4, 6)]
+        assert seen(await read_async(sub, 3)) == expected(acked[3:], "default")
+        await b.aclose()  # before the server stops, which the reader would log
+    assert "lost its connection" in caplog.text
+    assert "reading it from its start" in caplog.text
+
+
 async def test_apublish_during_an_outage_raises(prefix: str, tmp_path: Path) -> None:
     """An apublish while Redis is down raises BackendUnavailableError; before, it works."""
     port = free_port()
@@ -421,11 +452,15 @@ def reader_thread(backend: RedisBackend) -> threading.Thread:
     return thread
 
 
-def wait_for_no_connections(backend: RedisBackend) -> None:
+def wait_for_connections(backend: RedisBackend, count: int) -> None:
     deadline = time.monotonic() + 5
-    while named_connections(backend) and time.monotonic() < deadline:
+    while named_connections(backend) != count and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert named_connections(backend) == 0
+    assert named_connections(backend) == count
+
+
+def wait_for_no_connections(backend: RedisBackend) -> None:
+    wait_for_connections(backend, 0)
 
 
 def test_close_stops_the_reader_thread_promptly(prefix: str) -> None:
@@ -442,17 +477,79 @@ def test_close_stops_the_reader_thread_promptly(prefix: str) -> None:
     wait_for_no_connections(backend)
 
 
-async def test_aclose_stops_the_reader_and_closes_the_async_client(prefix: str) -> None:
-    """aclose() ends the reader thread and closes the loop's client, leaving no connection."""
+def reader_task(backend: RedisBackend) -> asyncio.Task[Any]:
+    [task] = [
+        t for t in asyncio.all_tasks() if t.get_name() == f"ssecast-redis-reader {backend.key}"
+    ]
+    return task
+
+
+async def test_aclose_stops_the_reader_task_and_closes_the_async_client(prefix: str) -> None:
+    """aclose() ends the reader task and closes the loop's client, leaving no connection."""
     backend = RedisBackend(REDIS_URL, prefix=prefix)
     b = Broadcaster(backend=backend)
-    await b.apublish("n", 1)
-    thread = reader_thread(backend)
+    sub = await b.asubscribe()
+    event = await b.apublish("n", 1)
+    assert seen(await read_async(sub, 1)) == expected([event], "default")
+    task = reader_task(backend)
     started = time.monotonic()
     await b.aclose()
     assert time.monotonic() - started < 0.5
-    assert not thread.is_alive()
+    assert task.done()
     await asyncio.to_thread(wait_for_no_connections, backend)
+
+
+async def test_an_async_subscriber_reads_redis_on_its_own_loop(prefix: str) -> None:
+    """After asubscribe the events come through a task of this loop, on one connection."""
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    async with Broadcaster(backend=backend, heartbeat=0.1) as b, redis_broadcaster(prefix) as other:
+        sub = await b.asubscribe("x")
+        assert not reader_task(backend).done()
+        assert not [t for t in threading.enumerate() if t.name.startswith("ssecast-redis-reader")]
+        await asyncio.to_thread(wait_for_connections, backend, 1)  # the reader: other waits
+        events = [other.publish("n", n, channel="x") for n in range(5)]
+        assert seen(await read_async(sub, 5)) == expected(events, "x")
+
+
+def test_a_process_that_only_publishes_holds_one_connection_and_reads_nothing(
+    prefix: str,
+) -> None:
+    """publish() alone starts no reader: one connection, and nobody's events parsed here."""
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    with Broadcaster(backend=backend, heartbeat=0.1) as b, redis.Redis.from_url(REDIS_URL) as admin:
+        events = [b.publish("n", n) for n in range(3)]
+        stored = admin.xrange(backend.key)
+        assert [entry_id.decode() for entry_id, _ in stored] == [e.id for e in events]
+        assert named_connections(backend) == 1
+        assert not [t for t in threading.enumerate() if t.name.startswith("ssecast-redis-reader")]
+        assert "listening" not in repr(backend)
+        # Subscribing later starts the reader; an id published before resumes from Redis.
+        resumed = Reader(b.subscribe(last_event_id=events[0].id))
+        assert seen(resumed.events(2)) == expected(events[1:], "default")
+        assert "listening" in repr(backend)
+
+
+def test_a_thread_reads_on_when_the_readers_loop_ends(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When asyncio.run ends the loop that read, a thread takes over: no event is lost."""
+    caplog.set_level(logging.INFO, logger="ssecast")
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    with Broadcaster(backend=backend, heartbeat=0.1) as b, redis_broadcaster(prefix) as other:
+
+        async def first_request() -> Event:
+            async with await b.asubscribe() as sub:
+                event = other.publish("n", "during the loop")
+                assert seen(await read_async(sub, 1)) == expected([event], "default")
+                return event
+
+        seen_last = asyncio.run(first_request())
+        later = [other.publish("n", n) for n in range(3)]
+        resumed = Reader(b.subscribe(last_event_id=seen_last.id))
+        marker = other.publish("n", "marker")
+        resumed.exactly(expected(later, "default"), marker)
+        assert reader_thread(backend).is_alive()
+    assert "a thread reads on" in caplog.text
 
 
 # -- configuration and packaging --------------------------------------------------
@@ -658,6 +755,8 @@ def test_replay_returns_the_range_after_until_on_the_channels(prefix: str) -> No
         assert "not started" in repr(backend)
         backend.start(lambda event: None)
         assert "started" in repr(backend)
+        backend.listen()
+        assert "listening" in repr(backend)
         try:
             replayed = backend.replay(events[2].id, events[2050].id, frozenset({"x"}))
             assert replayed == [e for e in events[3:2051] if e.channel == "x"]
@@ -666,6 +765,8 @@ def test_replay_returns_the_range_after_until_on_the_channels(prefix: str) -> No
             assert backend.replay(events[8].id, events[7].id, frozenset({"x"})) is None
             with pytest.raises(RuntimeError, match="starts once"):
                 backend.start(lambda event: None)
+            with pytest.raises(RuntimeError, match="listens once"):
+                backend.listen()
         finally:
             backend.close()
         deadline = time.monotonic() + 10
@@ -688,7 +789,10 @@ def test_close_works_before_start_and_from_the_reader_thread(prefix: str) -> Non
         backend.close()
         closed.set()
 
+    with pytest.raises(RuntimeError, match="after start"):
+        backend.listen()
     backend.start(deliver)
+    backend.listen()
     thread = reader_thread(backend)
     backend.publish(Draft("n", "default", "1", b"event: n\ndata: 1\n\n"))
     assert closed.wait(10)
@@ -697,12 +801,47 @@ def test_close_works_before_start_and_from_the_reader_thread(prefix: str) -> Non
     wait_for_no_connections(backend)
 
 
+def test_closing_before_an_idle_loop_made_the_reader_task_leaves_none(prefix: str) -> None:
+    """A backend closed before its loop ran again never starts a reader there."""
+    loop = asyncio.new_event_loop()
+    try:
+        backend = RedisBackend(REDIS_URL, prefix=prefix)
+        backend.start(lambda event: None)
+        backend.listen(loop=loop)  # the loop is idle: the task is made when it runs
+        backend.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert not asyncio.all_tasks(loop)
+        wait_for_no_connections(backend)
+    finally:
+        loop.close()
+
+
+async def test_close_from_the_reader_task_itself_stops_it(prefix: str) -> None:
+    """A deliver that closes the backend, on the loop, ends the reader task cleanly."""
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    closed = asyncio.Event()
+
+    def deliver(event: Event) -> None:
+        backend.close()
+        closed.set()
+
+    backend.start(deliver)
+    await asyncio.to_thread(backend.listen, loop=asyncio.get_running_loop())
+    await asyncio.sleep(0)
+    task = reader_task(backend)
+    await asyncio.to_thread(backend.publish, Draft("n", "default", "1", b"event: n\ndata: 1\n\n"))
+    await asyncio.wait_for(closed.wait(), 10)
+    await asyncio.wait_for(asyncio.wait([task]), 5)
+    await asyncio.to_thread(wait_for_no_connections, backend)
+
+
 def test_sync_close_closes_the_client_of_an_idle_loop(prefix: str) -> None:
-    """close() runs an idle event loop to close the asynchronous client it made."""
+    """close() runs an idle event loop to stop its reader and close the client it made."""
     loop = asyncio.new_event_loop()
     try:
         backend = RedisBackend(REDIS_URL, prefix=prefix)
         b = Broadcaster(backend=backend)
+        loop.run_until_complete(b.asubscribe())
         loop.run_until_complete(b.apublish("n", 1))
         b.close()
         wait_for_no_connections(backend)
@@ -725,6 +864,7 @@ def test_a_failing_deliver_is_logged_and_delivery_goes_on(
 
     backend = RedisBackend(REDIS_URL, prefix=prefix)
     backend.start(deliver)
+    backend.listen()
     try:
         draft = Draft("n", "default", "1", b"event: n\ndata: 1\n\n")
         published = [backend.publish(draft), backend.publish(draft)]
@@ -752,13 +892,14 @@ def test_a_reader_error_is_logged_and_retried(
 
 
 def test_sync_close_closes_the_client_of_a_loop_in_another_thread(prefix: str) -> None:
-    """close() from a thread closes the asynchronous client of a loop running elsewhere."""
+    """close() from a thread stops the reader and closes the client of a loop running elsewhere."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever)
     thread.start()
     try:
         backend = RedisBackend(REDIS_URL, prefix=prefix)
         b = Broadcaster(backend=backend)
+        asyncio.run_coroutine_threadsafe(b.asubscribe(), loop).result(10)
         asyncio.run_coroutine_threadsafe(b.apublish("n", 1), loop).result(10)
         assert named_connections(backend) == 2
         b.close()
@@ -770,9 +911,10 @@ def test_sync_close_closes_the_client_of_a_loop_in_another_thread(prefix: str) -
 
 
 async def test_sync_close_inside_the_loop_closes_its_client_soon(prefix: str) -> None:
-    """close() called from a coroutine schedules the closing of that loop's client."""
+    """close() called from a coroutine schedules the stopping of that loop's reader and client."""
     backend = RedisBackend(REDIS_URL, prefix=prefix)
     b = Broadcaster(backend=backend)
+    await b.asubscribe()
     await b.apublish("n", 1)
     b.close()
     await asyncio.to_thread(wait_for_no_connections, backend)

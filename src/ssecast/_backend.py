@@ -7,6 +7,7 @@ events for resume without I/O, and the fan-out to its own subscribers.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 from collections.abc import Callable
@@ -26,16 +27,30 @@ class Backend(Protocol):
 
     The contract, which the in-memory and Redis backends both follow:
 
-    - :meth:`start` is called once, lazily, by the broadcaster's first ``publish`` or
-      ``subscribe`` (never in a constructor, so a broadcaster made at import time
-      survives a pre-forking server).
-    - Every event published through the backend, by this process or any other, is
-      passed to ``deliver`` exactly once, in id order, and never two calls at a time.
+    - The broadcaster calls each of :meth:`start` and :meth:`listen` once, lazily:
+      ``start`` before its first ``publish`` or ``subscribe``, ``listen`` before its
+      first ``subscribe`` (never in a constructor, so a broadcaster made at import time
+      survives a pre-forking server). A process that only publishes never listens.
+    - Every event published through the backend after ``listen`` returned, by this
+      process or any other, is passed to ``deliver`` exactly once, in id order, and
+      never two calls at a time. Before that, a backend may deliver this process's own
+      events (the memory backend does) or none (the Redis backend).
     - Ids are opaque strings free of CR, LF and NUL, and increase in delivery order.
     """
 
     def start(self, deliver: Deliver) -> None:
-        """Begin passing every event published anywhere on this backend to ``deliver``."""
+        """Remember to pass events to ``deliver``; connect to nothing yet."""
+
+    def listen(self, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Begin passing every event published anywhere on this backend to ``deliver``.
+
+        :param loop: the running event loop of the broadcaster's first asynchronous
+            ``subscribe`` (``None`` when it was synchronous), passed from another thread.
+            A backend that reads from the network may read on it instead of in a thread
+            of its own; it must then go on delivering when that loop stops.
+        :raises BackendUnavailableError: it could not connect; the broadcaster calls it
+            again at the next ``subscribe``.
+        """
 
     def publish(self, draft: Draft) -> Event:
         """Assign ``draft`` an id, send it, and return the event it became.
@@ -52,7 +67,7 @@ class Backend(Protocol):
         The broadcaster asks only for ids that fell out of its own ring of recent events.
 
         :param until: the last id already delivered to this process; ``None`` means the
-            point at which this backend's delivery began.
+            point at which :meth:`listen` began delivering.
         :returns: ``None`` when ``after`` is unknown, trimmed, or newer than ``until`` (another
             process delivered it first); the broadcaster then looks for it in its ring once
             more, and otherwise begins the stream with a gap.
@@ -84,8 +99,11 @@ class MemoryBackend:
         self._deliver: Deliver | None = None
 
     def start(self, deliver: Deliver) -> None:
-        """Remember where to deliver; there is nothing to connect to."""
+        """Remember where to deliver."""
         self._deliver = deliver
+
+    def listen(self, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Do nothing: every event is this process's own, delivered as it is published."""
 
     def publish(self, draft: Draft) -> Event:
         """Give the draft the next id and deliver it at once, in this thread."""

@@ -98,6 +98,7 @@ class Broadcaster:
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._started = False
+        self._listening = False
         self._closed = False
         # Guarded by self._lock:
         self._audiences: dict[str, Audience] = {}
@@ -141,7 +142,7 @@ class Broadcaster:
     ) -> Event:
         """Do what :meth:`publish` does; a backend's I/O does not block the running loop."""
         draft = self._draft(event_type, data, channel, raw)
-        await self._astart()
+        self._start()
         event = await self._backend.apublish(draft)
         with self._lock:
             self._published += 1
@@ -165,11 +166,6 @@ class Broadcaster:
 
     # -- delivery --------------------------------------------------------------------
 
-    async def _astart(self) -> None:
-        """Do what :meth:`_start` does; a backend's connecting does not block the loop."""
-        if not self._started:
-            await asyncio.to_thread(self._start)
-
     def _start(self) -> None:
         """Start the backend on first use, so a broadcaster made at import time forks safely."""
         if not self._started:
@@ -181,6 +177,22 @@ class Broadcaster:
                 if not self._started:
                     self._backend.start(self._deliver)
                     self._started = True
+
+    def _listen(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Have the backend deliver every process's events, before the first subscription."""
+        self._start()
+        if not self._listening:
+            with self._start_lock:
+                if self._closed:
+                    raise BroadcasterClosedError("the broadcaster is closed")
+                if not self._listening:
+                    self._backend.listen(loop=loop)
+                    self._listening = True
+
+    async def _alisten(self) -> None:
+        """Do what :meth:`_listen` does; a backend's connecting does not block the loop."""
+        if not self._listening:
+            await asyncio.to_thread(self._listen, asyncio.get_running_loop())
 
     def _deliver(self, event: Event) -> None:
         """Append one event's frame to its channel's subscribers; the backend calls this."""
@@ -242,7 +254,7 @@ class Broadcaster:
         self, *channels: str, last_event_id: str | None = None, queue_size: int | None = None
     ) -> Subscription:
         """Do what :meth:`subscribe` does; a backend's I/O does not block the running loop."""
-        await self._astart()
+        await self._alisten()
         begun = self._begin(channels, last_event_id, queue_size)
         if isinstance(begun, Subscription):
             return begun
@@ -265,7 +277,7 @@ class Broadcaster:
         )
         if last_event_id is not None and not isinstance(last_event_id, str):
             raise InvalidFieldError("last event id", last_event_id, "expected a str or None")
-        self._start()
+        self._listen()
         with self._lock:
             self._check_room()
             if not last_event_id:

@@ -3,8 +3,9 @@
 The broadcaster appends frames under its lock; the consumer takes everything pending
 in one chunk (one socket write however far it fell behind). A consumer with nothing to
 read parks a *waiter*: a ``threading.Event`` for a thread, an ``asyncio.Future`` for a
-task. Publishers collect the waiters they must wake and wake them after releasing the
-lock, one ``call_soon_threadsafe`` per event loop rather than one per subscriber.
+task, or a :class:`Callback` that the loop calls itself (see ``_pump.py``). Publishers
+collect the waiters they must wake and wake them after releasing the lock, with one
+callback per event loop rather than one per subscriber.
 """
 
 from __future__ import annotations
@@ -17,13 +18,24 @@ import weakref
 from collections.abc import Callable, Iterable
 from enum import StrEnum
 from types import TracebackType
-from typing import Final, Self, cast
+from typing import Final, Protocol, Self, cast
 
 from ssecast._wire import HEARTBEAT
 
-__all__ = ["Audience", "CloseReason", "Subscription", "Waiter", "wake"]
+__all__ = ["Audience", "Callback", "CloseReason", "Subscription", "Waiter", "wake"]
 
-Waiter = threading.Event | asyncio.Future[bool]
+
+class Callback(Protocol):
+    """An asynchronous consumer that its event loop calls, instead of waking a task."""
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """Return the loop to call :meth:`wake` on."""
+
+    def wake(self, woken: bool) -> None:
+        """Take the frames or the end that arrived (``woken``), or write a heartbeat (not)."""
+
+
+Waiter = threading.Event | asyncio.Future[bool] | Callback
 
 _WOKEN: Final = True
 _TIMED_OUT: Final = False
@@ -171,12 +183,7 @@ class Subscription:
     async def __anext__(self) -> bytes:
         """Wait, without blocking the loop, for a chunk, a heartbeat, or the end."""
         loop = asyncio.get_running_loop()
-        if self._heartbeat is not None and self._heartbeat_timer is None:
-            self._heartbeat_loop = loop
-            self._quiet_since = loop.time()
-            self._heartbeat_timer = loop.call_at(
-                self._quiet_since + self._heartbeat, _heartbeat_due, weakref.ref(self), loop
-            )
+        self._arm_heartbeat(loop)
         while True:
             with self._lock:
                 frames = self._take()
@@ -198,6 +205,15 @@ class Subscription:
                 raise StopAsyncIteration
             self._quiet_since = loop.time()
             return b"".join(frames)
+
+    def _arm_heartbeat(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the heartbeat timer of an asynchronous reader on ``loop``, unless running."""
+        if self._heartbeat is not None and self._heartbeat_timer is None:
+            self._heartbeat_loop = loop
+            self._quiet_since = loop.time()
+            self._heartbeat_timer = loop.call_at(
+                self._quiet_since + self._heartbeat, _heartbeat_due, weakref.ref(self), loop
+            )
 
     def _stop_heartbeat(self) -> None:
         """Cancel the heartbeat timer, if this thread runs the loop it is on."""
@@ -226,7 +242,7 @@ class Subscription:
         if loop.time() >= due:
             with self._lock:
                 waiter = self._waiter
-            if isinstance(waiter, asyncio.Future):
+            if waiter is not None and not isinstance(waiter, threading.Event):
                 _resolve(waiter, _TIMED_OUT)
             due = loop.time() + heartbeat
         self._heartbeat_timer = loop.call_at(due, _heartbeat_due, weakref.ref(self), loop)
@@ -345,8 +361,8 @@ class Audience:
 
 
 def wake(waiters: Iterable[Waiter | None]) -> None:
-    """Wake parked readers: threads directly, tasks by one callback per event loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = {}
+    """Wake parked readers: threads directly, the others by one callback per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool] | Callback]] = {}
     for waiter in waiters:
         if isinstance(waiter, threading.Event):
             waiter.set()
@@ -358,13 +374,15 @@ def wake(waiters: Iterable[Waiter | None]) -> None:
         here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         here = None
-    for loop, futures in by_loop.items():
+    for loop, waiting in by_loop.items():
         if loop is here:
-            _resolve_all(futures)
+            # Later, not now: a callback then writes what several events brought at once,
+            # and never inside the publisher's own write.
+            loop.call_soon(_resolve_all, waiting)
         else:
             # A closed loop raises RuntimeError; its readers are gone with it.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve_all, futures)
+                loop.call_soon_threadsafe(_resolve_all, waiting)
 
 
 def _heartbeat_due(ref: weakref.ref[Subscription], loop: asyncio.AbstractEventLoop) -> None:
@@ -375,11 +393,14 @@ def _heartbeat_due(ref: weakref.ref[Subscription], loop: asyncio.AbstractEventLo
         sub._heartbeat_due(loop)
 
 
-def _resolve(future: asyncio.Future[bool], result: bool) -> None:
-    if not future.done():
-        future.set_result(result)
+def _resolve(waiter: asyncio.Future[bool] | Callback, result: bool) -> None:
+    if isinstance(waiter, asyncio.Future):
+        if not waiter.done():
+            waiter.set_result(result)
+    else:
+        waiter.wake(result)
 
 
-def _resolve_all(futures: list[asyncio.Future[bool]]) -> None:
-    for future in futures:
-        _resolve(future, _WOKEN)
+def _resolve_all(waiting: list[asyncio.Future[bool] | Callback]) -> None:
+    for waiter in waiting:
+        _resolve(waiter, _WOKEN)

@@ -81,6 +81,7 @@ from ssecast._http import (
     resume_id,
     unavailable_reason,
 )
+from ssecast._pump import Pump
 from ssecast._subscription import Subscription
 
 __all__ = ["EventStream", "close_on_signal"]
@@ -202,8 +203,7 @@ class EventStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             await send(_chunk(OPENING + sub.read_nowait()))
-            async for chunk in sub:
-                await send(_chunk(chunk))
+            await Pump(sub, send).run()
             # The broadcaster closed or evicted it (or the client left): end the response
             # so that the client reconnects with Last-Event-ID.
             await send(_end())
