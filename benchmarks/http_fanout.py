@@ -47,9 +47,9 @@ Servers (``--servers``):
   publishing with ``sse.publish`` in an app context. flask-sse subscribes to Redis once
   per client: before each run the benchmark waits until ``PUBSUB NUMSUB`` counts all.
 
-In the two Redis deployments the workers, which hold the connections, are the server
-under test and are pinned to CPU 0; the publisher process, like the load client, drives
-the load and runs on CPU 1 (``--publisher-cpu server`` puts it on CPU 0 with the workers).
+In the two Redis deployments all three processes are pinned to CPU 0, like every other
+server; ``--publisher-cpu client`` puts the publisher on CPU 1 with the load client
+instead, leaving CPU 0 to the two workers that hold the connections.
 ``redis conn`` is the deployment's connections in ``CLIENT LIST`` (found by client name)
 at the end of each run's publishing, and the ratio of ssecast-redis's saturated
 throughput to ssecast's (memory backend) is printed when both ran. Each deployment has
@@ -162,8 +162,8 @@ class Options:
     time_cap: float
     profile: str | None
     standard: bool = False
-    publisher_cpu: int = 1
-    """Where a deployment's separate publisher process runs (CPU 1: with the client)."""
+    publisher_cpu: int = 0
+    """Where a deployment's separate publisher process runs (CPU 0: with the workers)."""
 
     def label(self, mode: str) -> str:
         labels = {"rate": f"{self.rate:g}/s", "thread": f"{self.rate:g}/s T", "max": "max"}
@@ -444,8 +444,8 @@ def main() -> None:
     parser.add_argument(
         "--publisher-cpu",
         choices=["client", "server"],
-        default="client",
-        help="where the Redis deployments' publisher process runs (default: on the client's CPU)",
+        default="server",
+        help="where the Redis deployments' publisher process runs (default: the server's CPU)",
     )
     parser.add_argument(
         "--profile",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import threading
 import time
@@ -429,6 +430,32 @@ async def test_publishing_from_a_loop_reaches_readers_on_it_and_on_another_loop(
     frames = first.frame + second.frame
     assert b"".join(await asyncio.wait_for(local, JOIN_TIMEOUT)) == frames
     assert b"".join(other_loop_chunks) == frames
+
+
+async def test_readers_of_two_loops_subscribed_in_runs_all_wake_for_one_publish() -> None:
+    """Readers parked on two loops, two by two, each get an event a thread publishes."""
+    b = Broadcaster(heartbeat=None)
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+    try:
+        reads: list[asyncio.Future[bytes] | concurrent.futures.Future[bytes]] = []
+        for number in range(6):
+            sub = b.subscribe()
+            if number // 2 % 2:
+                reads.append(asyncio.run_coroutine_threadsafe(anext(sub), other))
+            else:
+                reads.append(asyncio.ensure_future(anext(sub)))
+            await _await_parked(sub)
+        event = await asyncio.to_thread(b.publish, "t", 1)
+        for read in reads:
+            result = read if isinstance(read, asyncio.Future) else asyncio.wrap_future(read)
+            assert await asyncio.wait_for(result, JOIN_TIMEOUT) == event.frame
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        await asyncio.to_thread(thread.join, JOIN_TIMEOUT)
+        other.close()
+        await b.aclose()
 
 
 def test_a_reader_whose_event_loop_closed_does_not_break_publishing(quiet: Broadcaster) -> None:

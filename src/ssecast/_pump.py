@@ -72,42 +72,42 @@ class Pump:
             _drop(self._outcome)
 
     def wake(self, woken: bool) -> None:
-        """Write what is pending, or a heartbeat when one is due (``woken`` false), then park.
+        """Write what is pending, or a heartbeat when one is due (``woken`` false).
 
-        Runs on the loop: from :meth:`run`, and from the subscription's wake-ups.
+        Runs on the loop: from :meth:`run`, and from the subscription's wake-ups. The pump
+        parks again before it writes, so what arrives meanwhile wakes it once more.
         """
         if self._stopped or self._outcome.done():
-            # Queued before the task was cancelled (which cancels the outcome it awaits).
+            # Queued before the task was cancelled (which cancels the outcome it awaits),
+            # or while the task finishes a write that had to wait.
             return
         sub = self._sub
-        while True:
-            with sub._lock:
-                if not woken:
-                    sub._unpark(self)
-                frames = sub._take()
-                if frames is None:
-                    if woken:
-                        sub._park(self)
-                        return
-                    frames = [HEARTBEAT]
-            if not frames:
-                self._outcome.set_result(None)
-                return
-            message = {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
-            try:
-                sending = self._send(message)
-                # A coroutine steps itself; any other awaitable through its iterator.
-                steps = sending if type(sending) is CoroutineType else sending.__await__()
-                waited_on = self._context.run(steps.send, None)
-            except StopIteration:
-                sub._quiet_since = self._loop.time()
-                woken = True
-                continue
-            except Exception as error:
-                self._outcome.set_exception(error)
-                return
-            self._outcome.set_result(_Waiting(self._context, steps, waited_on))
+        with sub._lock:
+            if not woken:
+                sub._unpark(self)  # still parked: the heartbeat timer woke it
+            frames = sub._take()
+            if frames is None and not woken:
+                frames = [HEARTBEAT]
+            if frames is None or frames:
+                sub._park(self)
+        if frames is None:
             return
+        if not frames:
+            self._outcome.set_result(None)  # the subscription ended
+            return
+        message = {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
+        try:
+            sending = self._send(message)
+            # A coroutine steps itself; any other awaitable through its iterator.
+            steps = sending if type(sending) is CoroutineType else sending.__await__()
+            waited_on = self._context.run(steps.send, None)
+        except StopIteration:
+            sub._quiet_since = self._loop.time()
+            return
+        except Exception as error:
+            self._outcome.set_exception(error)
+            return
+        self._outcome.set_result(_Waiting(self._context, steps, waited_on))
 
 
 def _drop(outcome: asyncio.Future[_Waiting | None]) -> None:

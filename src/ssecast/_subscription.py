@@ -363,11 +363,16 @@ class Audience:
 def wake(waiters: Iterable[Waiter | None]) -> None:
     """Wake parked readers: threads directly, the others by one callback per event loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool] | Callback]] = {}
+    last_loop: asyncio.AbstractEventLoop | None = None
+    waiting: list[asyncio.Future[bool] | Callback] = []
     for waiter in waiters:
         if isinstance(waiter, threading.Event):
             waiter.set()
         elif waiter is not None:
-            by_loop.setdefault(waiter.get_loop(), []).append(waiter)
+            loop = waiter.get_loop()
+            if loop is not last_loop:  # readers come in runs of one loop: one lookup per run
+                last_loop, waiting = loop, by_loop.setdefault(loop, [])
+            waiting.append(waiter)
     if not by_loop:
         return
     try:

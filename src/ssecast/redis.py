@@ -112,7 +112,9 @@ _SOCKET_TIMEOUT: Final = 5.0
 _CONNECT_TIMEOUT: Final = 2.0
 # RESP2 replies have one shape across redis-py versions; the parsing below relies on it.
 _PROTOCOL: Final = 2
-_READ_BATCH: Final = 1000
+# Well under the broadcaster's default queue_size (256): a reader delivers a whole batch
+# before any stream writes, so a larger batch from a busy stream would evict every client.
+_READ_BATCH: Final = 100
 # MAXLEN ~ trims whole nodes of (by default) 100 entries, so a stream may hold a little
 # more than maxlen; the reader remembers that many delivered ids and a margin.
 _RECENT_MARGIN: Final = 1000
