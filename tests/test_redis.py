@@ -624,28 +624,39 @@ def test_import_error_from_another_module_is_not_disguised(tmp_path: Path) -> No
 E2E_PUBLISHER = textwrap.dedent(
     """
     import json, sys
+    import redis
     from ssecast import Broadcaster
     from ssecast.redis import RedisBackend
 
     url, prefix, first, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    with Broadcaster(backend=RedisBackend(url, prefix=prefix)) as b:
+    backend = RedisBackend(url, prefix=prefix)
+    with Broadcaster(backend=backend) as b:
         for n in range(first, stop):
             event = b.publish("tick", {"n": n}, channel="xy"[n % 2])
             print(json.dumps([event.type, event.id, event.channel, event.data]), flush=True)
+        with redis.Redis.from_url(url) as admin:
+            names = [client["name"] for client in admin.client_list()]
+        print(json.dumps(names.count(backend.client_name)), flush=True)
     """
 )
 
 
 async def publish_from_another_process(prefix: str, numbers: range) -> list[Event]:
-    """Run the publisher process for ``numbers``; return the events it published."""
+    """Run the publisher process for ``numbers``; return the events it published.
+
+    Before it exits, it counts the connections on the prefix: the workers' and its own.
+    """
     publisher = await asyncio.create_subprocess_exec(
         PYTHON, "-c", E2E_PUBLISHER, REDIS_URL, prefix, str(numbers.start), str(numbers.stop),
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     output, _ = await asyncio.wait_for(publisher.communicate(), 30)
     assert publisher.returncode == 0
-    published = [Event(*json.loads(line), frame=b"") for line in output.splitlines()]
+    *lines, connections = output.splitlines()
+    published = [Event(*json.loads(line), frame=b"") for line in lines]
     assert len(published) == len(numbers)
+    # One reader per worker (3) and one publishing connection: no reader in the publisher.
+    assert json.loads(connections) == 4
     return published
 
 
