@@ -36,9 +36,13 @@ MANY = 1000
 
 
 def uvicorn(app: str, port: int) -> list[str]:
-    """The documented command line (``--timeout-graceful-shutdown 1``), on a test port."""
+    """The documented command line (``--timeout-graceful-shutdown 1``), on a test port.
+
+    ``app`` names a module of ``tests/apps`` serving ``app``, or ``module:attribute``.
+    """
+    target = f"apps.{app}" if ":" in app else f"apps.{app}:app"
     return [
-        *(PYTHON, "-m", "uvicorn", f"apps.{app}:app", "--host", "127.0.0.1"),
+        *(PYTHON, "-m", "uvicorn", target, "--host", "127.0.0.1"),
         *("--port", str(port), "--timeout-graceful-shutdown", "1", "--no-access-log"),
     ]
 
@@ -153,6 +157,27 @@ async def test_events_arrive_in_order_with_type_id_and_data(client: httpx.AsyncC
     assert [e.id for e in events] == ticks + tocks
     assert [e.event for e in events] == ["tick"] * 10 + ["tock"] * 5
     assert [json.loads(e.data) for e in events] == [{"n": n} for n in [*range(10), *range(5)]]
+
+
+@pytest.mark.parametrize("app", ["FASTAPI", "TIMEOUT"])
+async def test_streams_work_behind_middleware_whose_send_needs_its_task(app: str) -> None:
+    """Behind @app.middleware("http") or asyncio.timeout around send: events, resume, leave."""
+    with serve(f"middleware_app:{app}") as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            channel = new_channel()
+            async with aconnect_sse(http, "GET", "/events/", params={"channel": channel}) as source:
+                ids = await publish(http, channel, 5)
+                async with asyncio.timeout(5):
+                    events = await take(aevents(source.aiter_sse()), 5)
+            assert [event.id for event in events] == ids
+            params, headers = {"channel": channel}, {"Last-Event-ID": ids[1]}
+            async with aconnect_sse(
+                http, "GET", "/events/", params=params, headers=headers
+            ) as source:
+                async with asyncio.timeout(5):
+                    events = await take(aevents(source.aiter_sse()), 3)
+            assert [event.id for event in events] == ids[2:]
+            await until_subscribers(http, 0)
 
 
 async def test_other_channels_are_not_received(client: httpx.AsyncClient) -> None:

@@ -6,8 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import gc
-import threading
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import pytest
@@ -16,6 +15,8 @@ from ssecast import Broadcaster, Event, Subscription
 from ssecast._pump import Pump
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class Client:
@@ -37,83 +38,130 @@ class Client:
     def received(self) -> bytes:
         return b"".join(self.bodies)
 
+    @property
+    def events(self) -> bytes:
+        """What came after the first, empty, body message."""
+        assert self.bodies[:1] == [b""]
+        return b"".join(self.bodies[1:])
+
 
 def frames(events: list[Event]) -> bytes:
     return b"".join(event.frame for event in events)
 
 
-async def until(condition: Any, seconds: float = 5.0) -> None:
+async def until(condition: Callable[[], object], seconds: float = 5.0) -> None:
     """Poll ``condition``: what it watches changes in callbacks, which set no event."""
     async with asyncio.timeout(seconds):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 
+async def pumping(b: Broadcaster, send: Send) -> tuple[Subscription, asyncio.Task[bool]]:
+    """Subscribe and pump to ``send`` in a task of its own, as EventStream does."""
+    sub = await b.asubscribe()
+    return sub, asyncio.create_task(Pump(sub, send).run())
+
+
 async def test_every_event_arrives_in_order_from_the_loop_and_from_threads() -> None:
     """Events published in the loop and from a thread all arrive, in publish order."""
     b = Broadcaster(heartbeat=None)
     client = Client()
-    sub = await b.asubscribe()
-    pumping = asyncio.create_task(Pump(sub, client.send).run())
+    _, task = await pumping(b, client.send)
     published = [b.publish("n", n) for n in range(50)]
     await asyncio.sleep(0)
     published += await asyncio.to_thread(lambda: [b.publish("n", n) for n in range(50, 100)])
-    await until(lambda: client.received == frames(published))
+    await until(lambda: client.events == frames(published))
     await b.aclose()
-    await asyncio.wait_for(pumping, 5)  # run() returns once the subscription has ended
-    assert client.received == frames(published)
+    assert await asyncio.wait_for(task, 5) is True  # run() returns once the subscription ended
+    assert client.events == frames(published)
 
 
-async def test_live_chunks_are_sent_by_loop_callbacks_in_the_tasks_context() -> None:
+async def test_chunks_are_sent_by_loop_callbacks_in_the_tasks_context() -> None:
     """The stream's task does not wake per chunk, yet send sees the task's context."""
     b = Broadcaster(heartbeat=None)
     client = Client()
     sub = await b.asubscribe()
 
-    async def stream() -> None:
+    async def stream() -> bool:
         REQUEST_ID.set("request-7")  # as a middleware of this request would
-        await Pump(sub, client.send).run()
+        return await Pump(sub, client.send).run()
 
-    pumping = asyncio.create_task(stream())
-    await asyncio.sleep(0)
+    task = asyncio.create_task(stream())
+    await until(lambda: client.bodies)
     events = [b.publish("n", n) for n in range(3)]
-    await until(lambda: client.received == frames(events))
-    assert client.senders == [None]  # one chunk, written by a callback, not by a task
-    assert client.request_ids == ["request-7"]
+    await until(lambda: client.events == frames(events))
+    assert client.senders == [None, None]  # the empty probe and one chunk of 3 events
+    assert client.request_ids == ["request-7", "request-7"]
     assert REQUEST_ID.get() == "none"
     await b.aclose()
-    await pumping
+    await task
+
+
+async def test_a_send_that_needs_its_task_gets_nothing_and_run_says_so() -> None:
+    """A send that fails outside a task (asyncio.timeout inside it) makes run() return False."""
+    b = Broadcaster(heartbeat=None)
+    client = Client()
+
+    async def send_with_a_timeout(message: MutableMapping[str, Any]) -> None:
+        async with asyncio.timeout(5):  # RuntimeError outside a task
+            await client.send(message)
+
+    sub, task = await pumping(b, send_with_a_timeout)
+    assert await asyncio.wait_for(task, 5) is False
+    b.publish("n", 1)
+    await asyncio.sleep(0.01)
+    assert client.bodies == []
+    # The caller then writes from its task, where the same send works.
+    await send_with_a_timeout({"type": "http.response.body", "body": b"x", "more_body": True})
+    assert client.bodies == [b"x"]
+    assert sub.read_nowait() != b""
+    await b.aclose()
+
+
+async def test_a_first_chunk_that_finds_the_client_gone_raises() -> None:
+    """OSError from the empty first send means the client left: run() raises it."""
+    b = Broadcaster(heartbeat=None)
+
+    async def gone(message: MutableMapping[str, Any]) -> None:
+        raise ConnectionResetError("the client went away")
+
+    _, task = await pumping(b, gone)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(task, 5)
+    await b.aclose()
 
 
 async def test_a_send_that_waits_is_finished_by_the_task_before_the_next_one() -> None:
     """Back-pressure: a send that must wait ends in the stream's task; none overlap; order kept."""
     b = Broadcaster(heartbeat=None)
-    gate = asyncio.Event()
+    gates = [asyncio.Event(), asyncio.Event()]
     sends: list[tuple[str, bytes]] = []
 
     async def slow_send(message: MutableMapping[str, Any]) -> None:
         sends.append(("begin", message["body"]))
-        if len(sends) == 1:
-            await gate.wait()  # the client stopped reading for a while
+        if len(sends) <= 3:
+            await gates[len(sends) // 2].wait()  # the client stopped reading for a while
         sends.append(("end", message["body"]))
 
-    sub = await b.asubscribe()
-    pumping = asyncio.create_task(Pump(sub, slow_send).run())
-    first = b.publish("n", 0)
+    _, task = await pumping(b, slow_send)
     await until(lambda: len(sends) == 1)
+    gates[0].set()  # the empty first message waited too
+    await until(lambda: len(sends) == 2)
+    first = b.publish("n", 0)
+    await until(lambda: len(sends) == 3)
     later = [b.publish("n", n) for n in range(1, 4)]
     await asyncio.sleep(0.02)
-    assert sends == [("begin", first.frame)]  # nothing else is sent meanwhile
-    gate.set()
-    await until(lambda: len(sends) == 4)
-    assert sends == [
+    assert sends[2:] == [("begin", first.frame)]  # nothing else is sent meanwhile
+    gates[1].set()
+    await until(lambda: len(sends) == 6)
+    assert sends[2:] == [
         ("begin", first.frame),
         ("end", first.frame),
         ("begin", frames(later)),
         ("end", frames(later)),
     ]
     await b.aclose()
-    await pumping
+    assert await task is True
 
 
 async def test_an_awaitable_that_is_not_a_coroutine_is_awaited_too() -> None:
@@ -128,91 +176,151 @@ async def test_an_awaitable_that_is_not_a_coroutine_is_awaited_too() -> None:
         loop.call_later(0.01, done.set_result, None)
         return done
 
-    sub = await b.asubscribe()
-    pumping = asyncio.create_task(Pump(sub, send).run())
+    _, task = await pumping(b, send)
     events = [b.publish("n", 0)]
-    await until(lambda: len(bodies) == 1)
+    await until(lambda: len(bodies) == 2)
     events.append(b.publish("n", 1))
-    await until(lambda: b"".join(bodies) == frames(events))
+    await until(lambda: b"".join(bodies[1:]) == frames(events))
     await b.aclose()
-    await pumping
+    await task
 
 
 async def test_a_heartbeat_is_sent_after_a_quiet_heartbeat_period() -> None:
     """Silence for ``heartbeat`` seconds gives a comment; an event resets the silence."""
     b = Broadcaster(heartbeat=0.05)
     client = Client()
-    sub = await b.asubscribe()
-    pumping = asyncio.create_task(Pump(sub, client.send).run())
-    await until(lambda: client.bodies[:1] == [b":\n\n"])
+    _, task = await pumping(b, client.send)
+    await until(lambda: client.bodies[:2] == [b"", b":\n\n"])
     event = b.publish("n", 1)
     await until(lambda: event.frame in client.bodies)
     await until(lambda: client.bodies[-1] == b":\n\n")
     await b.aclose()
-    await pumping
+    await task
 
 
 @pytest.mark.parametrize("when", ["at once", "after waiting"])
 async def test_an_error_from_send_ends_run_with_that_error(when: str) -> None:
-    """A send that fails (the client went away) makes run() raise it; nothing is sent after."""
+    """A later send that fails (the client went away) makes run() raise it; nothing follows."""
     b = Broadcaster(heartbeat=None)
     calls: list[bytes] = []
 
     async def failing_send(message: MutableMapping[str, Any]) -> None:
         calls.append(message["body"])
-        if len(calls) == 2:
+        if len(calls) == 3:
             if when == "after waiting":
                 await asyncio.sleep(0)
             raise ConnectionResetError("the client went away")
 
-    sub = await b.asubscribe()
-    pumping = asyncio.create_task(Pump(sub, failing_send).run())
+    _, task = await pumping(b, failing_send)
     b.publish("n", 0)
-    await until(lambda: len(calls) == 1)
+    await until(lambda: len(calls) == 2)
     b.publish("n", 1)
     with pytest.raises(ConnectionResetError, match="went away"):
-        await asyncio.wait_for(pumping, 5)
+        await asyncio.wait_for(task, 5)
     b.publish("n", 2)
     await asyncio.sleep(0.01)
-    assert len(calls) == 2
+    assert len(calls) == 3
     await b.aclose()
+
+
+async def test_a_send_that_raises_cancelled_error_at_once_ends_run_with_it() -> None:
+    """CancelledError raised by a send is that stream's, not the wake-up callback's."""
+    b = Broadcaster(heartbeat=None)
+    other = Client()
+    calls = 0
+
+    async def cancelled_send(message: MutableMapping[str, Any]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise asyncio.CancelledError
+
+    _, task = await pumping(b, cancelled_send)
+    _, healthy = await pumping(b, other.send)
+    await until(lambda: calls == 1 and other.bodies)
+    event = b.publish("n", 0)  # one wake-up callback for both pumps
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    await until(lambda: other.events == event.frame)
+    await b.aclose()
+    assert await healthy is True
 
 
 async def test_a_send_that_raises_before_returning_an_awaitable_ends_run() -> None:
     """A plain function that raises instead of returning an awaitable is reported the same way."""
     b = Broadcaster(heartbeat=None)
+    client = Client()
 
-    def broken_send(message: MutableMapping[str, Any]) -> asyncio.Future[None]:
-        raise RuntimeError("a bug in a middleware")
+    def broken_send(message: MutableMapping[str, Any]) -> Awaitable[None]:
+        if client.bodies:
+            raise ValueError("a bug in a middleware")
+        return client.send(message)
 
-    sub = await b.asubscribe()
-    pumping = asyncio.create_task(Pump(sub, broken_send).run())
+    _, task = await pumping(b, broken_send)
+    await until(lambda: client.bodies)
     b.publish("n", 0)
-    with pytest.raises(RuntimeError, match="bug in a middleware"):
-        await asyncio.wait_for(pumping, 5)
+    with pytest.raises(ValueError, match="bug in a middleware"):
+        await asyncio.wait_for(task, 5)
     await b.aclose()
 
 
 async def test_cancelling_run_during_a_waiting_send_cancels_that_send() -> None:
     """A server cancelling the stream's task reaches the send it waits in."""
     b = Broadcaster(heartbeat=None)
+    client = Client()
     cancelled = asyncio.Event()
 
     async def stuck_send(message: MutableMapping[str, Any]) -> None:
+        if not client.bodies:
+            await client.send(message)
+            return
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             cancelled.set()
             raise
 
-    sub = await b.asubscribe()
-    pumping = asyncio.create_task(Pump(sub, stuck_send).run())
+    _, task = await pumping(b, stuck_send)
+    await until(lambda: client.bodies)
     b.publish("n", 0)
     await asyncio.sleep(0.01)
-    pumping.cancel()
+    task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await pumping
+        await task
     assert cancelled.is_set()
+    await b.aclose()
+
+
+@pytest.mark.parametrize("then", ["waits", "raises"])
+async def test_a_send_that_cancels_its_own_stream_ends_it_quietly(then: str) -> None:
+    """A send that cancels the stream's task, then waits or fails, ends it without an error."""
+    b = Broadcaster(heartbeat=None)
+    client = Client()
+    reports: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: reports.append(context))
+    abandoned = asyncio.Event()
+    stream: asyncio.Task[bool] | None = None
+
+    async def self_cancelling_send(message: MutableMapping[str, Any]) -> None:
+        if not client.bodies:
+            await client.send(message)
+            return
+        assert stream is not None
+        stream.cancel()  # as a middleware that gives up on the request might
+        try:
+            if then == "raises":
+                raise ConnectionResetError("given up")
+            await asyncio.Event().wait()
+        finally:
+            abandoned.set()
+
+    _, stream = await pumping(b, self_cancelling_send)
+    await until(lambda: client.bodies)
+    b.publish("n", 0)
+    with pytest.raises(asyncio.CancelledError):
+        await stream
+    assert abandoned.is_set()
+    assert reports == []
     await b.aclose()
 
 
@@ -220,75 +328,90 @@ async def test_a_send_may_absorb_the_cancellation_and_finish() -> None:
     """A waiting send that handles the cancel itself ends normally, and the pump goes on."""
     b = Broadcaster(heartbeat=None)
     client = Client()
-    calls = 0
 
     async def stubborn_send(message: MutableMapping[str, Any]) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
+        if len(client.bodies) == 1:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.Event().wait()
         await client.send(message)
 
-    sub = await b.asubscribe()
-    pumping = asyncio.create_task(Pump(sub, stubborn_send).run())
+    _, task = await pumping(b, stubborn_send)
+    await until(lambda: client.bodies)
     first = b.publish("n", 0)
-    await until(lambda: calls == 1)
-    pumping.cancel()
-    await until(lambda: client.received == first.frame)
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await until(lambda: client.events == first.frame)
     second = b.publish("n", 1)
-    await until(lambda: client.received == frames([first, second]))
+    await until(lambda: client.events == frames([first, second]))
     await b.aclose()
-    await asyncio.wait_for(pumping, 5)
+    assert await asyncio.wait_for(task, 5) is True
 
 
-def test_a_cancel_that_comes_first_leaves_nothing_behind() -> None:
+@pytest.mark.parametrize("failing", [True, False])
+def test_a_cancel_that_comes_first_leaves_nothing_behind(failing: bool) -> None:
     """Cancelled before it took a write's outcome, run() closes the write and its error quietly."""
     reports: list[dict[str, Any]] = []
-    abandoned = threading.Event()
+    abandoned: list[bool] = []
 
-    async def scenario(failing: bool) -> None:
+    async def scenario() -> None:
         asyncio.get_running_loop().set_exception_handler(
             lambda loop, context: reports.append(context)
         )
         b = Broadcaster(heartbeat=None)
+        client = Client()
 
         async def send(message: MutableMapping[str, Any]) -> None:
+            if not client.bodies:
+                await client.send(message)
+                return
             if failing:
                 raise ConnectionResetError("gone")
             try:
                 await asyncio.Event().wait()
             finally:
-                abandoned.set()
+                abandoned.append(True)
 
-        sub = await b.asubscribe()
-        pumping = asyncio.create_task(Pump(sub, send).run())
+        _, task = await pumping(b, send)
+        await until(lambda: client.bodies)
         await asyncio.sleep(0)  # parked
         b.publish("n", 0)
         await asyncio.sleep(0)  # the wake-up ran: the outcome is set, the task not yet back
-        pumping.cancel()
+        task.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await pumping
+            await task
         await b.aclose()
 
-    asyncio.run(scenario(failing=True))
-    asyncio.run(scenario(failing=False))
+    asyncio.run(scenario())
     gc.collect()
-    assert abandoned.is_set()
+    assert abandoned == ([] if failing else [True])
     assert reports == []
+
+
+async def test_nothing_is_sent_when_cancelled_before_the_first_chunk() -> None:
+    """A stream cancelled as it starts sends nothing at all."""
+    b = Broadcaster(heartbeat=None)
+    client = Client()
+    _, task = await pumping(b, client.send)
+    await asyncio.sleep(0)  # it has started and queued the callback of its first message
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.01)
+    assert client.bodies == []
+    await b.aclose()
 
 
 async def test_a_wake_up_queued_before_a_cancel_sends_nothing() -> None:
     """An event that arrives as the stream is cancelled is not written after the end."""
     b = Broadcaster(heartbeat=None)
     client = Client()
-    sub: Subscription = await b.asubscribe()
-    pumping = asyncio.create_task(Pump(sub, client.send).run())
+    _, task = await pumping(b, client.send)
+    await until(lambda: client.bodies)
     await asyncio.sleep(0)  # parked
     b.publish("n", 0)  # queues the wake-up
-    pumping.cancel()
+    task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await pumping
+        await task
     await asyncio.sleep(0.01)
-    assert client.bodies == []
+    assert client.bodies == [b""]
     await b.aclose()

@@ -7,7 +7,6 @@ events for resume without I/O, and the fan-out to its own subscribers.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import threading
 from collections.abc import Callable
@@ -41,13 +40,11 @@ class Backend(Protocol):
     def start(self, deliver: Deliver) -> None:
         """Remember to pass events to ``deliver``; connect to nothing yet."""
 
-    def listen(self, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def listen(self) -> None:
         """Begin passing every event published anywhere on this backend to ``deliver``.
 
-        :param loop: the running event loop of the broadcaster's first asynchronous
-            ``subscribe`` (``None`` when it was synchronous), passed from another thread.
-            A backend that reads from the network may read on it instead of in a thread
-            of its own; it must then go on delivering when that loop stops.
+        It may block (``asubscribe`` calls it from a worker thread).
+
         :raises BackendUnavailableError: it could not connect; the broadcaster calls it
             again at the next ``subscribe``.
         """
@@ -102,7 +99,7 @@ class MemoryBackend:
         """Remember where to deliver."""
         self._deliver = deliver
 
-    def listen(self, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def listen(self) -> None:
         """Do nothing: every event is this process's own, delivered as it is published."""
 
     def publish(self, draft: Draft) -> Event:

@@ -178,21 +178,21 @@ class Broadcaster:
                     self._backend.start(self._deliver)
                     self._started = True
 
-    def _listen(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def _listen(self) -> None:
         """Have the backend deliver every process's events, before the first subscription."""
-        self._start()
         if not self._listening:
+            self._start()
             with self._start_lock:
                 if self._closed:
                     raise BroadcasterClosedError("the broadcaster is closed")
                 if not self._listening:
-                    self._backend.listen(loop=loop)
+                    self._backend.listen()
                     self._listening = True
 
     async def _alisten(self) -> None:
         """Do what :meth:`_listen` does; a backend's connecting does not block the loop."""
         if not self._listening:
-            await asyncio.to_thread(self._listen, asyncio.get_running_loop())
+            await asyncio.to_thread(self._listen)
 
     def _deliver(self, event: Event) -> None:
         """Append one event's frame to its channel's subscribers; the backend calls this."""

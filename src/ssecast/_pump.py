@@ -12,12 +12,18 @@ completes without waiting. The pump starts it by hand; when it does wait (the cl
 reads slowly and the server applies back-pressure), the pump hands the rest of it to
 the stream's own task, which finishes it and pumps on. Each write runs in a copy of
 the task's context, so context variables that middleware set are seen as in the task.
+
+Some ``send`` wrappers only work inside a task: Starlette's ``BaseHTTPMiddleware`` (and
+FastAPI's ``@app.middleware("http")``), anything using ``asyncio.timeout`` or anyio
+around ``send``. So the pump first sends an empty body message from a callback, which
+writes nothing; if that raises, it sends nothing more and the caller writes from its task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
 from types import CoroutineType
 from typing import Any, TypeAlias
@@ -29,6 +35,14 @@ __all__ = ["Pump"]
 
 _Send: TypeAlias = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _Steps: TypeAlias = Coroutine[Any, Any, object] | Generator[Any, Any, object]
+
+
+class _Mark(enum.Enum):
+    ENDED = "the subscription ended"
+    REFUSED = "send must run in its task"
+
+
+_Outcome: TypeAlias = "_Waiting | _Mark | None"
 
 
 class Pump:
@@ -45,31 +59,54 @@ class Pump:
         self._send = send
         self._loop = asyncio.get_running_loop()
         self._context = contextvars.copy_context()
-        self._outcome: asyncio.Future[_Waiting | None] = self._loop.create_future()
+        self._outcome: asyncio.Future[_Outcome] = self._loop.create_future()
         self._stopped = False
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         """Return the loop whose callbacks write."""
         return self._loop
 
-    async def run(self) -> None:
-        """Write every chunk until the subscription ends; raise what a write raised."""
-        sub = self._sub
-        sub._arm_heartbeat(self._loop)
+    async def run(self) -> bool:
+        """Send every chunk until the subscription ends; return True.
+
+        First an empty body message goes out from a loop callback, as every chunk will.
+        If that raises anything but ``OSError``, ``send`` needs its task: nothing more is
+        sent, and ``run`` returns False for the caller to send the chunks itself.
+
+        :raises OSError: a write found the client gone (ASGI 2.4 servers raise it).
+        """
+        loop, sub = self._loop, self._sub
+        loop.call_soon(self._probe)
         try:
-            while True:
+            outcome = await self._outcome
+            if outcome is _Mark.REFUSED:
+                return False
+            sub._arm_heartbeat(loop)
+            while outcome is not _Mark.ENDED:
+                if isinstance(outcome, _Waiting):
+                    await outcome  # a write that had to wait, finished in this task
+                    sub._quiet_since = loop.time()
+                self._outcome = loop.create_future()
                 self.wake(True)
-                waiting = await self._outcome
-                if waiting is None:
-                    return
-                await waiting
-                sub._quiet_since = self._loop.time()
-                self._outcome = self._loop.create_future()
+                outcome = await self._outcome
+            return True
         finally:
             self._stopped = True
             with sub._lock:
                 sub._unpark(self)
             _drop(self._outcome)
+
+    def _probe(self) -> None:
+        if self._outcome.done():
+            return  # the task was cancelled before this callback ran
+        try:
+            waiting = self._start(b"")
+        except OSError as error:
+            self._settle(error=error)
+        except (Exception, asyncio.CancelledError):
+            self._settle(_Mark.REFUSED)
+        else:
+            self._settle(waiting)
 
     def wake(self, woken: bool) -> None:
         """Write what is pending, or a heartbeat when one is due (``woken`` false).
@@ -93,29 +130,46 @@ class Pump:
         if frames is None:
             return
         if not frames:
-            self._outcome.set_result(None)  # the subscription ended
+            self._settle(_Mark.ENDED)
             return
-        message = {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
         try:
-            sending = self._send(message)
-            # A coroutine steps itself; any other awaitable through its iterator.
-            steps = sending if type(sending) is CoroutineType else sending.__await__()
+            waiting = self._start(b"".join(frames))
+        except (Exception, asyncio.CancelledError) as error:
+            self._settle(error=error)
+            return
+        if waiting is None:
+            sub._quiet_since = self._loop.time()
+        else:
+            self._settle(waiting)
+
+    def _start(self, body: bytes) -> _Waiting | None:
+        """Send ``body`` by hand; return the rest of the send if it has to wait."""
+        sending = self._send({"type": "http.response.body", "body": body, "more_body": True})
+        # A coroutine steps itself; any other awaitable through its iterator.
+        steps = sending if type(sending) is CoroutineType else sending.__await__()
+        try:
             waited_on = self._context.run(steps.send, None)
         except StopIteration:
-            sub._quiet_since = self._loop.time()
-            return
-        except Exception as error:
+            return None
+        return _Waiting(self._context, steps, waited_on)
+
+    def _settle(self, outcome: _Outcome = None, *, error: BaseException | None = None) -> None:
+        """Hand the task what to do next, unless it was cancelled (by the send itself, even)."""
+        if self._outcome.done():
+            if isinstance(outcome, _Waiting):
+                outcome.close()
+        elif error is not None:
             self._outcome.set_exception(error)
-            return
-        self._outcome.set_result(_Waiting(self._context, steps, waited_on))
+        else:
+            self._outcome.set_result(outcome)
 
 
-def _drop(outcome: asyncio.Future[_Waiting | None]) -> None:
+def _drop(outcome: asyncio.Future[_Outcome]) -> None:
     """Let go of an outcome the task will not await (it was cancelled meanwhile)."""
     # Retrieving the exception keeps asyncio from logging it as never retrieved.
     if outcome.done() and not outcome.cancelled() and outcome.exception() is None:
         waiting = outcome.result()
-        if waiting is not None:
+        if isinstance(waiting, _Waiting):
             waiting.close()
 
 
@@ -136,17 +190,16 @@ class _Waiting:
     def __await__(self) -> Generator[Any, Any, None]:
         # What `await` does for a coroutine, from its second step on: hand what it waits
         # on to the task, and pass the task's answer (or exception) back into it.
-        run, steps, waited_on = self._context.run, self._steps, self._waited_on
+        steps, waited_on = self._steps, self._waited_on
         while True:
+            step: Callable[[Any], object]
             try:
                 answer = yield waited_on
             except BaseException as error:  # cancelled, say: the write decides what to do
-                try:
-                    waited_on = run(steps.throw, error)
-                except StopIteration:
-                    return
+                step, answer = steps.throw, error
             else:
-                try:
-                    waited_on = run(steps.send, answer)
-                except StopIteration:
-                    return
+                step = steps.send
+            try:
+                waited_on = self._context.run(step, answer)
+            except StopIteration:
+                return

@@ -13,21 +13,13 @@ whose key is ``prefix + "events"``:
   concatenates bytes and never serializes again.
 - ``listen`` (the broadcaster calls it before its first subscription; a process that
   only publishes never does) notes the newest id in the stream (``XREVRANGE + - COUNT
-  1``; ``0-0`` for an empty stream) and starts ONE reader per backend, which loops on
-  ``XREAD BLOCK`` from the last id it saw and hands each event to the broadcaster, in
-  stream order. A process therefore holds one reading connection, however many SSE
-  clients it serves; the fan-out to those clients is the broadcaster's. A process that
-  publishes and subscribes gets its own events through its reader too (so they reach
-  its subscribers a moment after ``publish`` returns), and every subscriber, in every
-  process, sees a channel's events in the same order: the stream's.
-- The reader is a task of the event loop that subscribed first, when that was an
-  ``asubscribe`` (as in the ASGI adapter), so events reach that loop's streams without
-  a thread switch: a reader thread must win the GIL from a busy loop thread, which
-  takes up to the interpreter's switch interval (5 ms) per event and more on a loaded
-  CPU. Otherwise it is a daemon thread. When its loop stops before the backend is
-  closed (``asyncio.run`` and ``asyncio.Runner`` cancel the tasks left), a thread takes
-  over from the last id read; a loop closed with the task still pending, or stopped
-  and left idle, holds delivery up until it runs again.
+  1``; ``0-0`` for an empty stream) and starts ONE daemon reader thread per backend,
+  which loops on ``XREAD BLOCK`` from the last id it saw and hands each event to the
+  broadcaster, in stream order. A process therefore holds one reading connection,
+  however many SSE clients it serves; the fan-out to those clients is the broadcaster's.
+  A process that publishes and subscribes gets its own events through its reader too
+  (so they reach its subscribers a moment after ``publish`` returns), and every
+  subscriber, in every process, sees a channel's events in the same order: the stream's.
 - ``replay`` reads the history with ``XRANGE`` (exclusive start, so Redis >= 6.2) and
   keeps the events of the wanted channels. An id that is malformed, trimmed away by
   ``MAXLEN`` or absent from the stream gives ``None``: the client gets a gap event.
@@ -71,14 +63,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import re
 import threading
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, Final, cast
+from collections.abc import Iterator
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 from ssecast._backend import Deliver
@@ -112,8 +103,8 @@ _SOCKET_TIMEOUT: Final = 5.0
 _CONNECT_TIMEOUT: Final = 2.0
 # RESP2 replies have one shape across redis-py versions; the parsing below relies on it.
 _PROTOCOL: Final = 2
-# Well under the broadcaster's default queue_size (256): a reader delivers a whole batch
-# before any stream writes, so a larger batch from a busy stream would evict every client.
+# The reader delivers a whole batch before any stream writes it, so a subscriber whose
+# queue_size is under this many frames can be evicted by a burst (the default is 256).
 _READ_BATCH: Final = 100
 # MAXLEN ~ trims whole nodes of (by default) 100 entries, so a stream may hold a little
 # more than maxlen; the reader remembers that many delivered ids and a margin.
@@ -181,29 +172,18 @@ class RedisBackend:
         self._stopping = threading.Event()
         self._closed = False
         self._deliver: Deliver | None = None
-        self._listening = False
-        # The reader: a thread, or a task of the loop that first used the broadcaster
-        # asynchronously (until that loop stops and a thread takes over).
         self._thread: threading.Thread | None = None
         self._reader: redis.Redis | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._task_reader: redis.asyncio.Redis | None = None
         self._client: redis.Redis | None = None
         self._async_clients: dict[asyncio.AbstractEventLoop, redis.asyncio.Redis] = {}
         # The newest id in the stream when delivery began: replay's default end.
         self._origin = _STREAM_START
 
     def __repr__(self) -> str:
-        state = (
-            "closed"
-            if self._closed
-            else "listening"
-            if self._listening
-            else "started"
-            if self._deliver
-            else "not started"
-        )
+        if self._closed or self._thread:
+            state = "closed" if self._closed else "listening"
+        else:
+            state = "started" if self._deliver else "not started"
         return f"<RedisBackend key={self.key!r} {state}>"
 
     # -- delivery --------------------------------------------------------------------
@@ -219,120 +199,95 @@ class RedisBackend:
                 raise RuntimeError("a RedisBackend serves one broadcaster and starts once")
             self._deliver = deliver
 
-    def listen(self, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Note the newest id in the stream and start the reader that delivers what follows.
+    def listen(self) -> None:
+        """Note the newest id in the stream and start the thread that delivers what follows.
 
         Every event appended after this call returns, by any process, is passed to the
-        ``deliver`` given to :meth:`start`, in stream order. The reader is a task of
-        ``loop`` when one is given (the broadcaster passes the loop of its first
-        asynchronous ``subscribe``), else a thread. Call it from another thread than
-        ``loop``'s: it connects, which blocks.
+        ``deliver`` given to :meth:`start`, in stream order, from the reader thread.
 
-        :param loop: the running event loop to read on.
         :raises BackendUnavailableError: Redis could not be reached; call again to retry.
         :raises RuntimeError: the backend was not started, listens already, or is closed.
         """
         with self._lock:
             deliver = self._deliver
-            if deliver is None or self._listening or self._closed:
+            if deliver is None or self._thread is not None or self._closed:
                 raise RuntimeError("a RedisBackend listens once, after start() and before close()")
-            reader = self._new_reader()
+            # One connection, opened by the first command: close() disconnects it to end
+            # a blocking XREAD at once.
+            reader = self._new_client(max_connections=1)
             try:
                 newest = cast("list[_Entry]", reader.xrevrange(self.key, count=1))
             except _UNAVAILABLE as error:
                 reader.close()
                 raise _unavailable("could not start reading events", error) from error
             self._origin = newest[0][0].decode() if newest else _STREAM_START
-            self._listening = True
-            progress = _Progress(self.key, deliver, self._origin, self._maxlen + _RECENT_MARGIN)
-            if loop is None:
-                self._start_thread(reader, progress)
-                return
-            reader.close()
-            self._loop = loop
-        loop.call_soon_threadsafe(self._start_task, loop, progress)
+            self._reader = reader
+            self._thread = threading.Thread(
+                target=self._read_forever,
+                args=(reader, deliver, self._origin),
+                name=f"ssecast-redis-reader {self.key}",
+                daemon=True,
+            )
+            self._thread.start()
 
-    def _start_thread(self, reader: redis.Redis, progress: _Progress) -> None:
-        # Precondition: self._lock is held.
-        self._reader = reader
-        self._thread = threading.Thread(
-            target=self._read_in_thread,
-            args=(reader, progress),
-            name=f"ssecast-redis-reader {self.key}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _start_task(self, loop: asyncio.AbstractEventLoop, progress: _Progress) -> None:
-        with self._lock:
-            if not self._closed:
-                self._task_reader = self._new_async_client(single_connection=True)
-                self._task = loop.create_task(
-                    self._read_on_loop(self._task_reader, progress),
-                    name=f"ssecast-redis-reader {self.key}",
-                )
-
-    def _read_in_thread(self, reader: redis.Redis, progress: _Progress) -> None:
-        """Deliver every event after the cursor until stopped, reconnecting as needed."""
+    def _read_forever(self, reader: redis.Redis, deliver: Deliver, cursor: str) -> None:
+        """Deliver every event after ``cursor`` until stopped, reconnecting as needed."""
+        failures = 0
+        delivered = _RecentIds(self._maxlen + _RECENT_MARGIN)
         try:
             while not self._stopping.is_set():
                 try:
-                    if progress.failures:
-                        cursor = progress.cursor
-                        progress.resume(
-                            cursor == _STREAM_START or bool(reader.xrange(self.key, cursor, cursor))
+                    if failures:
+                        cursor = self._resume_point(reader, cursor)
+                        logger.warning(
+                            "Redis reader of %s reconnected after %d failed attempts",
+                            self.key,
+                            failures,
                         )
-                    response = reader.xread(
-                        {self.key: progress.cursor}, count=_READ_BATCH, block=_BLOCK_MS
-                    )
+                        failures = 0
+                    response = reader.xread({self.key: cursor}, count=_READ_BATCH, block=_BLOCK_MS)
                 except Exception as error:
                     if self._stopping.is_set():
                         break
-                    self._stopping.wait(progress.failed(error))
+                    failures += 1
+                    self._log_failure(error, failures)
+                    self._stopping.wait(_backoff(failures))
                     continue
-                progress.take(response)
+                for event_id, event in _read_entries(response):
+                    cursor = event_id
+                    if event is None or event_id in delivered:
+                        continue
+                    delivered.add(event_id)
+                    try:
+                        deliver(event)
+                    except Exception:
+                        logger.exception("delivering event %s failed", event.id)
         finally:
             with contextlib.suppress(Exception):
                 reader.close()
 
-    async def _read_on_loop(self, reader: redis.asyncio.Redis, progress: _Progress) -> None:
-        """Do what :meth:`_read_in_thread` does, on the loop.
+    def _resume_point(self, reader: redis.Redis, cursor: str) -> str:
+        """Return where to read on from after a reconnection: ``cursor``, or ``0-0``."""
+        if cursor == _STREAM_START or reader.xrange(self.key, cursor, cursor, count=1):
+            return cursor
+        logger.warning(
+            "Redis stream %s no longer holds the last event this process read (Redis "
+            "restarted without persistence, or trimmed the stream meanwhile); reading it "
+            "from its start, skipping the events already delivered",
+            self.key,
+        )
+        return _STREAM_START
 
-        Reading on the loop saves every event a thread switch: a reader thread must win
-        the GIL from a busy loop thread, which can take the interpreter's switch interval
-        (5 ms) and more on a loaded CPU. :meth:`close` stops it by closing ``reader``.
-        When the loop stops first (``asyncio.run`` and ``asyncio.Runner`` cancel the
-        tasks left), a thread takes over from the cursor.
-        """
-        task = cast("asyncio.Task[None]", asyncio.current_task())
-        try:
-            # On Python 3.11, redis-py's use of asyncio.wait_for can swallow a
-            # cancellation that lands while a command is being sent; the task still
-            # counts it as requested, so the loop checks for it after every command.
-            while not (self._stopping.is_set() or task.cancelling()):
-                try:
-                    if progress.failures:
-                        cursor = progress.cursor
-                        progress.resume(
-                            cursor == _STREAM_START
-                            or bool(await reader.xrange(self.key, cursor, cursor))
-                        )
-                    response = await reader.xread(
-                        {self.key: progress.cursor}, count=_READ_BATCH, block=_BLOCK_MS
-                    )
-                except Exception as error:
-                    if self._stopping.is_set():
-                        break  # close() closed the connection under the read
-                    await asyncio.sleep(progress.failed(error))
-                    continue
-                progress.take(response)
-        finally:
-            with self._lock:
-                if not self._closed:
-                    logger.info("the event loop reading %s stopped; a thread reads on", self.key)
-                    self._start_thread(self._new_reader(), progress)
-            with contextlib.suppress(Exception):
-                await reader.aclose()
+    def _log_failure(self, error: Exception, failures: int) -> None:
+        if failures == 1:
+            if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+                logger.warning(
+                    "Redis reader of %s lost its connection (%s); reconnecting", self.key, error
+                )
+            else:
+                logger.exception("Redis reader of %s failed; retrying", self.key)
+        else:
+            logger.debug("Redis reader of %s: attempt %d failed: %s", self.key, failures, error)
 
     # -- publishing ------------------------------------------------------------------
 
@@ -411,15 +366,14 @@ class RedisBackend:
     # -- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the reader and close every connection. Safe to call twice.
+        """Stop the reader thread and close every connection. Safe to call twice.
 
-        A reader task and the asynchronous clients are stopped on their own event loops
-        when those still run; call :meth:`aclose` from the loop that used the broadcaster
-        asynchronously to be sure.
+        Asynchronous clients are closed on their own event loops when those still run;
+        call :meth:`aclose` from the loop that used :meth:`apublish` to be sure.
         """
         self._stop_reader()
         for loop, client in self._take_async_clients():
-            _run_on(loop, client.aclose)
+            _close_elsewhere(loop, client)
 
     async def aclose(self) -> None:
         """Do what :meth:`close` does without blocking the running event loop."""
@@ -433,11 +387,8 @@ class RedisBackend:
             # redis-py meets on the closed socket, not BackendUnavailableError.
             self._idle.wait_for(lambda: not self._in_use, _SOCKET_TIMEOUT)
             thread, reader, client = self._thread, self._reader, self._client
-            loop, task, task_reader = self._loop, self._task, self._task_reader
             self._client = None
         self._stopping.set()
-        if loop is not None and task is not None and task_reader is not None:
-            _run_on(loop, functools.partial(_stop_task, task, task_reader))
         if reader is not None:
             # Disconnecting the connection in use (redis-py shuts its socket down) ends
             # the blocking XREAD at once instead of after up to a second.
@@ -467,10 +418,6 @@ class RedisBackend:
             **options,
         )
 
-    def _new_reader(self) -> redis.Redis:
-        """Make the client of a reader thread: one connection, opened by its first command."""
-        return self._new_client(max_connections=1)
-
     @contextlib.contextmanager
     def _sync_client(self) -> Iterator[redis.Redis]:
         """Lend the synchronous client; :meth:`close` waits until it is given back."""
@@ -496,76 +443,15 @@ class RedisBackend:
                 raise BackendUnavailableError("the RedisBackend is closed")
             client = self._async_clients.get(loop)
             if client is None:
-                client = self._async_clients[loop] = self._new_async_client()
+                client = self._async_clients[loop] = redis.asyncio.Redis.from_url(
+                    self._url,
+                    client_name=self.client_name,
+                    socket_timeout=_SOCKET_TIMEOUT,
+                    socket_connect_timeout=_CONNECT_TIMEOUT,
+                    retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+                    protocol=_PROTOCOL,
+                )
             return client
-
-    def _new_async_client(self, *, single_connection: bool = False) -> redis.asyncio.Redis:
-        return redis.asyncio.Redis.from_url(
-            self._url,
-            client_name=self.client_name,
-            socket_timeout=_SOCKET_TIMEOUT,
-            socket_connect_timeout=_CONNECT_TIMEOUT,
-            retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
-            protocol=_PROTOCOL,
-            single_connection_client=single_connection,
-        )
-
-
-class _Progress:
-    """How far a reader got in the stream: what a reader thread takes over from a reader task."""
-
-    __slots__ = ("_deliver", "_key", "cursor", "delivered", "failures")
-
-    def __init__(self, key: str, deliver: Deliver, cursor: str, remember: int) -> None:
-        self._key = key
-        self._deliver = deliver
-        self.cursor = cursor
-        """The id of the last entry read."""
-        self.delivered = _RecentIds(remember)
-        self.failures = 0
-        """Failed attempts in a row."""
-
-    def take(self, response: object) -> None:
-        """Deliver the entries of an XREAD reply in order, skipping the ids delivered before."""
-        for event_id, event in _read_entries(response):
-            self.cursor = event_id
-            if event is None or event_id in self.delivered:
-                continue
-            self.delivered.add(event_id)
-            try:
-                self._deliver(event)
-            except Exception:
-                logger.exception("delivering event %s failed", event.id)
-
-    def failed(self, error: Exception) -> float:
-        """Log a failed attempt; return the seconds to wait before the next one."""
-        self.failures += 1
-        if self.failures > 1:
-            logger.debug(
-                "Redis reader of %s: attempt %d failed: %s", self._key, self.failures, error
-            )
-        elif isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-            logger.warning(
-                "Redis reader of %s lost its connection (%s); reconnecting", self._key, error
-            )
-        else:
-            logger.error("Redis reader of %s failed; retrying", self._key, exc_info=error)
-        return _backoff(self.failures)
-
-    def resume(self, cursor_found: bool) -> None:
-        """Read on after a reconnection: from the cursor, or from the start if it is gone."""
-        logger.warning(
-            "Redis reader of %s reconnected after %d failed attempts", self._key, self.failures
-        )
-        self.failures = 0
-        if not cursor_found:
-            logger.warning(
-                "Redis stream %s no longer holds the last event this process read (Redis "
-                "restarted without persistence, or trimmed the stream meanwhile); reading it "
-                "from its start, skipping the events already delivered",
-                self._key,
-            )
-            self.cursor = _STREAM_START
 
 
 class _RecentIds:
@@ -644,38 +530,27 @@ def _unavailable(what: str, error: Exception) -> BackendUnavailableError:
     )
 
 
-async def _stop_task(task: asyncio.Task[None], reader: redis.asyncio.Redis) -> None:
-    """Stop a reader task at once, whether it waits in an XREAD or between attempts."""
-    # Closing the connection ends the XREAD, even when redis-py swallowed a cancellation
-    # (see _read_on_loop); the cancel ends a wait between reconnection attempts.
-    with contextlib.suppress(Exception):
-        await reader.aclose()
-    task.cancel()
-    await asyncio.wait([task])
-
-
-def _run_on(loop: asyncio.AbstractEventLoop, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run ``work()`` on ``loop`` from any thread without awaiting, as far as ``loop`` allows."""
+def _close_elsewhere(loop: asyncio.AbstractEventLoop, client: redis.asyncio.Redis) -> None:
+    """Close an asynchronous client without awaiting, as far as its event loop allows."""
     try:
         here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         here = None
     if loop is here:
-        # close() called from a coroutine on that very loop: finish the work later.
-        task = loop.create_task(work())
+        # close() called from a coroutine on that very loop: finish the closing later.
+        task = loop.create_task(client.aclose())
         _closing.add(task)
         task.add_done_callback(_closing.discard)
     elif loop.is_running():
-        future = asyncio.run_coroutine_threadsafe(work(), loop)
+        future = asyncio.run_coroutine_threadsafe(client.aclose(), loop)
         with contextlib.suppress(Exception):
             future.result(_SOCKET_TIMEOUT)
     elif here is None and not loop.is_closed():
-        loop.run_until_complete(work())
+        loop.run_until_complete(client.aclose())
     else:  # pragma: no cover - its connections would warn when collected, failing the test
         logger.warning(
-            "could not stop the Redis reader or close a client on an event loop that is "
-            "closed, or idle while another one runs; call aclose() from the loop that used "
-            "the broadcaster asynchronously"
+            "could not close a Redis client of an event loop that is closed, or idle while "
+            "another one runs; call aclose() from the loop that used apublish()"
         )
 
 
