@@ -9,8 +9,8 @@ each ``send`` with ``asyncio.timeout``. uvicorn serves ``apps.middleware_app:FAS
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -23,10 +23,8 @@ from ssecast.asgi import EventStream
 broadcaster = broadcaster_from_env()
 
 
-@contextlib.asynccontextmanager
-async def app_lifespan(app: Any) -> AsyncIterator[None]:
-    async with lifespan(broadcaster):
-        yield
+def app_lifespan(app: Any) -> AbstractAsyncContextManager[None]:
+    return lifespan(broadcaster)
 
 
 FASTAPI = FastAPI(lifespan=app_lifespan)
