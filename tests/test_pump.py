@@ -131,6 +131,19 @@ async def test_a_first_chunk_that_finds_the_client_gone_raises() -> None:
     await b.aclose()
 
 
+async def test_frames_pending_when_the_broadcaster_closes_are_sent_then_run_ends() -> None:
+    """A shutdown lets the last frames out, and then the stream ends: nothing hangs."""
+    b = Broadcaster(heartbeat=None)
+    client = Client()
+    _, task = await pumping(b, client.send)
+    await until(lambda: client.bodies)
+    await asyncio.sleep(0)  # parked
+    events = [b.publish("n", n) for n in range(3)]
+    b.close()  # before the wake-up the publishes queued has run
+    assert await asyncio.wait_for(task, 5) is True
+    assert client.events == frames(events)
+
+
 async def test_a_send_that_waits_is_finished_by_the_task_before_the_next_one() -> None:
     """Back-pressure: a send that must wait ends in the stream's task; none overlap; order kept."""
     b = Broadcaster(heartbeat=None)

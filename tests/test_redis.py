@@ -492,6 +492,23 @@ async def test_aclose_stops_the_reader_and_closes_the_async_client(prefix: str) 
     await asyncio.to_thread(wait_for_no_connections, backend)
 
 
+def test_a_burst_larger_than_a_queue_is_read_at_the_pace_of_its_reader(prefix: str) -> None:
+    """1,000 events at once reach a subscriber whose queue holds 150: read in steps, not evicted."""
+    with redis_broadcaster(prefix) as b, redis.Redis.from_url(REDIS_URL) as admin:
+        reader = Reader(b.subscribe(queue_size=150))
+        with admin.pipeline(transaction=False) as pipe:
+            for n in range(1000):
+                body = f"event: n\ndata: {n}\n\n".encode()
+                pipe.xadd(
+                    prefix + "events",
+                    {"type": "n", "channel": "default", "data": str(n), "body": body},
+                )
+            pipe.execute()
+        events = reader.events(1000)
+        assert [event.data for event in events] == [str(n) for n in range(1000)]
+        assert reader.sub.close_reason is None
+
+
 def test_a_process_that_only_publishes_holds_one_connection_and_reads_nothing(
     prefix: str,
 ) -> None:

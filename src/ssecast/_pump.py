@@ -123,9 +123,11 @@ class Pump:
             if not woken:
                 sub._unpark(self)  # still parked: the heartbeat timer woke it
             frames = sub._take()
+            # Ended (shut down) with frames left: these are the last, nothing wakes it again.
+            last = sub.close_reason is not None
             if frames is None and not woken:
                 frames = [HEARTBEAT]
-            if frames is None or frames:
+            if frames is None or (frames and not last):
                 sub._park(self)
         if frames is None:
             return
@@ -137,10 +139,12 @@ class Pump:
         except (Exception, asyncio.CancelledError) as error:
             self._settle(error=error)
             return
-        if waiting is None:
-            sub._quiet_since = self._loop.time()
+        if waiting is not None:
+            self._settle(waiting)  # the task finishes it, then wakes the pump once more
+        elif last:
+            self._settle(_Mark.ENDED)
         else:
-            self._settle(waiting)
+            sub._quiet_since = self._loop.time()
 
     def _start(self, body: bytes) -> _Waiting | None:
         """Send ``body`` by hand; return the rest of the send if it has to wait."""
