@@ -106,7 +106,6 @@ _PROTOCOL: Final = 2
 # The reader delivers a whole batch before any stream writes it, so a subscriber whose
 # queue_size is under this many frames can be evicted by a burst (the default is 256).
 _READ_BATCH: Final = 100
-_CATCH_UP_PAUSE: Final = 0.005
 # MAXLEN ~ trims whole nodes of (by default) 100 entries, so a stream may hold a little
 # more than maxlen; the reader remembers that many delivered ids and a margin.
 _RECENT_MARGIN: Final = 1000
@@ -254,8 +253,7 @@ class RedisBackend:
                     self._log_failure(error, failures)
                     self._stopping.wait(_backoff(failures))
                     continue
-                entries = _read_entries(response)
-                for event_id, event in entries:
+                for event_id, event in _read_entries(response):
                     cursor = event_id
                     if event is None or event_id in delivered:
                         continue
@@ -264,11 +262,6 @@ class RedisBackend:
                         deliver(event)
                     except Exception:
                         logger.exception("delivering event %s failed", event.id)
-                if len(entries) == _READ_BATCH:
-                    # Behind the stream: give the threads writing to clients the GIL before
-                    # the next batch, or a busy worker would let its clients' queues
-                    # overflow (and evict them) rather than leave the backlog in Redis.
-                    self._stopping.wait(_CATCH_UP_PAUSE)
         finally:
             with contextlib.suppress(Exception):
                 reader.close()
