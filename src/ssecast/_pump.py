@@ -11,7 +11,8 @@ Each write is an ASGI ``send`` of one body message: a coroutine that nearly alwa
 completes without waiting. The pump starts it by hand; when it does wait (the client
 reads slowly and the server applies back-pressure), the pump hands the rest of it to
 the stream's own task, which finishes it and pumps on. Each write runs in a copy of
-the task's context, so context variables that middleware set are seen as in the task.
+the task's context: context variables set before the stream began are seen, and ones a
+``send`` wrapper sets stay in the copy.
 
 Some ``send`` wrappers only work inside a task: Starlette's ``BaseHTTPMiddleware`` (and
 FastAPI's ``@app.middleware("http")``), anything using ``asyncio.timeout`` or anyio
