@@ -304,7 +304,8 @@ def test_events_the_backend_brings_from_elsewhere_reach_subscribers() -> None:
         backend.deliver(remote)
         assert sub.read_nowait() == remote.frame
         assert b.stats().delivered == 1
-    backend.deliver(_draft().stamp("remote-2"))
+    with pytest.raises(BroadcasterClosedError):  # the backend should stop delivering
+        backend.deliver(_draft().stamp("remote-2"))
     assert sub.read_nowait() == b""
     assert b.stats().delivered == 1
 

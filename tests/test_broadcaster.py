@@ -355,6 +355,22 @@ def test_the_longest_heartbeat_a_thread_can_wait_for_is_accepted() -> None:
 # -- lifecycle ----------------------------------------------------------------------------
 
 
+def test_a_close_that_overtakes_a_publish_makes_it_raise() -> None:
+    """Closed while a publish was under way, the publish raises: it never returns unsent."""
+    b: Broadcaster
+
+    def closing_serializer(data: object) -> str:
+        b.close()  # another thread's close(), landing while this publish serializes
+        return json.dumps(data)
+
+    b = Broadcaster(serializer=closing_serializer)
+    sub = b.subscribe()
+    with pytest.raises(BroadcasterClosedError, match="not sent"):
+        b.publish("t", 1)
+    assert sub.read_nowait() == b""
+    assert b.stats().published == 0
+
+
 def test_after_close_publish_and_subscribe_raise_broadcaster_closed() -> None:
     """A closed broadcaster refuses new work with BroadcasterClosedError (a RuntimeError)."""
     b = Broadcaster()

@@ -27,6 +27,7 @@ from ssecast import (
     GAP_EVENT_TYPE,
     BackendUnavailableError,
     Broadcaster,
+    BroadcasterClosedError,
     ConfigurationError,
     Draft,
     Event,
@@ -817,6 +818,27 @@ def test_sync_close_closes_the_client_of_an_idle_loop(prefix: str) -> None:
         wait_for_no_connections(backend)
     finally:
         loop.close()
+
+
+def test_a_reader_stops_quietly_when_its_broadcaster_is_closed(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deliver raising BroadcasterClosedError (close() under way) ends the reader quietly."""
+
+    def deliver(event: Event) -> None:
+        raise BroadcasterClosedError("the broadcaster was closed")
+
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    backend.start(deliver)
+    backend.listen()
+    thread = reader_thread(backend)
+    try:
+        backend.publish(Draft("n", "default", "1", b"event: n\ndata: 1\n\n"))
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        backend.close()
+    assert "failed" not in caplog.text
 
 
 def test_a_failing_deliver_is_logged_and_delivery_goes_on(

@@ -17,7 +17,11 @@ from ssecast._event import Draft, Event
 __all__ = ["Backend", "Deliver", "MemoryBackend"]
 
 Deliver = Callable[[Event], None]
-"""What a backend calls with each event, in id order, one call at a time."""
+"""What a backend calls with each event, in id order, one call at a time.
+
+It raises :class:`~ssecast.BroadcasterClosedError` once the broadcaster is closed: a
+backend then stops delivering (and a ``publish`` that delivers in place lets it through).
+"""
 
 
 @runtime_checkable

@@ -195,12 +195,15 @@ class Broadcaster:
             await asyncio.to_thread(self._listen)
 
     def _deliver(self, event: Event) -> None:
-        """Append one event's frame to its channel's subscribers; the backend calls this."""
+        """Append one event's frame to its channel's subscribers; the backend calls this.
+
+        :raises BroadcasterClosedError: it was closed (even while ``publish`` was running).
+        """
         woken: list[Waiter | None] = []
         evicted: list[Subscription] = []
         with self._lock:
             if self._closed:
-                return
+                raise BroadcasterClosedError("the broadcaster was closed; the event was not sent")
             self._history.append(event)
             audience = self._audiences.get(event.channel)
             if audience is None:

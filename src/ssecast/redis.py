@@ -74,7 +74,11 @@ from urllib.parse import urlsplit
 
 from ssecast._backend import Deliver
 from ssecast._event import Draft, Event
-from ssecast._exceptions import BackendUnavailableError, ConfigurationError
+from ssecast._exceptions import (
+    BackendUnavailableError,
+    BroadcasterClosedError,
+    ConfigurationError,
+)
 
 try:
     import redis
@@ -260,6 +264,8 @@ class RedisBackend:
                     delivered.add(event_id)
                     try:
                         deliver(event)
+                    except BroadcasterClosedError:
+                        return  # close() is stopping this thread too
                     except Exception:
                         logger.exception("delivering event %s failed", event.id)
         finally:
