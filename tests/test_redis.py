@@ -453,15 +453,11 @@ def reader_thread(backend: RedisBackend) -> threading.Thread:
     return thread
 
 
-def wait_for_connections(backend: RedisBackend, count: int) -> None:
-    deadline = time.monotonic() + 5
-    while named_connections(backend) != count and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert named_connections(backend) == count
-
-
 def wait_for_no_connections(backend: RedisBackend) -> None:
-    wait_for_connections(backend, 0)
+    deadline = time.monotonic() + 5
+    while named_connections(backend) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert named_connections(backend) == 0
 
 
 def test_close_stops_the_reader_thread_promptly(prefix: str) -> None:
