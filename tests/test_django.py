@@ -83,10 +83,17 @@ def test_gap(server: Server) -> None:
 
 
 def test_disconnect_noticed(server: Server) -> None:
-    """A gone client leaves stats(): under ASGI at once, under WSGI by the next heartbeat."""
-    asgi = "uvicorn" in server.process.args
-    elapsed = checks.check_disconnect(server, within=0.5 if asgi else checks.HEARTBEAT + 0.6)
-    print(f"disconnect noticed after {elapsed:.2f} s (heartbeat {checks.HEARTBEAT} s)")
+    """A gone client leaves stats(): under WSGI when a heartbeat fails, under ASGI with none."""
+    if "uvicorn" in server.process.args:
+        # With the heartbeat off nothing is written to a quiet stream, so only ASGI's
+        # disconnect message can tell the view that its client left.
+        env = {**checks.MAIN_ENV, "SSECAST_TEST_HEARTBEAT": "0"}
+        with django_server("uvicorn", env) as quiet:
+            elapsed = checks.check_disconnect(quiet)
+        print(f"disconnect noticed after {elapsed:.2f} s (no heartbeat)")
+    else:
+        elapsed = checks.check_disconnect(server)
+        print(f"disconnect noticed after {elapsed:.2f} s (heartbeat {checks.HEARTBEAT} s)")
 
 
 def test_event_stream_view(server: Server) -> None:
@@ -131,7 +138,7 @@ def test_slow_reader_is_evicted(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_close_ends_every_stream(kind: str) -> None:
-    """broadcaster.close() ends every open stream within 2 s; newcomers then get 503."""
+    """broadcaster.close() ends every open stream; newcomers then get 503."""
     env = {"SSECAST_TEST_HEARTBEAT": "0", "SSECAST_TEST_THREADS": str(STREAMS[kind] + 16)}
     with django_server(kind, env) as server:
         elapsed = await checks.check_close_ends_streams(server, STREAMS[kind])
@@ -140,7 +147,7 @@ async def test_close_ends_every_stream(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_sigterm_stops_server_with_open_streams(kind: str) -> None:
-    """SIGTERM stops the server within 2 s with every stream open, and logs no traceback."""
+    """SIGTERM stops the server with every stream open, and logs no traceback."""
     env = {"SSECAST_TEST_HEARTBEAT": "0", "SSECAST_TEST_THREADS": str(STREAMS[kind] + 16)}
     with django_server(kind, env) as server:
         elapsed = await checks.check_sigterm(server, STREAMS[kind])
