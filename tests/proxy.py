@@ -1,4 +1,4 @@
-"""A TCP proxy on loopback that a test can use to cut every connection at once."""
+"""A TCP proxy on loopback that a test can use to cut, or hold up, every connection at once."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class Proxy:
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._ready = threading.Event()
+        self._flowing: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def drop_all(self) -> None:
@@ -28,12 +29,31 @@ class Proxy:
         future = asyncio.run_coroutine_threadsafe(self._drop_all(), self._loop)
         future.result(timeout=5)
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold up every byte in either direction for the duration of the block.
+
+        The connections stay open, as with a peer that stopped reading (or a process
+        that was stopped): what is sent meanwhile is delivered when the block ends.
+        """
+        self._loop.call_soon_threadsafe(self._flow().clear)
+        try:
+            yield
+        finally:
+            self._loop.call_soon_threadsafe(self._flow().set)
+
+    def _flow(self) -> asyncio.Event:
+        assert self._flowing is not None, "the proxy is not running"
+        return self._flowing
+
     async def _drop_all(self) -> None:
         for writer in list(self._writers):
             writer.transport.abort()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         server = self._loop.run_until_complete(
             asyncio.start_server(self._serve, "127.0.0.1", self.port)
         )
@@ -54,7 +74,10 @@ class Proxy:
         upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target)
         self._writers |= {client, upstream}
         try:
-            await asyncio.gather(_pipe(client_reader, upstream), _pipe(upstream_reader, client))
+            flowing = self._flow()
+            await asyncio.gather(
+                _pipe(client_reader, upstream, flowing), _pipe(upstream_reader, client, flowing)
+            )
         finally:
             for writer in (client, upstream):
                 self._writers.discard(writer)
@@ -70,9 +93,12 @@ class Proxy:
         self._thread.join(5)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+) -> None:
     with contextlib.suppress(OSError):
         while data := await reader.read(65536):
+            await flowing.wait()
             writer.write(data)
             await writer.drain()
     writer.transport.abort()

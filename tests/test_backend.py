@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from sse_parser import parse
 from ssecast import (
+    AHEAD,
     GAP_EVENT_TYPE,
     Backend,
     BackendUnavailableError,
     Broadcaster,
     BroadcasterClosedError,
+    CloseReason,
     Deliver,
     Draft,
     Event,
     MemoryBackend,
+    ReportGap,
     Subscription,
     TooManySubscribersError,
 )
@@ -41,23 +46,22 @@ class LoggingBackend:
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.deliver: Deliver | None = None
+        self.report_gap: ReportGap | None = None
         self.starts = 0
         self.listen_threads: list[int] = []
         self.closes: list[str] = []
         self.replays: list[tuple[str, str | None, frozenset[str]]] = []
         self.unavailable = False
-        self.slow_start = 0.0
         self.slow_listen = 0.0
         self.replay_threads: list[int] = []
         # Runs inside replay, standing for what happens elsewhere while the backend does I/O.
         self.during_replay: Callable[[], None] = lambda: None
         self._lock = threading.Lock()
 
-    def start(self, deliver: Deliver) -> None:
+    def start(self, deliver: Deliver, report_gap: ReportGap) -> None:
         self.starts += 1
-        # Time for concurrent first users to pile up behind the broadcaster's lock.
-        time.sleep(self.slow_start)
         self.deliver = deliver
+        self.report_gap = report_gap
 
     def listen(self) -> None:
         # A backend connecting over the network takes a while; concurrent first users wait.
@@ -117,7 +121,7 @@ def test_memory_backend_delivers_each_event_once_in_id_order() -> None:
     """Every published draft is stamped with a new id and delivered at once, in order."""
     backend = MemoryBackend()
     delivered: list[Event] = []
-    backend.start(delivered.append)
+    backend.start(delivered.append, lambda: None)
     events = [backend.publish(_draft(str(number))) for number in range(3)]
     events.append(asyncio.run(backend.apublish(_draft("3"))))
     assert delivered == events
@@ -129,8 +133,8 @@ def test_memory_backend_delivers_each_event_once_in_id_order() -> None:
 def test_memory_backends_never_share_ids_and_replay_nothing() -> None:
     """Each instance has its own id space; beyond the ring there is no history."""
     one, two = MemoryBackend(), MemoryBackend()
-    one.start(lambda event: None)
-    two.start(lambda event: None)
+    one.start(lambda event: None, lambda: None)
+    two.start(lambda event: None, lambda: None)
     first = one.publish(_draft())
     assert first.id != two.publish(_draft()).id
     assert one.replay(first.id, None, frozenset({"default"})) is None
@@ -141,11 +145,11 @@ def test_memory_backends_never_share_ids_and_replay_nothing() -> None:
 # -- what the broadcaster asks of a backend -----------------------------------------------
 
 
-def test_the_backend_starts_lazily_and_once() -> None:
-    """Constructing a broadcaster does not start its backend; the first use does, once."""
+def test_the_backend_starts_with_the_broadcaster_and_listens_once_on_first_subscribe() -> None:
+    """The constructor starts the backend (no I/O); the first subscribe has it listen, once."""
     backend = LoggingBackend()
     b = Broadcaster(backend=backend)
-    assert backend.starts == 0
+    assert (backend.starts, backend.listen_threads) == (1, [])
     b.subscribe()
     b.publish("t", 1)
     b.subscribe()
@@ -156,13 +160,28 @@ def test_the_backend_starts_lazily_and_once() -> None:
     assert backend.closes == ["close"]
 
 
+def test_one_backend_serves_one_broadcaster() -> None:
+    """A backend handed to a second broadcaster is refused at once, by the Redis backend too."""
+    backend = RefusingSecondStart()
+    Broadcaster(backend=backend)
+    with pytest.raises(RuntimeError, match="one broadcaster"):
+        Broadcaster(backend=backend)
+
+
+class RefusingSecondStart(LoggingBackend):
+    def start(self, deliver: Deliver, report_gap: ReportGap) -> None:
+        if self.starts:
+            raise RuntimeError("this backend serves one broadcaster")
+        super().start(deliver, report_gap)
+
+
 def test_a_broadcaster_that_only_publishes_never_listens() -> None:
-    """Publishing starts the backend but asks it for nobody's events: no reader is needed."""
+    """Publishing asks the backend for nobody's events: no reader is needed."""
     backend = LoggingBackend()
     with Broadcaster(backend=backend) as b:
         b.publish("t", 1)
         asyncio.run(b.apublish("t", 2))
-        assert (backend.starts, backend.listen_threads) == (1, [])
+        assert backend.listen_threads == []
         assert b.stats().published == 2
 
 
@@ -192,29 +211,71 @@ def test_a_backend_that_cannot_listen_fails_subscribe_until_it_can() -> None:
     assert len(backend.listen_threads) == 1
 
 
-def test_the_backend_starts_once_when_many_threads_use_a_new_broadcaster() -> None:
-    """Concurrent first publishes and subscribes start the backend exactly once."""
-    backend = LoggingBackend()
-    backend.slow_start = backend.slow_listen = 0.05
-    b = Broadcaster(backend=backend)
-    barrier = threading.Barrier(8)
+def _run_together(*calls: Callable[[], object]) -> list[BaseException | None]:
+    """Run each call in a thread of its own, all at once; return what each raised."""
+    barrier = threading.Barrier(len(calls))
+    raised: list[BaseException | None] = [None] * len(calls)
 
-    def first_use(number: int) -> None:
+    def run(index: int) -> None:
         barrier.wait(JOIN_TIMEOUT)
-        if number % 2:
-            b.publish("t", number)
-        else:
-            b.subscribe()
+        try:
+            calls[index]()
+        except BaseException as error:
+            raised[index] = error
 
-    threads = [threading.Thread(target=first_use, args=(n,), daemon=True) for n in range(8)]
+    threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in range(len(calls))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(JOIN_TIMEOUT)
     assert not any(thread.is_alive() for thread in threads)
-    assert (backend.starts, len(backend.listen_threads)) == (1, 1)
-    assert b.stats().published == 4
+    return raised
+
+
+def test_concurrent_first_subscribes_have_the_backend_listen_once() -> None:
+    """Subscribers that arrive while the backend connects wait for it; it listens once."""
+    backend = LoggingBackend()
+    backend.slow_listen = 0.05
+    b = Broadcaster(backend=backend)
+    subs: list[Subscription] = []
+    assert _run_together(*[lambda: subs.append(b.subscribe()) for _ in range(6)]) == [None] * 6
+    assert len(backend.listen_threads) == 1
+    assert b.stats().subscribers == 6
     b.close()
+
+
+def test_subscribers_waiting_for_a_failed_listen_share_its_failure() -> None:
+    """When the backend cannot connect, those who waited fail too, instead of each retrying."""
+    backend = LoggingBackend()
+    backend.slow_listen = 0.1
+    backend.unavailable = True
+    with Broadcaster(backend=backend) as b:
+        raised = _run_together(*[b.subscribe for _ in range(4)])
+        assert all(isinstance(error, BackendUnavailableError) for error in raised)
+        assert b.stats().subscribers == 0
+
+
+def test_publishing_goes_on_while_the_backend_connects_for_a_subscriber() -> None:
+    """A slow listen holds no lock: other threads publish meanwhile, and close() is not stuck."""
+    backend = LoggingBackend()
+    backend.slow_listen = 1.0
+    b = Broadcaster(backend=backend)
+    raised: list[BaseException] = []
+
+    def subscribe() -> None:
+        with pytest.raises(BroadcasterClosedError) as caught:
+            b.subscribe()
+        raised.append(caught.value)
+
+    subscriber = threading.Thread(target=subscribe, daemon=True)
+    subscriber.start()
+    time.sleep(0.05)  # it is in listen() now
+    published = b.publish("t", 1)
+    b.close()  # while listen() is still running
+    assert backend.events == [published]
+    assert backend.closes == ["close"]
+    subscriber.join(JOIN_TIMEOUT)
+    assert len(raised) == 1  # the subscribe finished after close(): it got nothing
 
 
 def test_a_closed_broadcaster_does_not_begin_listening() -> None:
@@ -229,18 +290,10 @@ def test_a_closed_broadcaster_does_not_begin_listening() -> None:
     assert backend.closes == ["close"]
 
 
-def test_a_broadcaster_never_used_does_not_close_its_backend() -> None:
-    """There is nothing to release in a backend that never started."""
-    backend = LoggingBackend()
-    Broadcaster(backend=backend).close()
-    assert backend.closes == []
-
-
 async def test_aclose_closes_the_backend_without_blocking() -> None:
     """The async close awaits the backend's own async close."""
     backend = LoggingBackend()
     b = Broadcaster(backend=backend)
-    await b.apublish("t", 1)
     await b.aclose()
     await b.aclose()
     assert backend.closes == ["aclose"]
@@ -409,3 +462,131 @@ async def test_asubscribe_with_an_id_the_memory_backend_cannot_know_gives_a_gap_
         async with await b.asubscribe(last_event_id=stale.id) as sub:
             (gap,) = parse(sub.read_nowait()).events
             assert (gap.type, gap.last_event_id) == (GAP_EVENT_TYPE, newest.id)
+
+
+def _frames_of(sub: Subscription) -> list[tuple[str, str]]:
+    return [(event.type, event.data) for event in parse(sub.read_nowait()).events]
+
+
+def test_a_gap_the_backend_reports_reaches_every_subscriber_before_the_next_event() -> None:
+    """report_gap(): a gap for each subscriber, once; the full ones are evicted and logged."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend, queue_size=2, heartbeat=None) as b:
+        one, both = b.subscribe("a"), b.subscribe("a", "b")
+        full = b.subscribe("b")
+        b.publish("t", 1, channel="b")
+        b.publish("t", 2, channel="b")  # full holds two frames now, the most it may
+        both.read_nowait()
+        assert backend.report_gap is not None
+        backend.report_gap()
+        b.publish("t", 3, channel="a")
+        assert _frames_of(one) == [(GAP_EVENT_TYPE, "{}"), ("t", "3")]
+        assert _frames_of(both) == [(GAP_EVENT_TYPE, "{}"), ("t", "3")]
+        assert full.close_reason is CloseReason.EVICTED
+        assert b.stats().evicted == 1
+    with pytest.raises(BroadcasterClosedError):
+        backend.report_gap()
+
+
+def test_an_eviction_found_by_a_backend_thread_is_logged_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Outside any publish call (a backend's reader thread), an eviction is logged there."""
+    caplog.set_level(logging.INFO, logger="ssecast")
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend, queue_size=1) as b:
+        slow = b.subscribe()
+        assert backend.deliver is not None
+        for n in range(2):
+            thread = threading.Thread(target=backend.deliver, args=(_draft().stamp(f"r-{n}"),))
+            thread.start()
+            thread.join(JOIN_TIMEOUT)
+        assert slow.close_reason is CloseReason.EVICTED
+    assert "evicted a subscriber" in caplog.text
+
+
+class AheadBackend(LoggingBackend):
+    """Says AHEAD for an id of its log that it has not delivered yet, as a lagging reader would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held_back: list[Event] = []  # published elsewhere, not yet delivered here
+
+    def elsewhere(self, data: str) -> Event:
+        event = _draft(data).stamp(f"log-{len(self.events) + 1}")
+        self.events.append(event)
+        self.held_back.append(event)
+        return event
+
+    def catch_up(self) -> None:
+        assert self.deliver is not None
+        for event in self.held_back:
+            self.deliver(event)
+        self.held_back.clear()
+
+    def replay(self, after: str, until: str | None, channels: frozenset[str]) -> Any:
+        if after in {event.id for event in self.held_back}:
+            return AHEAD
+        return super().replay(after, until, channels)
+
+
+def test_a_resume_from_an_id_delivered_elsewhere_first_waits_for_it_here() -> None:
+    """No gap and no event twice: the subscription starts right after that id, once it comes."""
+    backend = AheadBackend()
+    with Broadcaster(backend=backend, history=1) as b:
+        early = backend.elsewhere("seen elsewhere")
+        seen = backend.elsewhere("the client's last")
+        with b.subscribe(last_event_id=seen.id) as sub, b.subscribe() as other:
+            assert sub.read_nowait() == b""  # held: nothing yet
+            backend.catch_up()
+            assert other.read_nowait() == early.frame + seen.frame
+            assert sub.read_nowait() == b""  # it saw both
+            live = b.publish("t", 1)
+            assert sub.read_nowait() == live.frame
+            assert b.stats().subscribers == 2
+
+
+def test_a_held_subscription_gets_a_gap_if_the_backend_loses_events_or_it_waits_too_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The awaited id may be lost, or never come (a forged id): the client is told, not starved."""
+    backend = AheadBackend()
+    with Broadcaster(backend=backend, heartbeat=None) as b:
+        lost = backend.elsewhere("lost")
+        forged = backend.elsewhere("never delivered")
+        waits_for_lost = b.subscribe(last_event_id=lost.id)
+        waits_forever = b.subscribe(last_event_id=forged.id)
+        reader = threading.Thread(target=lambda: next(waits_for_lost), daemon=True)
+        reader.start()  # a reader waits while it is held: it must be woken by the gap
+        time.sleep(0.05)
+        assert backend.report_gap is not None
+        backend.report_gap()
+        reader.join(JOIN_TIMEOUT)
+        assert not reader.is_alive()
+        first = b.publish("t", 1)
+        assert _frames_of(waits_for_lost) == [("t", "1")]
+        assert _frames_of(waits_forever)[0][0] == GAP_EVENT_TYPE  # the gap told it too
+        third = backend.elsewhere("still held back")
+        held = b.subscribe(last_event_id=third.id)
+        monkeypatch.setattr(time, "monotonic", lambda: float("inf"))  # ten seconds later...
+        second = b.publish("t", 2)
+        assert _frames_of(held) == [(GAP_EVENT_TYPE, "{}"), ("t", "2")]
+        assert first.id != second.id
+        held.close()
+        assert b.stats().subscribers == 2
+
+
+def test_closing_a_held_subscription_or_the_broadcaster_ends_it() -> None:
+    """A held subscription closes like any other, and a shutdown ends it."""
+    backend = AheadBackend()
+    b = Broadcaster(backend=backend)
+    awaited = backend.elsewhere("a")
+    one, same = (b.subscribe(last_event_id=awaited.id) for _ in range(2))
+    two = b.subscribe(last_event_id=backend.elsewhere("b").id)
+    one.close()
+    assert b.stats().subscribers == 2
+    same.close()
+    assert b.stats().subscribers == 1
+    b.close()
+    assert two.close_reason is CloseReason.SHUTDOWN
+    assert next(two, None) is None

@@ -656,11 +656,15 @@ def test_evictions_and_rejections_are_logged_without_the_payload(
     assert all(secret not in record.getMessage() for record in records)
 
 
-def test_a_log_handler_that_publishes_does_not_deadlock() -> None:
-    """A handler that streams ssecast's own log records (a live log viewer) may publish."""
-    b = Broadcaster(queue_size=1)
-    b.subscribe("app")  # never read: the second event evicts it, which is logged
-    viewer = b.subscribe("logs", queue_size=100)
+def test_a_log_handler_that_publishes_does_not_deadlock_with_another_publishing_thread() -> None:
+    """A handler that streams ssecast's log records (a live log viewer) may publish.
+
+    Here one thread logs through it while another evicts: the handler holds its lock while
+    it publishes, and the other thread's publish logs an eviction, which needs that lock
+    (and runs the handler inside that publish). ssecast logs once its locks are released.
+    """
+    b = Broadcaster(queue_size=1, heartbeat=None)
+    viewer = b.subscribe("logs", queue_size=10_000)
 
     class Forward(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -670,15 +674,28 @@ def test_a_log_handler_that_publishes_does_not_deadlock() -> None:
     handler, level = Forward(), ssecast_logger.level
     ssecast_logger.addHandler(handler)
     ssecast_logger.setLevel(logging.INFO)
+
+    def evict() -> None:
+        for n in range(300):
+            b.subscribe("app")  # never read: the second event evicts it
+            b.publish("t", n, channel="app")
+            b.publish("t", n, channel="app")
+
+    def log() -> None:
+        for n in range(300):
+            ssecast_logger.info("tick %d", n)
+
+    threads = [threading.Thread(target=work, daemon=True) for work in (evict, log)]
     try:
-        publisher = threading.Thread(
-            target=lambda: [b.publish("t", n, channel="app") for n in range(2)], daemon=True
-        )
-        publisher.start()
-        publisher.join(5)
-        assert not publisher.is_alive()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)  # both finish in well under a second
+        assert not any(thread.is_alive() for thread in threads), "deadlocked"
     finally:
         ssecast_logger.removeHandler(handler)
         ssecast_logger.setLevel(level)
-    assert b"evicted a subscriber" in viewer.read_nowait()
+    logged = viewer.read_nowait()
+    assert logged.count(b"evicted a subscriber") == 300
+    assert logged.count(b"tick") == 300
     b.close()

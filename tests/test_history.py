@@ -73,3 +73,23 @@ def test_after_the_id_just_before_the_ring_returns_the_whole_ring() -> None:
     """Every event after id 7 is still kept, so resuming after 7 loses nothing."""
     history, events = _filled(3, 10)
     assert history.after("7", ALL) == events[7:]
+
+
+def test_after_forget_no_id_resumes_from_the_ring_and_no_bookmark_spans_the_hole() -> None:
+    """Once events were lost, every id before the hole is unknown, the newest one included."""
+    history, _ = _filled(10, 5)
+    bookmark = history.mark
+    history.forget()
+    assert history.after("3", ALL) is None
+    assert history.after("5", ALL) is None  # the newest: it missed what was lost after it
+    assert history.last_id == "5"  # still what this process delivered last
+    assert history.since(bookmark, ALL) is None
+    # A bookmark taken as the hole was found spans it too: the replay up to it would
+    # come from before the hole, the ring's events from after.
+    assert history.since(history.mark, ALL) is None
+    history.append(_event(6))
+    after_the_hole = history.mark
+    history.append(later := _event(7))
+    assert history.after("6", ALL) == [later]
+    assert history.since(after_the_hole, ALL) == [later]
+    assert history.size == 10

@@ -16,6 +16,8 @@ import ssecast
 PACKAGE = Path(ssecast.__file__).resolve().parent
 
 EXPORTED = [
+    "AHEAD",
+    "Ahead",
     "Backend",
     "BackendUnavailableError",
     "Broadcaster",
@@ -33,6 +35,7 @@ EXPORTED = [
     "Payload",
     "PayloadTooLargeError",
     "PublishError",
+    "ReportGap",
     "Serializer",
     "SsecastError",
     "Stats",

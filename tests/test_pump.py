@@ -56,7 +56,7 @@ async def until(condition: Callable[[], object], seconds: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
-async def pumping(b: Broadcaster, send: Send) -> tuple[Subscription, asyncio.Task[bool]]:
+async def pumping(b: Broadcaster, send: Send) -> tuple[Subscription, asyncio.Task[None]]:
     """Subscribe and pump to ``send`` in a task of its own, as EventStream does."""
     sub = await b.asubscribe()
     return sub, asyncio.create_task(Pump(sub, send).run())
@@ -72,7 +72,7 @@ async def test_every_event_arrives_in_order_from_the_loop_and_from_threads() -> 
     published += await asyncio.to_thread(lambda: [b.publish("n", n) for n in range(50, 100)])
     await until(lambda: client.events == frames(published))
     await b.aclose()
-    assert await asyncio.wait_for(task, 5) is True  # run() returns once the subscription ended
+    await asyncio.wait_for(task, 5)  # run() returns once the subscription ended
     assert client.events == frames(published)
 
 
@@ -97,8 +97,8 @@ async def test_chunks_are_sent_by_loop_callbacks_in_the_tasks_context() -> None:
     await task
 
 
-async def test_a_send_that_needs_its_task_gets_nothing_and_run_says_so() -> None:
-    """A send that fails outside a task (asyncio.timeout inside it) makes run() return False."""
+async def test_a_send_that_needs_its_task_is_driven_from_the_task_from_the_start() -> None:
+    """A send that fails outside a task (asyncio.timeout in it) gets every chunk from the task."""
     b = Broadcaster(heartbeat=None)
     client = Client()
 
@@ -106,16 +106,35 @@ async def test_a_send_that_needs_its_task_gets_nothing_and_run_says_so() -> None
         async with asyncio.timeout(5):  # RuntimeError outside a task
             await client.send(message)
 
-    sub, task = await pumping(b, send_with_a_timeout)
-    assert await asyncio.wait_for(task, 5) is False
-    b.publish("n", 1)
-    await asyncio.sleep(0.01)
-    assert client.bodies == []
-    # The caller then writes from its task, where the same send works.
-    await send_with_a_timeout({"type": "http.response.body", "body": b"x", "more_body": True})
-    assert client.bodies == [b"x"]
-    assert sub.read_nowait() != b""
+    _, task = await pumping(b, send_with_a_timeout)
+    published = [b.publish("n", n) for n in range(3)]
+    published += await asyncio.to_thread(lambda: [b.publish("n", n) for n in range(3, 6)])
+    await until(lambda: b"".join(client.bodies) == frames(published))
+    assert set(client.senders) == {task}
     await b.aclose()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_a_send_that_refuses_a_later_chunk_outside_its_task_loses_nothing() -> None:
+    """A send that takes the empty probe from a callback but not a chunk: the task sends it."""
+    b = Broadcaster(heartbeat=None)
+    client = Client()
+
+    async def picky_send(message: MutableMapping[str, Any]) -> None:
+        # A middleware that needs its task only for bodies it inspects, i.e. non-empty ones.
+        if message["body"] and asyncio.current_task() is None:
+            raise RuntimeError("this send must run inside a task")
+        await client.send(message)
+
+    _, task = await pumping(b, picky_send)
+    await until(lambda: client.bodies == [b""])  # the probe went out from a callback
+    published = [b.publish("n", n) for n in range(3)]
+    await until(lambda: client.events == frames(published))
+    published += [b.publish("n", n) for n in range(3, 6)]
+    await until(lambda: client.events == frames(published))
+    assert set(client.senders[1:]) == {task}
+    await b.aclose()
+    await asyncio.wait_for(task, 5)
 
 
 async def test_a_first_chunk_that_finds_the_client_gone_raises() -> None:
@@ -140,7 +159,7 @@ async def test_frames_pending_when_the_broadcaster_closes_are_sent_then_run_ends
     await asyncio.sleep(0)  # parked
     events = [b.publish("n", n) for n in range(3)]
     b.close()  # before the wake-up the publishes queued has run
-    assert await asyncio.wait_for(task, 5) is True
+    await asyncio.wait_for(task, 5)
     assert client.events == frames(events)
 
 
@@ -174,7 +193,7 @@ async def test_a_send_that_waits_is_finished_by_the_task_before_the_next_one() -
         ("end", frames(later)),
     ]
     await b.aclose()
-    assert await task is True
+    await task
 
 
 async def test_an_awaitable_that_is_not_a_coroutine_is_awaited_too() -> None:
@@ -256,7 +275,7 @@ async def test_a_send_that_raises_cancelled_error_at_once_ends_run_with_it() -> 
         await asyncio.wait_for(task, 5)
     await until(lambda: other.events == event.frame)
     await b.aclose()
-    assert await healthy is True
+    await healthy
 
 
 async def test_a_send_that_raises_before_returning_an_awaitable_ends_run() -> None:
@@ -312,7 +331,7 @@ async def test_a_send_that_cancels_its_own_stream_ends_it_quietly(then: str) -> 
     reports: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda loop, context: reports.append(context))
     abandoned = asyncio.Event()
-    stream: asyncio.Task[bool] | None = None
+    stream: asyncio.Task[None] | None = None
 
     async def self_cancelling_send(message: MutableMapping[str, Any]) -> None:
         if not client.bodies:
@@ -357,7 +376,7 @@ async def test_a_send_may_absorb_the_cancellation_and_finish() -> None:
     second = b.publish("n", 1)
     await until(lambda: client.events == frames([first, second]))
     await b.aclose()
-    assert await asyncio.wait_for(task, 5) is True
+    await asyncio.wait_for(task, 5)
 
 
 @pytest.mark.parametrize("failing", [True, False])

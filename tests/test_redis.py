@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import textwrap
 import threading
@@ -21,9 +22,12 @@ import httpx
 import pytest
 import redis
 
-from servers import PYTHON, free_port, running
+import ssecast.redis
+from reading import Client, assert_told_of_every_hole
+from servers import PYTHON, TESTS, free_port, running
 from sse_parser import ParsedEvent, parse
 from ssecast import (
+    AHEAD,
     GAP_EVENT_TYPE,
     BackendUnavailableError,
     Broadcaster,
@@ -33,11 +37,13 @@ from ssecast import (
     Event,
     Subscription,
 )
+from ssecast._redis_reader import Position
 from ssecast.redis import RedisBackend
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+PYTHONPATH = list(filter(None, [os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture
@@ -70,33 +76,12 @@ def seen(events: list[ParsedEvent]) -> list[tuple[str, str, str]]:
     return [(e.last_event_id, e.type, e.data) for e in events]
 
 
-class Reader:
+class Reader(Client):
     """A client reading one subscription from this thread, keeping all it received."""
-
-    def __init__(self, sub: Subscription) -> None:
-        self.sub = sub
-        self.stream = b""
-
-    def events(self, count: int, timeout: float = 15.0) -> list[ParsedEvent]:
-        """Read until ``count`` events arrived in all; return every event received."""
-        deadline = time.monotonic() + timeout
-        events = parse(self.stream).events
-        while len(events) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(events)} of {count} events within {timeout} s")
-            chunk = next(self.sub, None)
-            if chunk is None:
-                raise AssertionError(f"the subscription ended: {self.sub.close_reason}")
-            self.stream += chunk
-            events = parse(self.stream).events
-        return events
 
     def exactly(self, wanted: list[tuple[str, str, str]], marker: Event) -> None:
         """Assert that ``wanted``, then ``marker``, is all that arrived: no gap, no extra."""
-        events = self.events(len(wanted) + 1)
-        while events[-1].last_event_id != marker.id:
-            events = self.events(len(events) + 1)
-        assert seen(events) == [*wanted, (marker.id, marker.type, marker.data)]
+        assert seen(self.until(marker)) == [*wanted, (marker.id, marker.type, marker.data)]
 
 
 async def read_async(sub: Subscription, count: int, seconds: float = 15.0) -> list[ParsedEvent]:
@@ -301,19 +286,16 @@ def test_redis_restart_mid_stream_loses_no_acknowledged_event(
             assert next(reader.sub) == b":\n\n"  # still connected, kept alive meanwhile
 
         stack.enter_context(running(argv, port=port))
-        # The restarted server's stream is empty, so its ids may be lower than those the
-        # readers saw last (a clock behind; forced here with an explicit id).
-        with redis.Redis.from_url(url) as client:
-            body = b'event: n\ndata: "early"\n\n'
-            client.xadd(
-                prefix + "events",
-                {"type": "n", "channel": "x", "data": '"early"', "body": body},
-                id="1-0",
-            )
-        acked.append(Event("n", "1-0", "x", '"early"', b"id: 1-0\n" + body))
-        acked += [publisher.publish("n", f"secret-{n}", channel="x") for n in range(10, 20)]
+        acked += [publish_when_back(publisher, f"secret-{n}", "x") for n in range(10, 20)]
+        # Every acknowledged event arrives. The server lost whatever was published between
+        # the readers' last read and the kill, if anything, so they were told: a gap.
         for reader in readers:
-            assert seen(reader.events(21)) == expected(acked, "x")
+            got = reader.until(acked[-1])
+            assert GAP_EVENT_TYPE in [event.type for event in got[10:]]
+            assert_told_of_every_hole(got, acked)
+            assert [event.data for event in got if event.type != GAP_EVENT_TYPE] == [
+                event.data for event in acked
+            ]
             assert reader.sub.close_reason is None
         publisher.close()  # before the server stops, which the readers would log
         elsewhere.close()
@@ -322,12 +304,14 @@ def test_redis_restart_mid_stream_loses_no_acknowledged_event(
     assert "secret" not in caplog.text
 
 
-def publish_when_back(broadcaster: Broadcaster, data: object, within: float = 10.0) -> Event:
+def publish_when_back(
+    broadcaster: Broadcaster, data: object, channel: str = "default", within: float = 10.0
+) -> Event:
     """Publish once the restarted Redis takes commands (it may still be loading)."""
     deadline = time.monotonic() + within
     while True:
         try:
-            return broadcaster.publish("n", data)
+            return broadcaster.publish("n", data, channel=channel)
         except BackendUnavailableError:
             if time.monotonic() > deadline:
                 raise
@@ -353,8 +337,19 @@ def test_redis_back_from_an_older_snapshot_delivers_nothing_twice(
         server.stop(signal.SIGKILL)
         stack.enter_context(running(argv, port=port))
         acked += [publish_when_back(b, n) for n in range(10, 15)]
-        marker = b.publish("n", "marker")
-        reader.exactly(expected(acked, "default"), marker)
+        # Events 5 to 9 are gone from Redis (and what followed them, the reader cannot
+        # know): a gap, then the new events, and none of the first ten twice.
+        got = reader.until(acked[-1])
+        assert GAP_EVENT_TYPE in [event.type for event in got[10:]]
+        assert_told_of_every_hole(got, acked)
+        assert [event.data for event in got if event.type != GAP_EVENT_TYPE] == [
+            event.data for event in acked
+        ]
+        # A process that starts only now never saw the restart, yet a client that saw
+        # event 2 and resumes there is told of the loss: the reader left a gap marker.
+        with redis_broadcaster(prefix, url=url) as fresh:
+            (gap, *_) = Reader(fresh.subscribe(last_event_id=acked[2].id)).events(1)
+            assert gap.type == GAP_EVENT_TYPE
         b.close()  # before the server stops, which its reader would log
 
 
@@ -383,7 +378,14 @@ async def test_async_subscribers_outlive_a_redis_restart(
                 except BackendUnavailableError:
                     await asyncio.sleep(0.05)
         acked += [await b.apublish("n", n) for n in range(4, 6)]
-        assert seen(await read_async(sub, 3)) == expected(acked[3:], "default")
+        got = await read_async(sub, 4)
+        while got[-1].last_event_id != acked[-1].id:
+            got += await read_async(sub, 1)
+        assert got[0].type == GAP_EVENT_TYPE  # what was published before the kill may be lost
+        assert_told_of_every_hole(got, acked[3:])
+        assert [event.data for event in got if event.type != GAP_EVENT_TYPE] == [
+            event.data for event in acked[3:]
+        ]
         await b.aclose()  # before the server stops, which the reader would log
     assert "lost its connection" in caplog.text
     assert "reading it from its start" in caplog.text
@@ -489,10 +491,15 @@ async def test_aclose_stops_the_reader_and_closes_the_async_client(prefix: str) 
     await asyncio.to_thread(wait_for_no_connections, backend)
 
 
-def test_a_burst_larger_than_a_queue_is_read_at_the_pace_of_its_reader(prefix: str) -> None:
-    """1,000 events at once reach a subscriber whose queue holds 150: read in steps, not evicted."""
+def test_a_burst_written_at_once_arrives_whole_and_in_order(prefix: str) -> None:
+    """1,000 entries appended in one go (by another program, without seq) all arrive, in order.
+
+    The reader delivers them 100 at a time. Whether a subscriber with a smaller queue than
+    the burst keeps up depends on its thread being scheduled between two batches, which
+    nothing guarantees on a loaded machine; so this one has room for all of them.
+    """
     with redis_broadcaster(prefix) as b, redis.Redis.from_url(REDIS_URL) as admin:
-        reader = Reader(b.subscribe(queue_size=150))
+        reader = Reader(b.subscribe(queue_size=1000))
         with admin.pipeline(transaction=False) as pipe:
             for n in range(1000):
                 body = f"event: n\ndata: {n}\n\n".encode()
@@ -748,24 +755,24 @@ async def test_three_workers_bring_a_publisher_process_to_300_clients(prefix: st
 
 def test_replay_returns_the_range_after_until_on_the_channels(prefix: str) -> None:
     """The backend replays (after, until] on the channels, page after page; None: its start."""
-    # The listener's reader remembers only its maxlen + 1000 latest ids; it still delivers all.
-    with redis_broadcaster(prefix) as a, redis_broadcaster(prefix, maxlen=1) as listener:
+    with redis_broadcaster(prefix) as a, redis_broadcaster(prefix) as listener:
         listener.subscribe("x", "y", queue_size=3000)
         events = [a.publish("n", n, channel="xy"[n % 2]) for n in range(2100)]
         backend = RedisBackend(REDIS_URL, prefix=prefix)
         assert "not started" in repr(backend)
-        backend.start(lambda event: None)
+        backend.start(lambda event: None, lambda: None)
         assert "started" in repr(backend)
+        # Newer than what this process delivered: the broadcaster waits for it.
+        assert backend.replay(events[8].id, events[7].id, frozenset({"x"})) is AHEAD
         backend.listen()
         assert "listening" in repr(backend)
         try:
             replayed = backend.replay(events[2].id, events[2050].id, frozenset({"x"}))
             assert replayed == [e for e in events[3:2051] if e.channel == "x"]
             assert backend.replay(events[2].id, None, frozenset({"x", "y"})) == events[3:]
-            # Newer than what this process delivered: the broadcaster's ring decides.
-            assert backend.replay(events[8].id, events[7].id, frozenset({"x"})) is None
+            assert backend.replay(events[8].id, events[7].id, frozenset({"x"})) is AHEAD
             with pytest.raises(RuntimeError, match="starts once"):
-                backend.start(lambda event: None)
+                backend.start(lambda event: None, lambda: None)
             with pytest.raises(RuntimeError, match="listens once"):
                 backend.listen()
         finally:
@@ -792,7 +799,7 @@ def test_close_works_before_start_and_from_the_reader_thread(prefix: str) -> Non
 
     with pytest.raises(RuntimeError, match="after start"):
         backend.listen()
-    backend.start(deliver)
+    backend.start(deliver, lambda: None)
     backend.listen()
     thread = reader_thread(backend)
     backend.publish(Draft("n", "default", "1", b"event: n\ndata: 1\n\n"))
@@ -825,7 +832,7 @@ def test_a_reader_stops_quietly_when_its_broadcaster_is_closed(
         raise BroadcasterClosedError("the broadcaster was closed")
 
     backend = RedisBackend(REDIS_URL, prefix=prefix)
-    backend.start(deliver)
+    backend.start(deliver, lambda: None)
     backend.listen()
     thread = reader_thread(backend)
     try:
@@ -851,7 +858,7 @@ def test_a_failing_deliver_is_logged_and_delivery_goes_on(
         both.set()
 
     backend = RedisBackend(REDIS_URL, prefix=prefix)
-    backend.start(deliver)
+    backend.start(deliver, lambda: None)
     backend.listen()
     try:
         draft = Draft("n", "default", "1", b"event: n\ndata: 1\n\n")
@@ -935,3 +942,116 @@ def test_a_refused_command_is_backend_unavailable(prefix: str) -> None:
         client.set(prefix + "events", "not a stream")
         with pytest.raises(BackendUnavailableError, match="refused the command"):
             b.publish("t", 1)
+
+
+PAUSED_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from sse_parser import parse
+    from ssecast import Broadcaster
+    from ssecast.redis import RedisBackend
+
+    url, prefix = sys.argv[1:]
+    b = Broadcaster(backend=RedisBackend(url, prefix=prefix, maxlen=50), heartbeat=0.2)
+    sub = b.subscribe(queue_size=5000)
+    print("ready", flush=True)
+    stream, printed = b"", 0
+    for chunk in sub:
+        stream += chunk
+        events = parse(stream).events
+        for event in events[printed:]:
+            print(json.dumps([event.type, event.last_event_id, event.data]), flush=True)
+        printed = len(events)
+    """
+)
+
+
+def test_a_worker_paused_while_the_stream_is_trimmed_tells_its_clients(prefix: str) -> None:
+    """SIGSTOP a worker while 1,000 events go by with maxlen=50: its client gets a gap."""
+    argv = [PYTHON, "-c", PAUSED_WORKER, REDIS_URL, prefix]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *PYTHONPATH])}
+    with (
+        subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=TESTS) as worker,
+        redis_broadcaster(prefix, maxlen=50) as publisher,
+    ):
+        assert worker.stdout is not None
+        try:
+            assert worker.stdout.readline() == "ready\n"
+            first = publisher.publish("n", 0)
+            assert json.loads(worker.stdout.readline()) == ["n", first.id, "0"]
+            worker.send_signal(signal.SIGSTOP)
+            sent = [publisher.publish("n", n) for n in range(1, 1001)]
+            worker.send_signal(signal.SIGCONT)
+            got: list[list[str]] = []
+            while not got or got[-1][1] != sent[-1].id:
+                got.append(json.loads(worker.stdout.readline()))
+        finally:
+            worker.kill()
+    types = [event_type for event_type, _, _ in got]
+    assert types.count(GAP_EVENT_TYPE) == 1
+    hole = types.index(GAP_EVENT_TYPE)
+    before, after = got[:hole], got[hole + 1 :]
+    assert before == [["n", e.id, e.data] for e in sent[: len(before)]]
+    assert after == [["n", e.id, e.data] for e in sent[len(sent) - len(after) :]]
+    assert len(before) + len(after) < len(sent)
+
+
+def test_close_during_a_listen_to_a_silent_redis_ends_that_subscribe_at_once() -> None:
+    """close() while the first subscribe waits for a Redis that never answers: both return."""
+    with socket.socket() as hole:  # accepts connections (the kernel does), never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(8)
+        url = f"redis://127.0.0.1:{hole.getsockname()[1]}/0"
+        b = Broadcaster(backend=RedisBackend(url, prefix="silent:"))
+        raised: list[BaseException] = []
+
+        def subscribe() -> None:
+            try:
+                b.subscribe()
+            except BaseException as error:
+                raised.append(error)
+
+        thread = threading.Thread(target=subscribe, daemon=True)
+        thread.start()
+        time.sleep(0.2)  # waiting in listen() for Redis's answer (5 s before a timeout)
+        b.close()
+        thread.join(2.5)  # half the socket timeout: only a prompt end gets here
+        assert not thread.is_alive()
+        assert [type(error) for error in raised] == [BroadcasterClosedError]
+
+
+def test_a_redis_that_refuses_info_still_serves(prefix: str) -> None:
+    """A user without INFO (an ACL, a managed Redis) publishes and reads; restarts go unseen."""
+    user = f"ssecast-test-{uuid.uuid4().hex[:8]}"
+    with redis.Redis.from_url(REDIS_URL) as admin:
+        admin.acl_setuser(
+            user, enabled=True, nopass=True, keys=["*"], channels=["*"], commands=["+@all", "-info"]
+        )
+        try:
+            url = f"redis://{user}@127.0.0.1:6379/0"
+            with redis_broadcaster(prefix, url=url) as b:
+                reader = Reader(b.subscribe())
+                event = b.publish("n", 1)
+                assert seen(reader.events(1)) == expected([event], "default")
+        finally:
+            admin.acl_deluser(user)
+
+
+def test_close_as_listen_connects_leaves_no_reader(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close() that lands just after listen() found its place in the stream: no reader runs."""
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    b = Broadcaster(backend=backend)
+    real_locate = ssecast.redis.locate
+
+    def locate_then_close(client: redis.Redis, key: str) -> Position:
+        found = real_locate(client, key)
+        b.close()
+        return found
+
+    monkeypatch.setattr(ssecast.redis, "locate", locate_then_close)
+    with pytest.raises(BroadcasterClosedError):
+        b.subscribe()
+    assert not [t for t in threading.enumerate() if t.name == f"ssecast-redis-reader {backend.key}"]
+    wait_for_no_connections(backend)

@@ -15,6 +15,7 @@ import pytest
 
 from sse_parser import parse
 from ssecast import Broadcaster, CloseReason, Event, Subscription
+from ssecast._subscription import feed_of
 from ssecast._wire import HEARTBEAT
 
 HEARTBEAT_SECONDS = 0.05
@@ -29,7 +30,7 @@ def _ids(chunks: list[bytes]) -> list[str]:
 # Whether a reader is parked is not observable through the public API, yet several tests
 # need it to be, so that they test waking a waiting reader and not reading a full buffer.
 def _parked(sub: Subscription) -> bool:
-    return sub._waiter is not None
+    return feed_of(sub).waiting
 
 
 def _wait_parked(sub: Subscription) -> None:
@@ -178,21 +179,46 @@ async def test_an_async_reader_busy_when_its_heartbeat_fell_due_gets_one_later()
         assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == HEARTBEAT
 
 
-async def test_a_closed_async_reader_leaves_no_heartbeat_timer_behind() -> None:
+class TimerCount:
+    """Counts the timers a loop is asked to arm, so a test sees a heartbeat stop re-arming."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.armed = 0
+        loop = asyncio.get_running_loop()
+        call_at = loop.call_at
+
+        def counting_call_at(
+            when: float, callback: Any, *args: Any, **kwargs: Any
+        ) -> asyncio.TimerHandle:
+            if getattr(callback, "__module__", None) == "ssecast._subscription":
+                self.armed += 1
+            return call_at(when, callback, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_at", counting_call_at)
+
+
+async def test_a_closed_async_reader_leaves_no_heartbeat_timer_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Once its subscription ends, a reader's heartbeat timer stops re-arming itself."""
+    timers = TimerCount(monkeypatch)
     async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b:
         sub = b.subscribe()
-        reader = asyncio.ensure_future(anext(sub))
-        await asyncio.sleep(0)
+        reader = asyncio.ensure_future(_read_all(sub))
+        await asyncio.sleep(HEARTBEAT_SECONDS * 2.5)
+        assert timers.armed >= 2  # it ran: armed, fired, re-armed
         sub.close()
-        with pytest.raises(StopAsyncIteration):
-            await asyncio.wait_for(reader, JOIN_TIMEOUT)
-        await asyncio.sleep(HEARTBEAT_SECONDS * 1.5)
-        assert sub._heartbeat_timer is None
+        assert HEARTBEAT in await asyncio.wait_for(reader, JOIN_TIMEOUT)
+        armed = timers.armed
+        await asyncio.sleep(HEARTBEAT_SECONDS * 3)
+        assert timers.armed == armed
 
 
-async def test_a_reader_closed_from_another_thread_is_not_kept_alive_by_its_timer() -> None:
+async def test_a_reader_closed_from_another_thread_is_not_kept_alive_by_its_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A timer cannot be cancelled from another thread; it finds the end and stops."""
+    timers = TimerCount(monkeypatch)
     async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b:
         kept = b.subscribe()
         dropped = b.subscribe()
@@ -205,18 +231,34 @@ async def test_a_reader_closed_from_another_thread_is_not_kept_alive_by_its_time
         gc.collect()
         assert gone() is None  # its timer holds it weakly
         await asyncio.sleep(HEARTBEAT_SECONDS * 2)  # both timers fire and stop
-        assert kept._heartbeat_timer is None
+        armed = timers.armed
+        await asyncio.sleep(HEARTBEAT_SECONDS * 3)
+        assert timers.armed == armed
+        assert kept.closed
 
 
 async def test_a_frame_that_lands_as_the_heartbeat_fires_is_read_instead() -> None:
     """The timer woke the reader, then a frame came before it ran: it gets the frame."""
-    async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b, b.subscribe() as sub:
+    async with Broadcaster(heartbeat=JOIN_TIMEOUT) as b, b.subscribe() as sub:
         reader = asyncio.ensure_future(anext(sub))
         await asyncio.sleep(0)  # the reader waits
-        sub._quiet_since -= HEARTBEAT_SECONDS  # ...and has been quiet for a heartbeat
-        sub._heartbeat_due(asyncio.get_running_loop())  # the timer fires
+        waiter = feed_of(sub).parked_on(asyncio.get_running_loop())
+        assert waiter is not None
+        waiter.heartbeat_due()  # what the timer does once the reader has been quiet
         event = b.publish("t", 1)  # before the reader runs again
         assert await asyncio.wait_for(reader, JOIN_TIMEOUT) == event.frame
+
+
+def test_an_async_reader_gets_heartbeats_on_every_event_loop_it_is_read_on() -> None:
+    """Read under one asyncio.run() and then another, a subscription still gets heartbeats."""
+    with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b, b.subscribe() as sub:
+
+        async def read_two() -> list[bytes]:
+            return [await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) for _ in range(2)]
+
+        first = asyncio.run(read_two())
+        second = asyncio.run(read_two())  # the first loop, and its timer, are gone
+        assert first == second == [HEARTBEAT, HEARTBEAT]
 
 
 def _publish_into(b: Broadcaster, number: int, published: list[Event]) -> None:
@@ -472,3 +514,45 @@ def test_a_reader_whose_event_loop_closed_does_not_break_publishing(quiet: Broad
     assert sub.read_nowait() == event.frame
     assert not task.done()
     sub.close()
+
+
+async def test_an_async_reader_that_never_catches_up_still_lets_other_tasks_run() -> None:
+    """A reader always finding frames pending yields to the loop once per chunk."""
+    with Broadcaster(heartbeat=None) as b, b.subscribe(queue_size=10_000) as sub:
+        for n in range(100):
+            b.publish("t", n)
+        other_ran = asyncio.Event()
+        asyncio.get_running_loop().call_soon(other_ran.set)
+        chunks = 0
+        while not other_ran.is_set():
+            b.publish("t", "more")  # there is always something pending
+            await anext(sub)
+            chunks += 1
+            assert chunks < 10, "the reader kept the loop to itself"
+
+
+async def test_a_heartbeat_due_while_nobody_waits_is_sent_when_the_reader_waits_again() -> None:
+    """The timer finds no reader waiting (it read with read_nowait): it does nothing, then beats."""
+    async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b, b.subscribe() as sub:
+        event = b.publish("t", 1)
+        assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == event.frame
+        assert sub.read_nowait() == b""  # takes the waiter back: nobody waits now
+        await asyncio.sleep(HEARTBEAT_SECONDS * 3)  # the timer fired, with nobody to wake
+        assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == HEARTBEAT
+
+
+def test_a_frame_that_lands_as_a_thread_readers_heartbeat_falls_due_is_read_instead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wait timed out, and a frame came before the reader looked again: it gets the frame."""
+    with Broadcaster(heartbeat=JOIN_TIMEOUT) as b, b.subscribe() as sub:
+        published: list[Event] = []
+
+        def times_out_as_a_frame_lands(event: threading.Event, timeout: float | None) -> bool:
+            published.append(b.publish("t", 1))
+            return False
+
+        monkeypatch.setattr(threading.Event, "wait", times_out_as_a_frame_lands)
+        chunk = next(sub)
+        monkeypatch.undo()
+        assert chunk == published[0].frame

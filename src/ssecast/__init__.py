@@ -4,7 +4,7 @@ Framework adapters live in their own modules (``ssecast.asgi``, ``ssecast.flask`
 ``ssecast.django``, ``ssecast.redis``) and are never imported from here.
 """
 
-from ssecast._backend import Backend, Deliver, MemoryBackend
+from ssecast._backend import AHEAD, Ahead, Backend, Deliver, MemoryBackend, ReportGap
 from ssecast._broadcaster import DEFAULT_CHANNEL, Broadcaster, Stats
 from ssecast._encoder import GAP_EVENT_TYPE, Payload, Serializer
 from ssecast._event import Draft, Event
@@ -25,8 +25,10 @@ from ssecast._subscription import CloseReason, Subscription
 __version__ = "0.1.0"
 
 __all__ = [
+    "AHEAD",
     "DEFAULT_CHANNEL",
     "GAP_EVENT_TYPE",
+    "Ahead",
     "Backend",
     "BackendUnavailableError",
     "Broadcaster",
@@ -42,6 +44,7 @@ __all__ = [
     "Payload",
     "PayloadTooLargeError",
     "PublishError",
+    "ReportGap",
     "Serializer",
     "SsecastError",
     "Stats",

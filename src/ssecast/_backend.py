@@ -7,20 +7,47 @@ events for resume without I/O, and the fan-out to its own subscribers.
 
 from __future__ import annotations
 
+import enum
 import secrets
 import threading
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
+from ssecast import _fork
 from ssecast._event import Draft, Event
 
-__all__ = ["Backend", "Deliver", "MemoryBackend"]
+__all__ = ["AHEAD", "Ahead", "Backend", "Deliver", "MemoryBackend", "ReportGap"]
 
 Deliver = Callable[[Event], None]
 """What a backend calls with each event, in id order, one call at a time.
 
-It raises :class:`~ssecast.BroadcasterClosedError` once the broadcaster is closed: a
-backend then stops delivering (and a ``publish`` that delivers in place lets it through).
+It runs only ssecast's own code and never blocks, so a backend may hold a lock of its own
+across it. It raises :class:`~ssecast.BroadcasterClosedError` once the broadcaster is
+closed: a backend then stops delivering (and a ``publish`` that delivers in place lets it
+through).
+"""
+
+ReportGap = Callable[[], None]
+"""What a backend calls when events may have been lost before the next one it delivers.
+
+For example, its reader fell so far behind that the events it had yet to read were
+trimmed, or the store was reset. Every subscriber then gets an ``ssecast.gap`` event,
+and no client resumes across the hole from the broadcaster's ring of recent events.
+It raises :class:`~ssecast.BroadcasterClosedError` once the broadcaster is closed.
+"""
+
+
+class Ahead(enum.Enum):
+    """The type of :data:`AHEAD`, for annotations."""
+
+    AHEAD = "delivered by another process, not yet by this one"
+
+
+AHEAD: Final = Ahead.AHEAD
+"""What :meth:`Backend.replay` returns for an id newer than ``until``.
+
+The client saw it through a faster process. The broadcaster then holds the subscription
+until this process delivers that id, and goes on live after it: no gap, no duplicate.
 """
 
 
@@ -28,21 +55,26 @@ backend then stops delivering (and a ``publish`` that delivers in place lets it 
 class Backend(Protocol):
     """What a :class:`~ssecast.Broadcaster` needs from the system that carries its events.
 
-    The contract, which the in-memory and Redis backends both follow:
+    The contract, which the in-memory and Redis backends both follow (``tests/
+    test_backend_contract.py`` checks it, and a new backend is added there):
 
-    - The broadcaster calls each of :meth:`start` and :meth:`listen` once, lazily:
-      ``start`` before its first ``publish`` or ``subscribe``, ``listen`` before its
-      first ``subscribe`` (never in a constructor, so a broadcaster made at import time
-      survives a pre-forking server). A process that only publishes never listens.
+    - The broadcaster calls :meth:`start` once, from its constructor, and :meth:`listen`
+      once, before its first ``subscribe``. Neither may be called with a lock held, and
+      ``start`` connects to nothing, so a broadcaster made at import time survives a
+      pre-forking server. A process that only publishes never listens.
     - Every event published through the backend after ``listen`` returned, by this
       process or any other, is passed to ``deliver`` exactly once, in id order, and
-      never two calls at a time. Before that, a backend may deliver this process's own
-      events (the memory backend does) or none (the Redis backend).
-    - Ids are opaque strings free of CR, LF and NUL, and increase in delivery order.
+      never two calls at a time, unless it is lost: then ``report_gap`` is called before
+      the next event is delivered. Before ``listen``, a backend may deliver this
+      process's own events (the memory backend does) or none (the Redis backend).
+    - Ids are opaque strings free of CR, LF and NUL; they increase in delivery order and
+      are never handed out twice, by any process or any fork of one.
+    - No method blocks a running event loop: ``apublish`` and ``aclose`` do their I/O
+      elsewhere, and nothing is kept per event loop that outlives it.
     """
 
-    def start(self, deliver: Deliver) -> None:
-        """Remember to pass events to ``deliver``; connect to nothing yet."""
+    def start(self, deliver: Deliver, report_gap: ReportGap) -> None:
+        """Remember where to deliver events and report gaps; connect to nothing yet."""
 
     def listen(self) -> None:
         """Begin passing every event published anywhere on this backend to ``deliver``.
@@ -62,21 +94,25 @@ class Backend(Protocol):
     async def apublish(self, draft: Draft) -> Event:
         """Do what :meth:`publish` does without blocking the running event loop."""
 
-    def replay(self, after: str, until: str | None, channels: frozenset[str]) -> list[Event] | None:
+    def replay(
+        self, after: str, until: str | None, channels: frozenset[str]
+    ) -> list[Event] | Ahead | None:
         """Return the events on ``channels`` after id ``after``, up to ``until`` included.
 
         The broadcaster asks only for ids that fell out of its own ring of recent events.
+        It must not block for long: a slow answer holds up a subscriber, and a thread.
 
         :param until: the last id already delivered to this process; ``None`` means the
             point at which :meth:`listen` began delivering.
-        :returns: ``None`` when ``after`` is unknown, trimmed, or newer than ``until`` (another
-            process delivered it first); the broadcaster then looks for it in its ring once
-            more, and otherwise begins the stream with a gap.
+        :returns: :data:`AHEAD` when ``after`` is newer than ``until`` (another process
+            delivered it first); ``None`` when it is unknown, trimmed, or events after it
+            may be lost: the broadcaster looks for it in its ring once more, and otherwise
+            begins the stream with a gap.
         :raises BackendUnavailableError: the history could not be read.
         """
 
     def close(self) -> None:
-        """Stop delivering and release connections and threads."""
+        """Stop delivering and release connections and threads; also during a ``listen``."""
 
     async def aclose(self) -> None:
         """Do what :meth:`close` does without blocking the running event loop."""
@@ -86,21 +122,23 @@ class MemoryBackend:
     """Ids and delivery within one process; the default backend.
 
     It keeps no history of its own: the broadcaster's ring of ``history`` recent
-    events is all there is, so older ids resume with a gap.
+    events is all there is, so older ids resume with a gap. Ids carry a prefix drawn
+    for each process, so that an id from another process (a sibling worker forked from
+    the same parent), an earlier run, or another broadcaster is never taken for one of
+    its own.
     """
 
     def __init__(self) -> None:
-        # Reentrant: a logging handler that publishes (a live log viewer) may run inside
-        # deliver(), which logs evictions; a plain lock would deadlock that thread.
-        self._lock = threading.RLock()
-        # Ids carry a per-instance prefix so an id from an earlier run of the process,
-        # or from another broadcaster, is never mistaken for one of ours.
-        self._prefix = secrets.token_hex(4) + "-"
+        # Held across deliver(), which runs only ssecast's code, so that ids reach every
+        # subscriber in increasing order. The lock order is in _broadcaster.py.
+        self._lock = threading.Lock()
+        self._prefix = _new_prefix()
         self._count = 0
         self._deliver: Deliver | None = None
+        _fork.guard(self, self._lock, MemoryBackend._renew_prefix)
 
-    def start(self, deliver: Deliver) -> None:
-        """Remember where to deliver."""
+    def start(self, deliver: Deliver, report_gap: ReportGap) -> None:
+        """Remember where to deliver; it never loses an event, so it never reports a gap."""
         self._deliver = deliver
 
     def listen(self) -> None:
@@ -111,7 +149,6 @@ class MemoryBackend:
         deliver = self._deliver
         if deliver is None:
             raise RuntimeError("MemoryBackend.publish() called before start()")
-        # Held across delivery so that ids reach every subscriber in increasing order.
         with self._lock:
             self._count += 1
             event = draft.stamp(f"{self._prefix}{self._count}")
@@ -132,3 +169,12 @@ class MemoryBackend:
     async def aclose(self) -> None:
         """Do what :meth:`close` does."""
         self.close()
+
+    def _renew_prefix(self) -> None:
+        """In a forked child: ids of its own, which its parent and siblings never gave."""
+        self._prefix = _new_prefix()
+        self._count = 0
+
+
+def _new_prefix() -> str:
+    return secrets.token_hex(4) + "-"

@@ -1,19 +1,44 @@
-"""The Broadcaster: validate, encode once, fan out under the lock, evict the slow."""
+"""The Broadcaster: validate, encode once, fan out under the lock, evict the slow.
+
+Every lock ssecast makes, what it guards, and the order they are taken in: a thread that
+holds one takes only locks of a higher order, never a leaf's. None is held while code that
+is not ssecast's runs (a serializer, a logging handler, backend I/O, an ASGI ``send``, a
+user's callback) or while anything blocks; evictions found while a backend holds its lock
+are logged once the publishing call has released every lock.
+
+=====  ==============================================  ======================================
+order  lock (module)                                   guards
+=====  ==============================================  ======================================
+1      ``_registry_lock`` (``_fork``)                  the locks held across ``os.fork()``;
+                                                       the fork hooks then take 2 to 4
+2      ``MemoryBackend._lock`` (``_backend``)          its id counter; held across
+                                                       ``deliver`` so ids arrive in order
+3      ``Broadcaster._lock`` (here)                    audiences, every feed (frames, waiter,
+                                                       end), history, counters, flags
+4      ``RedisBackend._lock`` (``redis``)              a leaf: its callbacks, reader, closed
+4      ``Connections._lock`` (``_redis_connections``)  a leaf: closed or not, and the
+                                                       commands running on the shared client
+=====  ==============================================  ======================================
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple, Self, cast
 
-from ssecast import _wire
-from ssecast._backend import Backend, MemoryBackend
+from ssecast import _fork, _wire
+from ssecast._backend import AHEAD, Ahead, Backend, MemoryBackend
 from ssecast._encoder import GAP_EVENT_TYPE, Encoder, Payload, Serializer
 from ssecast._event import Draft, Event, check_field
 from ssecast._exceptions import (
+    BackendUnavailableError,
     BroadcasterClosedError,
     ConfigurationError,
     InvalidFieldError,
@@ -21,7 +46,7 @@ from ssecast._exceptions import (
     TooManySubscribersError,
 )
 from ssecast._history import History
-from ssecast._subscription import Audience, CloseReason, Subscription, Waiter, wake
+from ssecast._subscription import Audience, CloseReason, Feed, Subscription, Waiter, wake
 
 __all__ = ["DEFAULT_CHANNEL", "Broadcaster", "Stats"]
 
@@ -30,6 +55,13 @@ logger = logging.getLogger("ssecast")
 DEFAULT_CHANNEL = "default"
 """The channel ``publish`` and ``subscribe`` use when given none."""
 _DEFAULT_CHANNELS = frozenset((DEFAULT_CHANNEL,))
+
+# While a publish call runs its backend's publish, the evictions its delivery causes,
+# logged once that returns: the backend may hold its lock meanwhile, and a logging
+# handler that publishes (a live log viewer) would wait for it in another thread.
+_evicted_here: contextvars.ContextVar[list[Feed] | None] = contextvars.ContextVar(
+    "ssecast_evicted_here", default=None
+)
 
 
 class Stats(NamedTuple):
@@ -55,6 +87,9 @@ class Broadcaster:
     more than ``queue_size`` frames behind is evicted rather than buffered without bound,
     so memory stays under ``max_subscribers x queue_size x max_payload_bytes``.
 
+    It may be made at import time, before a server forks its workers: each worker then
+    hands out ids of its own and serves only its own subscribers.
+
     :param event_types: the event types ``publish`` accepts; ``None`` accepts any valid one.
     :param max_payload_bytes: the largest serialized data, in UTF-8 bytes.
     :param queue_size: frames a subscriber may have pending; one more evicts it.
@@ -67,7 +102,7 @@ class Broadcaster:
     :param serializer: turns data into ``str`` or UTF-8 ``bytes``; the default is
         compact ``json.dumps`` that refuses NaN and infinities.
     :param backend: assigns ids, keeps history and carries events between processes;
-        the default is a :class:`MemoryBackend`.
+        the default is a :class:`MemoryBackend`. One backend serves one broadcaster.
     :raises ConfigurationError: an argument is out of range.
     """
 
@@ -93,20 +128,28 @@ class Broadcaster:
             None if max_subscribers is None else _at_least(1, "max_subscribers", max_subscribers)
         )
         self._encoder = Encoder(event_types, max_payload_bytes, serializer)
+        # Made before the lock is guarded: the fork hooks take locks in the order they
+        # were guarded, and a backend's comes before its broadcaster's.
         self._backend: Backend = MemoryBackend() if backend is None else backend
 
+        # See the table at the top of this module. Guards everything below, and every
+        # feed's state.
         self._lock = threading.Lock()
-        self._start_lock = threading.Lock()
-        self._started = False
-        self._listening = False
         self._closed = False
-        # Guarded by self._lock:
+        self._listening = False
+        self._listen_attempt: _Attempt | None = None
         self._audiences: dict[str, Audience] = {}
+        # Feeds resumed from an id that another process delivered and this one has not yet,
+        # by that id: held out of the fan-out until it comes, so that their client gets
+        # neither a gap nor an event twice. With when they give up waiting (a gap then).
+        self._held: dict[str, tuple[float, list[Feed]]] = {}
         self._subscriber_count = 0
         self._published = 0
         self._delivered = 0
         self._evicted = 0
         self._rejected = 0
+        self._backend.start(self._deliver, self._report_gap)
+        _fork.guard(self, self._lock, Broadcaster._in_child)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._subscriber_count} subscribers"
@@ -131,8 +174,8 @@ class Broadcaster:
         :raises BackendUnavailableError: the backend could not be reached; nothing was sent.
         """
         draft = self._draft(event_type, data, channel, raw)
-        self._start()
-        event = self._backend.publish(draft)
+        with _logging_evictions_after():
+            event = self._backend.publish(draft)
         with self._lock:
             self._published += 1
         return event
@@ -142,8 +185,8 @@ class Broadcaster:
     ) -> Event:
         """Do what :meth:`publish` does; a backend's I/O does not block the running loop."""
         draft = self._draft(event_type, data, channel, raw)
-        self._start()
-        event = await self._backend.apublish(draft)
+        with _logging_evictions_after():
+            event = await self._backend.apublish(draft)
         with self._lock:
             self._published += 1
         return event
@@ -164,63 +207,79 @@ class Broadcaster:
         # The caller gets the exception; this is for operators, so it must not be noisy.
         logger.info("publish rejected: %s", error)
 
-    # -- delivery --------------------------------------------------------------------
-
-    def _start(self) -> None:
-        """Start the backend on first use, so a broadcaster made at import time forks safely."""
-        if not self._started:
-            with self._start_lock:
-                # Checked under the lock _shut_down reads _started with: a backend
-                # started after close() would never be closed.
-                if self._closed:
-                    raise BroadcasterClosedError("the broadcaster is closed")
-                if not self._started:
-                    self._backend.start(self._deliver)
-                    self._started = True
-
-    def _listen(self) -> None:
-        """Have the backend deliver every process's events, before the first subscription."""
-        if not self._listening:
-            self._start()
-            with self._start_lock:
-                if self._closed:
-                    raise BroadcasterClosedError("the broadcaster is closed")
-                if not self._listening:
-                    self._backend.listen()
-                    self._listening = True
-
-    async def _alisten(self) -> None:
-        """Do what :meth:`_listen` does; a backend's connecting does not block the loop."""
-        if not self._listening:
-            await asyncio.to_thread(self._listen)
+    # -- delivery: what the backend calls ----------------------------------------------
 
     def _deliver(self, event: Event) -> None:
-        """Append one event's frame to its channel's subscribers; the backend calls this.
+        """Append one event's frame to its channel's subscribers.
 
         :raises BroadcasterClosedError: it was closed (even while ``publish`` was running).
         """
         woken: list[Waiter | None] = []
-        evicted: list[Subscription] = []
+        evicted: list[Feed] = []
         with self._lock:
             if self._closed:
                 raise BroadcasterClosedError("the broadcaster was closed; the event was not sent")
             self._history.append(event)
+            if self._held:
+                self._stop_holding(event.id, woken)
             audience = self._audiences.get(event.channel)
-            if audience is None:
-                return
-            audience.deliver(event.frame, woken, evicted)
-            self._delivered += len(audience.buffers) - len(evicted)
-            for sub in evicted:
-                self._forget(sub)
-                sub._end(CloseReason.EVICTED)  # it had frames, so no reader is parked
-            self._evicted += len(evicted)
+            if audience is not None:
+                audience.deliver(event.frame, woken, evicted)
+                self._delivered += len(audience) - len(evicted)
+                self._evict(evicted, woken)
+            if self._held:
+                self._join_after(event.id)
         wake(woken)
-        for sub in evicted:
-            logger.info(
-                "evicted a subscriber of %s: more than %d frames pending",
-                sorted(sub.channels),
-                sub._capacity,
-            )
+        if evicted:
+            _report_evictions(evicted)
+
+    def _report_gap(self) -> None:
+        """Give every subscriber a gap event, and forget the history before it.
+
+        :raises BroadcasterClosedError: it was closed.
+        """
+        woken: list[Waiter | None] = []
+        evicted: list[Feed] = []
+        with self._lock:
+            if self._closed:
+                raise BroadcasterClosedError("the broadcaster was closed")
+            self._history.forget()
+            for feed in self._feeds():
+                if feed.push(_GAP_BODY, woken):
+                    evicted.append(feed)
+            self._evict(evicted, woken)
+            for _, held in self._held.values():  # what they wait for may be what was lost
+                for feed in held:
+                    self._join(feed)
+            self._held.clear()
+        wake(woken)
+        if evicted:
+            _report_evictions(evicted)
+
+    def _evict(self, evicted: list[Feed], woken: list[Waiter | None]) -> None:
+        # Precondition: self._lock is held.
+        for feed in evicted:
+            self._forget(feed)
+            woken.append(feed.end(CloseReason.EVICTED))
+        self._evicted += len(evicted)
+
+    def _stop_holding(self, event_id: str, woken: list[Waiter | None]) -> None:
+        """Give up on held feeds that waited too long: a gap, and live from this event."""
+        # Precondition: self._lock is held.
+        now = time.monotonic()
+        for awaited, (deadline, held) in list(self._held.items()):
+            if now >= deadline and awaited != event_id:
+                del self._held[awaited]
+                for feed in held:
+                    feed.push(_GAP_BODY, woken)
+                    self._join(feed)
+
+    def _join_after(self, event_id: str) -> None:
+        """Let the feeds that waited for ``event_id`` in: the next event is theirs."""
+        # Precondition: self._lock is held.
+        _, held = self._held.pop(event_id, (0.0, []))
+        for feed in held:
+            self._join(feed)
 
     # -- subscribing -----------------------------------------------------------------
 
@@ -234,8 +293,9 @@ class Broadcaster:
         duplicate. When those events are no longer known, it begins with an
         ``ssecast.gap`` event instead, so the client can reload its state.
 
-        Resuming from an id older than the ``history`` ring asks the backend, which may
-        do I/O (Redis); from a coroutine, :meth:`asubscribe` does that off the loop.
+        The first subscription starts the backend's listening, and resuming from an id
+        older than the ``history`` ring asks the backend; either may do I/O (Redis), so
+        from a coroutine use :meth:`asubscribe`, which does that off the loop.
 
         :param channels: the channels to receive.
         :param last_event_id: the id of the last event the client saw (the
@@ -245,9 +305,11 @@ class Broadcaster:
         :raises InvalidFieldError: a channel name is invalid.
         :raises TooManySubscribersError: ``max_subscribers`` are open already.
         :raises BroadcasterClosedError: the broadcaster was closed.
-        :raises BackendUnavailableError: resuming needed the backend, which is unreachable.
+        :raises BackendUnavailableError: the backend is unreachable.
         """
-        begun = self._begin(channels, last_event_id, queue_size)
+        request = self._request(channels, last_event_id, queue_size)
+        self._listen()
+        begun = self._begin(request)
         if isinstance(begun, Subscription):
             return begun
         older = self._backend.replay(begun.last_event_id, begun.newest, begun.channels)
@@ -257,8 +319,10 @@ class Broadcaster:
         self, *channels: str, last_event_id: str | None = None, queue_size: int | None = None
     ) -> Subscription:
         """Do what :meth:`subscribe` does; a backend's I/O does not block the running loop."""
-        await self._alisten()
-        begun = self._begin(channels, last_event_id, queue_size)
+        request = self._request(channels, last_event_id, queue_size)
+        if not self._listening:
+            await asyncio.to_thread(self._listen)
+        begun = self._begin(request)
         if isinstance(begun, Subscription):
             return begun
         if type(self._backend) is MemoryBackend:
@@ -270,44 +334,82 @@ class Broadcaster:
         )
         return self._finish(begun, older)
 
-    def _begin(
+    def _request(
         self, channels: tuple[str, ...], last_event_id: str | None, queue_size: int | None
-    ) -> Subscription | _Resume:
-        """Subscribe from the ring of recent events, or say what to ask the backend."""
+    ) -> _Request:
+        """Check a subscribe call's arguments, before anything is done for it."""
         names = frozenset(check_field("channel", name) for name in channels) or _DEFAULT_CHANNELS
         capacity = (
             self._queue_size if queue_size is None else _at_least(1, "queue_size", queue_size)
         )
         if last_event_id is not None and not isinstance(last_event_id, str):
             raise InvalidFieldError("last event id", last_event_id, "expected a str or None")
-        self._listen()
-        with self._lock:
-            self._check_room()
-            if not last_event_id:
-                return self._register(names, capacity, self._prelude.copy())
-            replayed = self._history.after(last_event_id, names)
-            if replayed is not None:
-                return self._register(names, capacity, _joined(self._prelude, replayed))
-            return _Resume(
-                names, capacity, last_event_id, self._history.mark, self._history.last_id
-            )
+        return _Request(names, capacity, last_event_id or None)
 
-    def _finish(self, resume: _Resume, older: list[Event] | None) -> Subscription:
-        """Subscribe with what the backend replayed; the ring fills in what came since."""
+    def _listen(self) -> None:
+        """Have the backend deliver every process's events, before the first subscription.
+
+        The backend's ``listen`` runs with no lock held. Callers that come while it runs
+        wait for it, and share its failure rather than each trying again in turn.
+        """
+        while not self._listening:
+            with self._lock:
+                if self._closed:
+                    raise BroadcasterClosedError(
+                        "the broadcaster is closed; it takes no subscribers"
+                    )
+                attempt = self._listen_attempt
+                leading = attempt is None
+                if attempt is None:
+                    attempt = self._listen_attempt = _Attempt()
+            if not leading:
+                attempt.join()
+                continue
+            try:
+                self._backend.listen()
+            except BaseException as error:
+                with self._lock:
+                    self._listen_attempt = None
+                    closed = self._closed
+                attempt.end(error)
+                if closed:  # close() stopped the backend as it connected
+                    raise BroadcasterClosedError("the broadcaster was closed") from error
+                raise
+            with self._lock:
+                self._listening = True
+                self._listen_attempt = None
+            attempt.end(None)
+
+    def _begin(self, request: _Request) -> Subscription | _Resume:
+        """Subscribe from the ring of recent events, or say what to ask the backend."""
         with self._lock:
             self._check_room()
-            if older is None:
-                # Unknown to the backend, or newer than what this process has delivered so
-                # far (another process saw it first): the ring may hold it by now.
-                replayed = self._history.after(resume.last_event_id, resume.channels)
+            if request.last_event_id is None:
+                return self._register(request, self._prelude.copy())
+            replayed = self._history.after(request.last_event_id, request.channels)
+            if replayed is not None:
+                return self._register(request, _joined(self._prelude, replayed))
+            return _Resume(request, self._history.mark, self._history.last_id)
+
+    def _finish(self, resume: _Resume, older: list[Event] | Ahead | None) -> Subscription:
+        """Subscribe with what the backend replayed; the ring fills in what came since."""
+        request = resume.request
+        with self._lock:
+            self._check_room()
+            if older is None or older is AHEAD:
+                # Unknown to the backend, or delivered by another process first: this one
+                # may have delivered it by now.
+                replayed = self._history.after(resume.last_event_id, request.channels)
+                if replayed is None and older is AHEAD:
+                    return self._hold(request, resume.last_event_id)
             else:
-                recent = self._history.since(resume.mark, resume.channels)
+                recent = self._history.since(resume.mark, request.channels)
                 replayed = None if recent is None else older + recent
             if replayed is None:
                 head = [*self._prelude, _gap(self._history.last_id)]
             else:
                 head = _joined(self._prelude, replayed)
-            return self._register(resume.channels, resume.capacity, head)
+            return self._register(request, head)
 
     def _check_room(self) -> None:
         # Precondition: self._lock is held.
@@ -316,39 +418,60 @@ class Broadcaster:
         if self._max_subscribers is not None and self._subscriber_count >= self._max_subscribers:
             raise TooManySubscribersError(self._max_subscribers)
 
-    def _register(self, channels: frozenset[str], capacity: int, head: list[bytes]) -> Subscription:
+    def _register(self, request: _Request, head: list[bytes]) -> Subscription:
         # Precondition: self._lock is held.
-        sub = Subscription(
-            channels=channels,
-            capacity=capacity,
+        feed = self._feed(request, head)
+        self._join(feed)
+        self._subscriber_count += 1
+        return Subscription(feed, self._release)
+
+    def _hold(self, request: _Request, awaited: str) -> Subscription:
+        """Subscribe, but deliver nothing until ``awaited`` is delivered here."""
+        # Precondition: self._lock is held.
+        feed = self._feed(request, self._prelude.copy())
+        feed.held_for = awaited
+        deadline = time.monotonic() + _HOLD_SECONDS
+        self._held.setdefault(awaited, (deadline, []))[1].append(feed)
+        self._subscriber_count += 1
+        return Subscription(feed, self._release)
+
+    def _feed(self, request: _Request, head: list[bytes]) -> Feed:
+        return Feed(
+            channels=request.channels,
+            capacity=request.capacity,
             heartbeat=self._heartbeat,
             head=head,
             lock=self._lock,
-            release=self._release,
         )
-        sub._audiences = tuple(self._audience(name) for name in channels)
-        for audience in sub._audiences:
-            audience.add(sub)
-        self._subscriber_count += 1
-        return sub
 
-    def _release(self, sub: Subscription) -> None:
-        """Close ``sub`` for its consumer: forget it and wake its reader."""
+    def _join(self, feed: Feed) -> None:
+        # Precondition: self._lock is held.
+        feed.held_for = None
+        feed.join(tuple(self._audience(name) for name in feed.channels))
+
+    def _release(self, feed: Feed) -> None:
+        """Close ``feed`` for its consumer: forget it and wake its reader."""
         with self._lock:
-            self._forget(sub)
-            waiter = sub._end(CloseReason.UNSUBSCRIBED)
+            self._forget(feed)
+            waiter = feed.end(CloseReason.UNSUBSCRIBED)
         wake((waiter,))
 
-    def _forget(self, sub: Subscription) -> None:
-        """Remove ``sub`` from every channel it is registered on, if it still is."""
+    def _forget(self, feed: Feed) -> None:
+        """Remove ``feed`` from every channel it is registered on, if it still is."""
         # Precondition: self._lock is held.
-        if sub.close_reason is not None:
+        if feed.closed:
             return  # already forgotten when it ended
-        for name in sub.channels:
-            audience = self._audiences[name]
-            del audience.buffers[sub]
-            if not audience.buffers:
-                del self._audiences[name]
+        if feed.held_for is not None:
+            _, held = self._held[feed.held_for]
+            held.remove(feed)
+            if not held:
+                del self._held[feed.held_for]
+        else:
+            for name in feed.channels:
+                audience = self._audiences[name]
+                audience.remove(feed)
+                if not audience:
+                    del self._audiences[name]
         self._subscriber_count -= 1
 
     def _audience(self, channel: str) -> Audience:
@@ -357,6 +480,20 @@ class Broadcaster:
         if audience is None:
             audience = self._audiences[channel] = Audience()
         return audience
+
+    def _feeds(self) -> set[Feed]:
+        # Precondition: self._lock is held.
+        feeds = {feed for audience in self._audiences.values() for feed in audience.feeds}
+        return feeds.union(*(held for _, held in self._held.values()))
+
+    def _end_all(self) -> list[Waiter | None]:
+        """End every feed for a shutdown; return the waiters to wake."""
+        # Precondition: self._lock is held.
+        feeds = self._feeds()
+        self._audiences.clear()
+        self._held.clear()
+        self._subscriber_count = 0
+        return [feed.end(CloseReason.SHUTDOWN) for feed in feeds]
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -375,7 +512,7 @@ class Broadcaster:
         """End every subscription (after its pending frames) and stop the backend.
 
         Later ``publish`` and ``subscribe`` calls raise :class:`BroadcasterClosedError`.
-        Safe to call twice.
+        Safe to call twice. From a coroutine, :meth:`aclose` does not block the loop.
         """
         if self._shut_down():
             self._backend.close()
@@ -386,18 +523,25 @@ class Broadcaster:
             await self._backend.aclose()
 
     def _shut_down(self) -> bool:
-        """End every subscription; return whether a started backend needs closing."""
+        """End every subscription; return whether this call closed the broadcaster."""
         with self._lock:
             if self._closed:
                 return False
             self._closed = True
-            subs = {sub for audience in self._audiences.values() for sub in audience.buffers}
-            self._audiences.clear()
-            self._subscriber_count = 0
-            woken = [sub._end(CloseReason.SHUTDOWN) for sub in subs]
+            woken = self._end_all()
         wake(woken)
-        with self._start_lock:
-            return self._started
+        return True
+
+    def _in_child(self) -> None:
+        """In a forked child: the parent's subscribers and listening are not this process's."""
+        with self._lock:
+            # Their readers are threads and loops of the parent: nothing to wake here.
+            self._end_all()
+            self._listening = False
+            self._listen_attempt = None
+            # What the parent delivers from now on, this child does not see (and a sibling
+            # delivers other events after the same ids): no resume from the parent's ring.
+            self._history = History(self._history.size)
 
     def __enter__(self) -> Self:
         return self
@@ -423,18 +567,92 @@ class Broadcaster:
 
 
 _GAP_BODY = _wire.encode_body(_wire.event_prefix(GAP_EVENT_TYPE), b"{}")
+# How long a resume from an id that this process has yet to deliver waits for it before
+# the client gets a gap instead: ten seconds behind another process is a process in trouble.
+_HOLD_SECONDS = 10.0
+
+
+class _Request(NamedTuple):
+    """The checked arguments of one subscribe call."""
+
+    channels: frozenset[str]
+    capacity: int
+    last_event_id: str | None
 
 
 class _Resume(NamedTuple):
     """A subscription the ring could not resume: what to ask the backend, and from when."""
 
-    channels: frozenset[str]
-    capacity: int
-    last_event_id: str
+    request: _Request
     mark: int
     """The ring's bookmark when the backend was asked; the ring gives what came after."""
     newest: str | None
     """The newest id delivered then: the backend replays up to it."""
+
+    @property
+    def last_event_id(self) -> str:
+        return cast(str, self.request.last_event_id)
+
+    @property
+    def channels(self) -> frozenset[str]:
+        return self.request.channels
+
+
+class _Attempt:
+    """A call of the backend's ``listen`` in progress, which other callers wait for."""
+
+    __slots__ = ("_done", "_error")
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def end(self, error: BaseException | None) -> None:
+        """Let the waiting callers go on, with the attempt's failure if it failed."""
+        self._error = error
+        self._done.set()
+
+    def join(self) -> None:
+        """Wait for the attempt to end.
+
+        :raises BackendUnavailableError: it failed.
+        """
+        self._done.wait()
+        if self._error is not None:
+            raise BackendUnavailableError(
+                f"the backend could not start listening: {self._error}"
+            ) from self._error
+
+
+@contextlib.contextmanager
+def _logging_evictions_after() -> Iterator[None]:
+    """Defer the logging of evictions until the block, and every lock it took, is over."""
+    token = _evicted_here.set([])
+    try:
+        yield
+    finally:
+        evicted = _evicted_here.get()
+        _evicted_here.reset(token)
+        if evicted:
+            _log_evictions(evicted)
+
+
+def _report_evictions(evicted: list[Feed]) -> None:
+    """Log ``evicted`` now, or when the publish call that caused it is done with its locks."""
+    deferred = _evicted_here.get()
+    if deferred is None:
+        _log_evictions(evicted)
+    else:
+        deferred.extend(evicted)
+
+
+def _log_evictions(evicted: list[Feed]) -> None:
+    for feed in evicted:
+        logger.info(
+            "evicted a subscriber of %s: more than %d frames pending",
+            sorted(feed.channels),
+            feed.capacity,
+        )
 
 
 def _gap(newest: str | None) -> bytes:

@@ -16,7 +16,15 @@ class History:
     Not thread-safe: the broadcaster calls it under its lock.
     """
 
-    __slots__ = ("_boundary", "_events", "_positions", "_total", "last_id")
+    __slots__ = (
+        "_boundary",
+        "_caught_up",
+        "_events",
+        "_forgotten_at",
+        "_positions",
+        "_total",
+        "last_id",
+    )
 
     def __init__(self, size: int) -> None:
         self._events: deque[Event] = deque(maxlen=size)
@@ -26,8 +34,13 @@ class History:
         # client that saw it can still resume without a gap.
         self._boundary: str | None = None
         self._total = 0
+        # The mark at the last forget(): events may be missing right after it.
+        self._forgotten_at = -1
         self.last_id: str | None = None
-        """The id of the newest event appended, kept even when ``size`` is 0."""
+        """The id of the newest event appended, kept even when ``size`` is 0 or forgotten."""
+        # The id a client may hold to be told it missed nothing: the newest, unless events
+        # were lost after it.
+        self._caught_up: str | None = None
 
     def append(self, event: Event) -> None:
         """Remember ``event``, forgetting the oldest one when full."""
@@ -42,7 +55,23 @@ class History:
             events.append(event)
             self._positions[event.id] = self._total
         self._total += 1
-        self.last_id = event.id
+        self.last_id = self._caught_up = event.id
+
+    @property
+    def size(self) -> int:
+        """How many events it keeps."""
+        return self._events.maxlen or 0
+
+    def forget(self) -> None:
+        """Forget every event: some after them were lost, so no client may resume from them.
+
+        :meth:`since` answers ``None`` for a bookmark taken before.
+        """
+        self._forgotten_at = self._total
+        self._events.clear()
+        self._positions.clear()
+        self._boundary = None
+        self._caught_up = None
 
     @property
     def mark(self) -> int:
@@ -52,10 +81,10 @@ class History:
     def since(self, mark: int, channels: frozenset[str]) -> list[Event] | None:
         """Return the events on ``channels`` appended after ``mark``, oldest first.
 
-        :returns: ``None`` when some of them are no longer kept.
+        :returns: ``None`` when some of them are no longer kept, or were lost.
         """
         start = len(self._events) - (self._total - mark)
-        if start < 0:
+        if start < 0 or mark <= self._forgotten_at:
             return None
         return [event for event in islice(self._events, start, None) if event.channel in channels]
 
@@ -65,7 +94,7 @@ class History:
         :returns: ``None`` when some event after ``event_id`` is no longer kept, or the id
             was never seen, so the caller cannot know what the client missed.
         """
-        if event_id == self.last_id:
+        if event_id == self._caught_up:
             return []  # caught up, even when the ring keeps nothing (history=0)
         position = self._positions.get(event_id)
         if position is None:

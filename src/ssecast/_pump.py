@@ -17,7 +17,8 @@ the task's context: context variables set before the stream began are seen, and 
 Some ``send`` wrappers only work inside a task: Starlette's ``BaseHTTPMiddleware`` (and
 FastAPI's ``@app.middleware("http")``), anything using ``asyncio.timeout`` or anyio
 around ``send``. So the pump first sends an empty body message from a callback, which
-writes nothing; if that raises, it sends nothing more and the caller writes from its task.
+writes nothing; if that raises, or any later send made from a callback raises anything
+but ``OSError``, the task takes over: it sends that chunk, and every later one, itself.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import contextvars
 import enum
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
 from types import CoroutineType
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
-from ssecast._subscription import Subscription
+from ssecast._subscription import Heartbeat, Status, Subscription, feed_of
 from ssecast._wire import HEARTBEAT
 
 __all__ = ["Pump"]
@@ -38,12 +39,17 @@ _Send: TypeAlias = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _Steps: TypeAlias = Coroutine[Any, Any, object] | Generator[Any, Any, object]
 
 
-class _Mark(enum.Enum):
+class _Ended(enum.Enum):
     ENDED = "the subscription ended"
-    REFUSED = "send must run in its task"
 
 
-_Outcome: TypeAlias = "_Waiting | _Mark | None"
+class _Refused(NamedTuple):
+    """A chunk that ``send`` would not take from a callback: the task must send it."""
+
+    body: bytes
+
+
+_Outcome: TypeAlias = "_Waiting | _Refused | _Ended | None"
 
 
 class Pump:
@@ -53,103 +59,131 @@ class Pump:
     response has started.
     """
 
-    __slots__ = ("_context", "_loop", "_outcome", "_send", "_stopped", "_sub")
+    __slots__ = ("_beat", "_context", "_feed", "_loop", "_outcome", "_send", "_stopped", "_sub")
 
     def __init__(self, sub: Subscription, send: _Send) -> None:
         self._sub = sub
+        self._feed = feed_of(sub)
         self._send = send
         self._loop = asyncio.get_running_loop()
         self._context = contextvars.copy_context()
         self._outcome: asyncio.Future[_Outcome] = self._loop.create_future()
+        self._beat: Heartbeat | None = None
         self._stopped = False
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         """Return the loop whose callbacks write."""
         return self._loop
 
-    async def run(self) -> bool:
-        """Send every chunk until the subscription ends; return True.
+    async def run(self) -> None:
+        """Send every chunk until the subscription ends.
 
-        First an empty body message goes out from a loop callback, as every chunk will.
-        If that raises anything but ``OSError``, ``send`` needs its task: nothing more is
-        sent, and ``run`` returns False for the caller to send the chunks itself.
+        Chunks go out from loop callbacks, the first being an empty body message. When a
+        send made that way raises anything but ``OSError``, ``send`` needs its task: this
+        task then sends that chunk and every later one itself, as ``async for`` would.
 
         :raises OSError: a write found the client gone (ASGI 2.4 servers raise it).
         """
-        loop, sub = self._loop, self._sub
-        loop.call_soon(self._probe)
         try:
-            outcome = await self._outcome
-            if outcome is _Mark.REFUSED:
-                return False
-            sub._arm_heartbeat(loop)
-            while outcome is not _Mark.ENDED:
-                if isinstance(outcome, _Waiting):
-                    await outcome  # a write that had to wait, finished in this task
-                    sub._quiet_since = loop.time()
-                self._outcome = loop.create_future()
-                self.wake(True)
-                outcome = await self._outcome
-            return True
+            refused = await self._pump()
         finally:
-            self._stopped = True
-            with sub._lock:
-                sub._unpark(self)
-            _drop(self._outcome)
+            self._stop()
+        if refused is None:
+            return
+        if refused:
+            await self._send(_body(refused))
+        async for chunk in self._sub:
+            await self._send(_body(chunk))
+
+    async def _pump(self) -> bytes | None:
+        """Write from callbacks until the end (``None``), or a chunk ``send`` refused there."""
+        loop = self._loop
+        loop.call_soon(self._probe)
+        outcome = await self._outcome
+        if self._feed.heartbeat is not None and not isinstance(outcome, _Refused):
+            self._beat = Heartbeat(self._feed, self._feed.heartbeat, loop)
+        while outcome is not _Ended.ENDED:
+            if isinstance(outcome, _Refused):
+                return outcome.body
+            if isinstance(outcome, _Waiting):
+                await outcome  # a write that had to wait, finished in this task
+                self._quiet()
+            self._outcome = loop.create_future()
+            self.ready()
+            outcome = await self._outcome
+        return None
+
+    def _stop(self) -> None:
+        self._stopped = True
+        self._feed.withdraw(self)
+        if self._beat is not None:
+            self._beat.stop()
+        _drop(self._outcome)
 
     def _probe(self) -> None:
         if self._outcome.done():
             return  # the task was cancelled before this callback ran
-        try:
-            waiting = self._start(b"")
-        except OSError as error:
-            self._settle(error=error)
-        except (Exception, asyncio.CancelledError):
-            self._settle(_Mark.REFUSED)
-        else:
-            self._settle(waiting)
+        if self._write(b""):
+            self._settle(None)
 
-    def wake(self, woken: bool) -> None:
-        """Write what is pending, or a heartbeat when one is due (``woken`` false).
+    def ready(self) -> None:
+        """Write what is pending; the end ends :meth:`run`."""
+        self._write_pending(None)
 
-        Runs on the loop: from :meth:`run`, and from the subscription's wake-ups. The pump
-        parks again before it writes, so what arrives meanwhile wakes it once more.
+    def heartbeat_due(self) -> None:
+        """Write what is pending, or a heartbeat if nothing is."""
+        self._write_pending(HEARTBEAT)
+
+    def _write_pending(self, when_idle: bytes | None) -> None:
+        """Poll the feed and write what it gives; ``when_idle`` if it gives nothing.
+
+        The poll leaves the pump parked, so what arrives during the write wakes it again.
         """
         if self._stopped or self._outcome.done():
             # Queued before the task was cancelled (which cancels the outcome it awaits),
             # or while the task finishes a write that had to wait.
             return
-        sub = self._sub
-        with sub._lock:
-            if not woken:
-                sub._unpark(self)  # still parked: the heartbeat timer woke it
-            frames = sub._take()
-            # Ended (shut down) with frames left: these are the last, nothing wakes it again.
-            last = sub.close_reason is not None
-            if frames is None and not woken:
-                frames = [HEARTBEAT]
-            if frames is None or (frames and not last):
-                sub._park(self)
-        if frames is None:
-            return
-        if not frames:
-            self._settle(_Mark.ENDED)
-            return
+        feed = self._feed
+        while True:
+            got = feed.poll(self)
+            if got is Status.ENDED:
+                self._settle(_Ended.ENDED)
+                return
+            if got is Status.IDLE:
+                if when_idle is None:
+                    return
+                body = when_idle
+            else:
+                body = b"".join(got)
+            if not self._write(body) or not feed.closed:
+                return
+            # Ended (shut down) with frames left: the poll did not park the pump, and
+            # nothing wakes it again, so it polls on to the end.
+            when_idle = None
+
+    def _write(self, body: bytes) -> bool:
+        """Send ``body`` from this callback; return False if the task must take over."""
         try:
-            waiting = self._start(b"".join(frames))
-        except (Exception, asyncio.CancelledError) as error:
-            self._settle(error=error)
-            return
+            waiting = self._start(body)
+        except (OSError, asyncio.CancelledError) as error:
+            self._settle(error=error)  # the client went away, or the stream was cancelled
+            return False
+        except Exception:
+            self._settle(_Refused(body))  # send needs its task: the task sends this chunk
+            return False
         if waiting is not None:
-            self._settle(waiting)  # the task finishes it, then wakes the pump once more
-        elif last:
-            self._settle(_Mark.ENDED)
-        else:
-            sub._quiet_since = self._loop.time()
+            self._settle(waiting)  # the task finishes it, then calls ready() once more
+            return False
+        self._quiet()
+        return True
+
+    def _quiet(self) -> None:
+        if self._beat is not None:
+            self._beat.quiet()
 
     def _start(self, body: bytes) -> _Waiting | None:
         """Send ``body`` by hand; return the rest of the send if it has to wait."""
-        sending = self._send({"type": "http.response.body", "body": body, "more_body": True})
+        sending = self._send(_body(body))
         # A coroutine steps itself; any other awaitable through its iterator.
         steps = sending if type(sending) is CoroutineType else sending.__await__()
         try:
@@ -167,6 +201,10 @@ class Pump:
             self._outcome.set_exception(error)
         else:
             self._outcome.set_result(outcome)
+
+
+def _body(data: bytes) -> MutableMapping[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": True}
 
 
 def _drop(outcome: asyncio.Future[_Outcome]) -> None:

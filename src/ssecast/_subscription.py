@@ -1,47 +1,72 @@
-"""One client's subscription, and the audience of one channel that fans frames out to it.
+"""One client's subscription: its pending frames, how it is read, and the audience that feeds it.
 
-The broadcaster appends frames under its lock; the consumer takes everything pending
-in one chunk (one socket write however far it fell behind). A consumer with nothing to
-read parks a *waiter*: a ``threading.Event`` for a thread, an ``asyncio.Future`` for a
-task, or a :class:`Callback` that the loop calls itself (see ``_pump.py``). Publishers
-collect the waiters they must wake and wake them after releasing the lock, with one
-callback per event loop rather than one per subscriber.
+The broadcaster appends frames to a :class:`Feed` under its lock; a reader takes
+everything pending in one chunk (one socket write however far it fell behind). Every
+reader does that through one operation, :meth:`Feed.poll`, which takes what is pending
+and parks a *waiter* to be woken when more comes:
+
+- a ``threading.Event`` for a thread (``for chunk in sub``), which it waits on;
+- a :class:`Callback` for an event loop: the loop calls its ``ready()`` when frames or
+  the end arrive, and a :class:`Heartbeat` calls its ``heartbeat_due()`` once the reader
+  has been quiet for a heartbeat. A task (``async for``) parks one that resolves the
+  future it awaits; the ASGI pump (``_pump.py``) is one, and writes from the callback.
+
+Publishers collect the waiters to wake under the lock and wake them after releasing it,
+with one callback per event loop rather than one per subscriber.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from enum import StrEnum
 from types import TracebackType
-from typing import Final, Protocol, Self, cast
+from typing import Protocol, Self
 
 from ssecast._wire import HEARTBEAT
 
-__all__ = ["Audience", "Callback", "CloseReason", "Subscription", "Waiter", "wake"]
+__all__ = [
+    "Audience",
+    "Callback",
+    "CloseReason",
+    "Feed",
+    "Heartbeat",
+    "Status",
+    "Subscription",
+    "Waiter",
+    "feed_of",
+    "wake",
+]
 
 
 class Callback(Protocol):
-    """An asynchronous consumer that its event loop calls, instead of waking a task."""
+    """A reader on an event loop, which the loop calls instead of waking a thread."""
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
-        """Return the loop to call :meth:`wake` on."""
+        """Return the loop that calls it."""
 
-    def wake(self, woken: bool) -> None:
-        """Take the frames or the end that arrived (``woken``), or write a heartbeat (not)."""
+    def ready(self) -> None:
+        """Poll the feed: frames, or the end, arrived."""
 
-
-Waiter = threading.Event | asyncio.Future[bool] | Callback
-
-_WOKEN: Final = True
-_TIMED_OUT: Final = False
+    def heartbeat_due(self) -> None:
+        """Poll the feed, and send a heartbeat if still idle: the reader has been quiet."""
 
 
-class CloseReason(StrEnum):
+Waiter = threading.Event | Callback
+
+
+class Status(enum.Enum):
+    """What :meth:`Feed.poll` found when it found no frames."""
+
+    IDLE = "nothing pending; the waiter is parked"
+    ENDED = "the subscription ended, and every frame left was read"
+
+
+class CloseReason(enum.StrEnum):
     """Why a subscription ended."""
 
     UNSUBSCRIBED = "unsubscribed"
@@ -52,33 +77,29 @@ class CloseReason(StrEnum):
     """The broadcaster was closed; frames already pending are still read out."""
 
 
-class Subscription:
-    """A live feed of SSE frames for one client, from one or more channels.
+class Feed:
+    """What one subscription shares with the broadcaster: its frames, its waiter, its end.
 
-    Iterate it (``for`` in a thread, ``async for`` in a task) to get ``bytes`` ready for
-    the socket; use it as a context manager (``with`` or ``async with``) so it is
-    closed when the client goes. Made by :meth:`Broadcaster.subscribe`, not directly.
+    Its lock is the broadcaster's. Methods documented "the caller holds the lock" are the
+    broadcaster's, called during a fan-out; the others take the lock themselves.
 
     :ivar channels: the channels it receives.
+    :ivar capacity: the most frames it may have pending.
+    :ivar heartbeat: seconds of silence before its reader sends a heartbeat, or ``None``.
     :ivar close_reason: ``None`` while open, then why it ended.
     """
 
     __slots__ = (
-        "__weakref__",
         "_audiences",
-        "_capacity",
         "_head",
-        "_heartbeat",
-        "_heartbeat_loop",
-        "_heartbeat_timer",
         "_lock",
         "_pending",
-        "_quiet_since",
-        "_release",
-        "_thread_waiter",
         "_waiter",
+        "capacity",
         "channels",
         "close_reason",
+        "heartbeat",
+        "held_for",
     )
 
     def __init__(
@@ -89,48 +110,292 @@ class Subscription:
         heartbeat: float | None,
         head: list[bytes],
         lock: threading.Lock,
-        release: Callable[[Subscription], None],
     ) -> None:
         self.channels = channels
+        self.capacity = capacity
+        self.heartbeat = heartbeat
         self.close_reason: CloseReason | None = None
-        self._capacity = capacity
-        self._heartbeat = heartbeat
+        self.held_for: str | None = None
+        """The id it waits for before it joins its audiences; see ``Broadcaster._hold``."""
+        self._lock = lock
         # Frames written before the live ones (retry, replay, gap); they do not count
         # against the capacity, and are the very objects the history holds, not copies.
         self._head = head
-        self._lock = lock
-        self._release = release
-        # All below are guarded by self._lock, which the broadcaster shares.
-        # The list object never changes: every audience of this subscription holds it.
+        # Never replaced, only cleared: every audience of this feed holds this very list.
         self._pending: list[bytes] = []
         self._waiter: Waiter | None = None
-        self._thread_waiter: threading.Event | None = None
         self._audiences: tuple[Audience, ...] = ()
-        # Only touched by an async reader, on its loop: when it last returned a chunk,
-        # and the one timer that checks, at most once a heartbeat, whether it is due.
-        self._quiet_since = 0.0
-        self._heartbeat_timer: asyncio.TimerHandle | None = None
-        self._heartbeat_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether it has ended; read without the lock, so a hint unless it says True."""
+        return self.close_reason is not None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a waiter is parked; read without the lock, so a hint."""
+        return self._waiter is not None
+
+    def poll(self, waiter: Waiter | None) -> list[bytes] | Status:
+        """Take what is pending, and leave ``waiter`` parked unless the feed has ended.
+
+        Whatever waiter was parked before is taken back first (a subscription has one
+        reader at a time); ``None`` parks nothing. The frames come back as a list for the
+        caller to join after the lock is released: a reader far behind must not hold up
+        publishers while it copies megabytes.
+
+        :returns: the frames, oldest first; else :attr:`Status.IDLE` (``waiter`` will be
+            woken when more come) or :attr:`Status.ENDED`.
+        """
+        with self._lock:
+            pending = self._pending
+            frames: list[bytes] | None
+            if self._head:
+                frames, self._head = self._head, []
+                frames += pending
+                pending.clear()
+            elif pending:
+                frames = pending.copy()
+                pending.clear()
+            elif self.close_reason is not None:
+                return Status.ENDED
+            else:
+                frames = None
+            if waiter is None or self.close_reason is not None:
+                self._unpark()
+            else:
+                self._park(waiter)
+        return Status.IDLE if frames is None else frames
+
+    def withdraw(self, waiter: Waiter) -> None:
+        """Take back ``waiter`` if it is the one parked (its reader stopped waiting)."""
+        with self._lock:
+            if self._waiter is waiter:
+                self._unpark()
+
+    def parked_on(self, loop: asyncio.AbstractEventLoop) -> Callback | None:
+        """Return the waiter parked by a reader on ``loop``, if there is one."""
+        with self._lock:
+            waiter = self._waiter
+        if waiter is None or isinstance(waiter, threading.Event) or waiter.get_loop() is not loop:
+            return None
+        return waiter
+
+    def join(self, audiences: tuple[Audience, ...]) -> None:
+        """Become a member of ``audiences``, one per channel. The caller holds the lock."""
+        self._audiences = audiences
+        for audience in audiences:
+            audience.add(self)
+            if self._waiter is not None:  # its reader waited before it joined
+                audience.parked[self] = None
+
+    def push(self, frame: bytes, woken: list[Waiter | None]) -> bool:
+        """Append ``frame``; collect the waiter to wake; return whether it overflowed.
+
+        The caller holds the lock.
+        """
+        self._pending.append(frame)
+        if self._waiter is not None:
+            woken.append(self._unpark())
+        return len(self._pending) > self.capacity
+
+    def end(self, reason: CloseReason) -> Waiter | None:
+        """Mark it ended; return the waiter to wake. The caller holds the lock.
+
+        Frames stay only for a shutdown, so that its reader gets what was published first.
+        """
+        if self.close_reason is None:
+            self.close_reason = reason
+        if reason is not CloseReason.SHUTDOWN:
+            self._pending.clear()
+            self._head = []
+        return self._unpark()
+
+    def _park(self, waiter: Waiter) -> None:
+        # Precondition: self._lock is held and the feed is open.
+        if self._waiter is None:
+            for audience in self._audiences:
+                audience.parked[self] = None
+        self._waiter = waiter
+
+    def _unpark(self) -> Waiter | None:
+        # Precondition: self._lock is held.
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            for audience in self._audiences:
+                del audience.parked[self]
+        return waiter
+
+
+class Audience:
+    """The feeds of one channel, arranged so that a fan-out is one tight loop.
+
+    Not thread-safe: the broadcaster calls it under its lock.
+    """
+
+    __slots__ = ("capacity", "feeds", "parked")
+
+    def __init__(self) -> None:
+        self.feeds: dict[Feed, list[bytes]] = {}
+        """Each member's pending list, iterated by :meth:`deliver`."""
+        self.parked: dict[Feed, None] = {}
+        """Members whose reader waits for a frame."""
+        self.capacity: int | None = None
+        """The capacity every member shares, or ``None`` once two members differ."""
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def add(self, feed: Feed) -> None:
+        """Make ``feed`` a member (see :meth:`Feed.join`)."""
+        if not self.feeds:
+            self.capacity = feed.capacity
+        elif self.capacity != feed.capacity:
+            self.capacity = None
+        self.feeds[feed] = feed._pending
+
+    def remove(self, feed: Feed) -> None:
+        """Stop delivering to ``feed``; :meth:`Feed.end` takes back its waiter."""
+        del self.feeds[feed]
+
+    def deliver(self, frame: bytes, woken: list[Waiter | None], evicted: list[Feed]) -> None:
+        """Append ``frame`` for every member; collect the waiters to wake and the overflowed.
+
+        An overflowed member is collected, not removed, because the loop is iterating over
+        the dict that holds it; removing inside the loop would skip the next one.
+        """
+        capacity = self.capacity
+        if capacity is not None:
+            # Every member has the same limit, so the loop does one comparison and one
+            # append per member; the rare overflow is looked for afterwards.
+            overflowed = False
+            for pending in self.feeds.values():
+                if len(pending) >= capacity:
+                    overflowed = True
+                pending.append(frame)
+            if overflowed:
+                evicted.extend(
+                    feed for feed, pending in self.feeds.items() if len(pending) > capacity
+                )
+        else:
+            for feed, pending in self.feeds.items():
+                pending.append(frame)
+                if len(pending) > feed.capacity:
+                    evicted.append(feed)
+        if self.parked:
+            for feed in list(self.parked):
+                woken.append(feed._unpark())
+
+
+class Heartbeat:
+    """Calls ``heartbeat_due()`` on the waiter of a reader on ``loop`` that has been quiet.
+
+    One timer per reader, re-armed when it fires, rather than one per wait: a reader that
+    gets a chunk every few milliseconds would otherwise make and cancel a timer each time.
+    The timer holds it weakly, so that a reader closed in another thread (where the timer
+    cannot be cancelled) is not kept alive until it fires.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_feed",
+        "_interval",
+        "_quiet_since",
+        "_ref",
+        "_stopped",
+        "_timer",
+        "loop",
+    )
+
+    def __init__(self, feed: Feed, interval: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._feed = feed
+        self._interval = interval
+        self._stopped = False
+        self._ref = weakref.ref(self)
+        self._quiet_since = loop.time()
+        self._timer = loop.call_at(self._quiet_since + interval, _beat, self._ref)
+
+    def quiet(self) -> None:
+        """Note that the reader just sent something: the next heartbeat is a period away."""
+        self._quiet_since = self.loop.time()
+
+    def stop(self) -> None:
+        """Stop it; from another thread, its timer fires once more and does nothing."""
+        self._stopped = True
+        if _running_loop() is self.loop:  # a timer may be cancelled only on its loop
+            self._timer.cancel()
+
+    def _due(self) -> None:
+        if self._stopped or self._feed.closed:
+            return
+        now = self.loop.time()
+        due = self._quiet_since + self._interval
+        if now >= due:
+            waiter = self._feed.parked_on(self.loop)
+            if waiter is not None:
+                waiter.heartbeat_due()
+            due = now + self._interval
+        self._timer = self.loop.call_at(due, _beat, self._ref)
+
+
+class Subscription:
+    """A live feed of SSE frames for one client, from one or more channels.
+
+    Iterate it (``for`` in a thread, ``async for`` in a task) to get ``bytes`` ready for
+    the socket; use it as a context manager (``with`` or ``async with``) so it is
+    closed when the client goes. Made by :meth:`Broadcaster.subscribe`, not directly.
+    One reader at a time: two threads iterating the same subscription take turns badly.
+
+    :ivar channels: the channels it receives.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_beat",
+        "_busy",
+        "_feed",
+        "_release",
+        "_task_waiter",
+        "_thread_waiter",
+        "channels",
+    )
+
+    def __init__(self, feed: Feed, release: Callable[[Feed], None]) -> None:
+        self.channels = feed.channels
+        self._feed = feed
+        self._release = release
+        self._thread_waiter: threading.Event | None = None
+        # Only touched by an async reader, on its loop.
+        self._task_waiter: _TaskWaiter | None = None
+        self._beat: Heartbeat | None = None
+        self._busy = False  # the last read returned without waiting
 
     def __repr__(self) -> str:
-        state = self.close_reason or "open"
+        state = self.close_reason or ("waiting" if self._feed.waiting else "open")
         return f"<Subscription channels={sorted(self.channels)!r} {state}>"
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """``None`` while open, then why it ended."""
+        return self._feed.close_reason
 
     @property
     def closed(self) -> bool:
         """Whether it has ended (see :attr:`close_reason`)."""
-        return self.close_reason is not None
+        return self._feed.closed
 
     def close(self) -> None:
         """Unsubscribe and drop pending frames; a waiting reader ends. Safe to call twice."""
-        self._release(self)
-        self._stop_heartbeat()
+        self._release(self._feed)
+        if self._beat is not None:
+            self._beat.stop()
 
     def read_nowait(self) -> bytes:
         """Return every pending frame as one chunk, or ``b""`` if there is none; never wait."""
-        with self._lock:
-            frames = self._take()
-        return b"".join(frames) if frames else b""
+        frames = self._feed.poll(None)
+        return b"".join(frames) if type(frames) is list else b""
 
     def __enter__(self) -> Self:
         return self
@@ -159,212 +424,100 @@ class Subscription:
 
     def __next__(self) -> bytes:
         """Block this thread until there is a chunk, a heartbeat is due, or it ends."""
+        feed = self._feed
         waiter = self._thread_waiter
         if waiter is None:
             waiter = self._thread_waiter = threading.Event()
-        deadline = None if self._heartbeat is None else time.monotonic() + self._heartbeat
+        deadline = None if feed.heartbeat is None else time.monotonic() + feed.heartbeat
         while True:
-            with self._lock:
-                frames = self._take()
-                if frames is None:
-                    self._park(waiter)
-            if frames is None:
+            # Cleared before polling: a wake-up that lands in between comes with frames,
+            # which the poll takes.
+            waiter.clear()
+            got = feed.poll(waiter)
+            if got is Status.IDLE:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if waiter.wait(timeout):
                     continue
-                frames = self._give_up_waiting(waiter)
-            if not frames:
+                got = feed.poll(None)
+                if got is Status.IDLE:
+                    return HEARTBEAT
+            if got is Status.ENDED:
                 raise StopIteration
-            return b"".join(frames)
+            return b"".join(got)
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> bytes:
         """Wait, without blocking the loop, for a chunk, a heartbeat, or the end."""
+        feed = self._feed
         loop = asyncio.get_running_loop()
-        self._arm_heartbeat(loop)
+        beat = self._beat
+        if feed.heartbeat is not None and (beat is None or beat.loop is not loop):
+            if beat is not None:
+                beat.stop()  # it belongs to a loop this subscription was read on before
+            beat = self._beat = Heartbeat(feed, feed.heartbeat, loop)
+        if self._busy:
+            # A reader that never catches up would otherwise never let other tasks run;
+            # it yields once per chunk, before taking anything, so a cancel loses nothing.
+            await asyncio.sleep(0)
+        self._busy = True
         while True:
-            with self._lock:
-                frames = self._take()
-                if frames is None:
-                    future: asyncio.Future[bool] = loop.create_future()
-                    self._park(future)
-            if frames is None:
+            waiter = self._task_waiter
+            if waiter is None or waiter.future.done() or waiter.get_loop() is not loop:
+                waiter = self._task_waiter = _TaskWaiter(loop.create_future())
+            got = feed.poll(waiter)
+            if got is Status.IDLE:
+                self._busy = False
                 try:
-                    woken = await future
+                    heartbeat_due = await waiter.future
                 except BaseException:  # cancelled: no publisher may hold on to the future
-                    with self._lock:
-                        self._unpark(future)
+                    feed.withdraw(waiter)
                     raise
-                if woken:
+                if not heartbeat_due:
                     continue
-                frames = self._give_up_waiting(future)
-            if not frames:
-                self._stop_heartbeat()
+                got = feed.poll(None)
+                if got is Status.IDLE:
+                    got = [HEARTBEAT]
+            if got is Status.ENDED:
+                if beat is not None:
+                    beat.stop()
                 raise StopAsyncIteration
-            self._quiet_since = loop.time()
-            return b"".join(frames)
-
-    def _arm_heartbeat(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the heartbeat timer of an asynchronous reader on ``loop``, unless running."""
-        if self._heartbeat is not None and self._heartbeat_timer is None:
-            self._heartbeat_loop = loop
-            self._quiet_since = loop.time()
-            self._heartbeat_timer = loop.call_at(
-                self._quiet_since + self._heartbeat, _heartbeat_due, weakref.ref(self), loop
-            )
-
-    def _stop_heartbeat(self) -> None:
-        """Cancel the heartbeat timer, if this thread runs the loop it is on."""
-        timer = self._heartbeat_timer
-        if timer is None:
-            return
-        try:
-            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        # A timer may only be cancelled from its loop's thread; elsewhere it is left to
-        # fire, find the subscription closed (or gone: it holds a weak reference), and stop.
-        if here is self._heartbeat_loop:
-            timer.cancel()
-            self._heartbeat_timer = None
-
-    def _heartbeat_due(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wake a reader quiet for a heartbeat; otherwise look again when one could be due."""
-        # Runs on the reader's loop. One timer per reader, not one per wait: a reader that
-        # gets a chunk every few milliseconds would otherwise make and cancel a timer each.
-        if self.close_reason is not None:
-            self._heartbeat_timer = None
-            return
-        heartbeat = cast(float, self._heartbeat)
-        due = self._quiet_since + heartbeat
-        if loop.time() >= due:
-            with self._lock:
-                waiter = self._waiter
-            if waiter is not None and not isinstance(waiter, threading.Event):
-                _resolve(waiter, _TIMED_OUT)
-            due = loop.time() + heartbeat
-        self._heartbeat_timer = loop.call_at(due, _heartbeat_due, weakref.ref(self), loop)
-
-    def _take(self) -> list[bytes] | None:
-        """Take the pending frames; ``[]`` once it ended, ``None`` while open and idle.
-
-        The caller joins them after releasing the lock: a reader far behind must not
-        hold up publishers while it copies megabytes.
-        """
-        # Precondition: self._lock is held.
-        pending = self._pending
-        if self._head:
-            frames = self._head + pending
-            self._head = []
-        elif pending:
-            frames = pending.copy()
-        elif self.close_reason is not None:
-            return []
-        else:
-            return None
-        pending.clear()
-        return frames
-
-    def _park(self, waiter: Waiter) -> None:
-        """Register ``waiter`` to be woken by the next frame or the end."""
-        # Precondition: self._lock is held, and _take() just found nothing.
-        if isinstance(waiter, threading.Event):
-            waiter.clear()
-        self._waiter = waiter
-        for audience in self._audiences:
-            audience.parked[self] = None
-
-    def _give_up_waiting(self, waiter: Waiter) -> list[bytes]:
-        """Unpark ``waiter`` after a timeout; return what arrived meanwhile, or a heartbeat."""
-        with self._lock:
-            self._unpark(waiter)
-            frames = self._take()
-        return [HEARTBEAT] if frames is None else frames
-
-    def _unpark(self, waiter: Waiter | None) -> Waiter | None:
-        """Take back the parked waiter if it is ``waiter`` (any, for ``None``); return it."""
-        # Precondition: self._lock is held.
-        parked = self._waiter
-        if parked is None or (waiter is not None and parked is not waiter):
-            return None
-        self._waiter = None
-        for audience in self._audiences:
-            del audience.parked[self]
-        return parked
-
-    def _end(self, reason: CloseReason) -> Waiter | None:
-        """Mark it ended; return the waiter to wake. Frames stay only for a shutdown."""
-        # Precondition: self._lock is held.
-        if self.close_reason is None:
-            self.close_reason = reason
-        if reason is not CloseReason.SHUTDOWN:
-            self._pending.clear()
-            self._head = []
-        return self._unpark(None)
+            if beat is not None:
+                beat.quiet()
+            return b"".join(got)
 
 
-class Audience:
-    """The subscriptions of one channel, arranged so that a fan-out is one tight loop.
+class _TaskWaiter:
+    """The waiter of a task: resolves the future it awaits, with whether a heartbeat is due."""
 
-    Not thread-safe: the broadcaster calls it under its lock.
-    """
+    __slots__ = ("future",)
 
-    __slots__ = ("buffers", "capacity", "parked")
+    def __init__(self, future: asyncio.Future[bool]) -> None:
+        self.future = future
 
-    def __init__(self) -> None:
-        self.buffers: dict[Subscription, list[bytes]] = {}
-        """Each member's pending list, iterated by :meth:`deliver`."""
-        self.parked: dict[Subscription, None] = {}
-        """Members whose reader waits for a frame."""
-        self.capacity: int | None = None
-        """The capacity every member shares, or ``None`` once two members differ."""
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self.future.get_loop()
 
-    def add(self, sub: Subscription) -> None:
-        """Make ``sub`` a member; the caller also lists this audience in ``sub._audiences``."""
-        if not self.buffers:
-            self.capacity = sub._capacity
-        elif self.capacity != sub._capacity:
-            self.capacity = None
-        self.buffers[sub] = sub._pending
+    def ready(self) -> None:
+        if not self.future.done():
+            self.future.set_result(False)
 
-    def deliver(
-        self, frame: bytes, woken: list[Waiter | None], evicted: list[Subscription]
-    ) -> None:
-        """Append ``frame`` for every member; collect the waiters to wake and the overflowed.
+    def heartbeat_due(self) -> None:
+        if not self.future.done():
+            self.future.set_result(True)
 
-        An overflowed member is collected, not removed, because the loop is iterating over
-        the dict that holds it; removing inside the loop would skip the next one.
-        """
-        capacity = self.capacity
-        if capacity is not None:
-            # Every member has the same limit, so the loop does one comparison and one
-            # append per member; the rare overflow is looked for afterwards.
-            overflowed = False
-            for pending in self.buffers.values():
-                if len(pending) >= capacity:
-                    overflowed = True
-                pending.append(frame)
-            if overflowed:
-                evicted.extend(
-                    sub for sub, pending in self.buffers.items() if len(pending) > capacity
-                )
-        else:
-            for sub, pending in self.buffers.items():
-                pending.append(frame)
-                if len(pending) > sub._capacity:
-                    evicted.append(sub)
-        if self.parked:
-            for sub in list(self.parked):
-                woken.append(sub._unpark(None))
+
+def feed_of(sub: Subscription) -> Feed:
+    """Return the feed behind ``sub``, for readers outside this module (the pump)."""
+    return sub._feed
 
 
 def wake(waiters: Iterable[Waiter | None]) -> None:
     """Wake parked readers: threads directly, the others by one callback per event loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool] | Callback]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[Callback]] = {}
     last_loop: asyncio.AbstractEventLoop | None = None
-    waiting: list[asyncio.Future[bool] | Callback] = []
+    waiting: list[Callback] = []
     for waiter in waiters:
         if isinstance(waiter, threading.Event):
             waiter.set()
@@ -375,37 +528,31 @@ def wake(waiters: Iterable[Waiter | None]) -> None:
             waiting.append(waiter)
     if not by_loop:
         return
-    try:
-        here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        here = None
+    here = _running_loop()
     for loop, waiting in by_loop.items():
         if loop is here:
             # Later, not now: a callback then writes what several events brought at once,
             # and never inside the publisher's own write.
-            loop.call_soon(_resolve_all, waiting)
+            loop.call_soon(_ready_all, waiting)
         else:
             # A closed loop raises RuntimeError; its readers are gone with it.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve_all, waiting)
+                loop.call_soon_threadsafe(_ready_all, waiting)
 
 
-def _heartbeat_due(ref: weakref.ref[Subscription], loop: asyncio.AbstractEventLoop) -> None:
-    # The timer holds the subscription weakly, so that one closed in another thread (where
-    # its timer cannot be cancelled) is not kept alive until the timer fires.
-    sub = ref()
-    if sub is not None:
-        sub._heartbeat_due(loop)
-
-
-def _resolve(waiter: asyncio.Future[bool] | Callback, result: bool) -> None:
-    if isinstance(waiter, asyncio.Future):
-        if not waiter.done():
-            waiter.set_result(result)
-    else:
-        waiter.wake(result)
-
-
-def _resolve_all(waiting: list[asyncio.Future[bool] | Callback]) -> None:
+def _ready_all(waiting: list[Callback]) -> None:
     for waiter in waiting:
-        _resolve(waiter, _WOKEN)
+        waiter.ready()
+
+
+def _beat(ref: weakref.ref[Heartbeat]) -> None:
+    beat = ref()
+    if beat is not None:
+        beat._due()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

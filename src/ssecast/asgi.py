@@ -123,7 +123,10 @@ class EventStream:
     ``send`` runs in a copy of the request's context (context variables set before the
     stream began are seen; ones a middleware sets inside ``send`` stay there). Middleware
     whose ``send`` works only inside its task, such as Starlette's ``BaseHTTPMiddleware``,
-    is detected on the first chunk, and the request's task then does the writing.
+    is detected when such a write raises (on the first, empty, chunk or any later one),
+    and the request's task then does the writing, beginning with the refused chunk. (A
+    wrapper that passes the message on and only then raises gets that chunk twice: no
+    chunk is lost, and which of the two happened cannot be told from outside.)
 
     Refusals are short ``text/plain`` answers: ``405`` (with ``Allow``) for a method
     other than GET, ``404`` when the ``channels`` callable raises ``LookupError``, ``400``
@@ -210,10 +213,7 @@ class EventStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             await send(_chunk(OPENING + sub.read_nowait()))
-            if not await Pump(sub, send).run():
-                # This send works only in its task (BaseHTTPMiddleware, say): write from it.
-                async for chunk in sub:
-                    await send(_chunk(chunk))
+            await Pump(sub, send).run()
             # The broadcaster closed or evicted it (or the client left): end the response
             # so that the client reconnects with Last-Event-ID.
             await send(_end())

@@ -1,0 +1,121 @@
+"""The backends the contract suite (test_backend_contract.py) runs against, one harness each.
+
+A harness makes backends on one store (the memory backend's store is its process; the
+Redis backend's is a stream on the test Redis), and says what the store can do. A new
+backend joins the suite by adding a harness here.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+
+from proxy import proxy_to
+from ssecast import Backend, Broadcaster, MemoryBackend
+from ssecast.redis import RedisBackend
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Harness:
+    """Makes broadcasters on one store, and says what that store can do."""
+
+    name = "abstract"
+    shares_events = False
+    """Backends on the store deliver each other's events: processes act as one."""
+    keeps_history = False
+    """The store replays ids older than a broadcaster's ring."""
+
+    def backend(self, *, maxlen: int = 10_000) -> Backend:
+        """Return a new backend on this store; ``maxlen`` bounds the history it keeps."""
+        raise NotImplementedError
+
+    def broadcaster(self, *, maxlen: int = 10_000, **options: Any) -> Broadcaster:
+        """Return a broadcaster on a new backend, with a short heartbeat (no read hangs)."""
+        options.setdefault("heartbeat", 0.2)
+        return Broadcaster(backend=self.backend(maxlen=maxlen), **options)
+
+    def argv(self) -> list[str]:
+        """Arguments that make ``forked.py`` build the same backend in another process."""
+        raise NotImplementedError
+
+    def connections(self) -> int:
+        """The connections this store holds for the backends of the test."""
+        return 0
+
+    @contextmanager
+    def lagging(self, **options: Any) -> Iterator[tuple[Broadcaster, Any]]:
+        """Yield a broadcaster whose reader can be held up, and the context that holds it."""
+        raise NotImplementedError
+        yield
+
+    @contextmanager
+    def silent(self) -> Iterator[Broadcaster]:
+        """Yield a broadcaster whose store accepts connections and never answers."""
+        raise NotImplementedError
+        yield
+
+    def close(self) -> None:
+        """Remove what the test left in the store."""
+
+
+class MemoryHarness(Harness):
+    name = "memory"
+
+    def backend(self, *, maxlen: int = 10_000) -> Backend:
+        return MemoryBackend()
+
+    def argv(self) -> list[str]:
+        return ["memory"]
+
+
+class RedisHarness(Harness):
+    name = "redis"
+    shares_events = True
+    keeps_history = True
+
+    def __init__(self) -> None:
+        self.prefix = f"ssecast-test:{uuid.uuid4().hex}:"
+
+    def backend(self, *, maxlen: int = 10_000, url: str = REDIS_URL) -> RedisBackend:
+        return RedisBackend(url, prefix=self.prefix, maxlen=maxlen)
+
+    def argv(self) -> list[str]:
+        return ["redis", REDIS_URL, self.prefix]
+
+    def connections(self) -> int:
+        name = self.backend().client_name
+        with redis.Redis.from_url(REDIS_URL) as admin:
+            return sum(1 for client in admin.client_list() if client["name"] == name)
+
+    @contextmanager
+    def lagging(self, **options: Any) -> Iterator[tuple[Broadcaster, Any]]:
+        with proxy_to(6379) as proxy:
+            url = f"redis://127.0.0.1:{proxy.port}/0"
+            options.setdefault("heartbeat", 0.2)
+            maxlen = options.pop("maxlen", 10_000)
+            with Broadcaster(backend=self.backend(maxlen=maxlen, url=url), **options) as b:
+                yield b, proxy.paused
+
+    @contextmanager
+    def silent(self) -> Iterator[Broadcaster]:
+        # A listening socket that never accepts: the kernel completes every handshake,
+        # then nobody reads or answers, like a Redis frozen by a slow command or a SIGSTOP.
+        with socket.socket() as hole:
+            hole.bind(("127.0.0.1", 0))
+            hole.listen(128)
+            url = f"redis://127.0.0.1:{hole.getsockname()[1]}/0"
+            with Broadcaster(backend=self.backend(url=url), heartbeat=0.2) as b:
+                yield b
+
+    def close(self) -> None:
+        with redis.Redis.from_url(REDIS_URL) as admin:
+            admin.delete(self.prefix + "events")
+
+
+HARNESSES = {"memory": MemoryHarness, "redis": RedisHarness}
