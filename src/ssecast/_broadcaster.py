@@ -267,12 +267,17 @@ class Broadcaster:
         """Give up on held feeds that waited too long: a gap, and live from this event."""
         # Precondition: self._lock is held.
         now = time.monotonic()
-        for awaited, (deadline, held) in list(self._held.items()):
-            if now >= deadline and awaited != event_id:
-                del self._held[awaited]
-                for feed in held:
-                    feed.push(_GAP_BODY, woken)
-                    self._join(feed)
+        expired = []
+        for awaited, (deadline, _) in self._held.items():  # in the order they were held
+            if now < deadline:
+                break
+            if awaited != event_id:
+                expired.append(awaited)
+        for awaited in expired:
+            _, held = self._held.pop(awaited)
+            for feed in held:
+                feed.push(_GAP_BODY, woken)
+                self._join(feed)
 
     def _join_after(self, event_id: str) -> None:
         """Let the feeds that waited for ``event_id`` in: the next event is theirs."""
