@@ -572,8 +572,14 @@ def test_a_held_subscription_gets_a_gap_if_the_backend_loses_events_or_it_waits_
         second = b.publish("t", 2)
         assert _frames_of(held) == [(GAP_EVENT_TYPE, "{}"), ("t", "2")]
         assert first.id != second.id
+        backend.held_back.clear()  # the ones above never come
+        late = b.subscribe(last_event_id=backend.elsewhere("late, but it comes").id)
+        backend.catch_up()  # what it waited for comes as the first event after the deadline
+        third_here = b.publish("t", 3)
+        assert _frames_of(late) == [("t", "3")]  # no gap: it saw the awaited one elsewhere
+        assert third_here.id != second.id
         held.close()
-        assert b.stats().subscribers == 2
+        assert b.stats().subscribers == 3
 
 
 def test_closing_a_held_subscription_or_the_broadcaster_ends_it() -> None:
