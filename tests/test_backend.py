@@ -13,8 +13,8 @@ import pytest
 
 from sse_parser import parse
 from ssecast import (
-    AHEAD,
     GAP_EVENT_TYPE,
+    Ahead,
     Backend,
     BackendUnavailableError,
     Broadcaster,
@@ -506,27 +506,31 @@ def test_an_eviction_found_by_a_backend_thread_is_logged_at_once(
 
 
 class AheadBackend(LoggingBackend):
-    """Says AHEAD for an id of its log that it has not delivered yet, as a lagging reader would."""
+    """Says Ahead for an id of its log it has not delivered yet, as a lagging reader would."""
 
     def __init__(self) -> None:
         super().__init__()
         self.held_back: list[Event] = []  # published elsewhere, not yet delivered here
 
     def elsewhere(self, data: str) -> Event:
-        event = _draft(data).stamp(f"log-{len(self.events) + 1}")
+        event = _draft(data).stamp(f"log-{len(self.events) + 1:03}")
         self.events.append(event)
         self.held_back.append(event)
         return event
 
-    def catch_up(self) -> None:
+    def catch_up(self, *, losing: int = 0) -> None:
+        """Deliver what was held back, all but the first ``losing`` (after a gap)."""
         assert self.deliver is not None
-        for event in self.held_back:
+        assert self.report_gap is not None
+        if losing:
+            self.report_gap()
+        for event in self.held_back[losing:]:
             self.deliver(event)
         self.held_back.clear()
 
     def replay(self, after: str, until: str | None, channels: frozenset[str]) -> Any:
         if after in {event.id for event in self.held_back}:
-            return AHEAD
+            return Ahead(lambda event_id: event_id > after)  # its ids sort in order
         return super().replay(after, until, channels)
 
 
@@ -546,40 +550,37 @@ def test_a_resume_from_an_id_delivered_elsewhere_first_waits_for_it_here() -> No
             assert b.stats().subscribers == 2
 
 
-def test_a_held_subscription_gets_a_gap_if_the_backend_loses_events_or_it_waits_too_long(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The awaited id may be lost, or never come (a forged id): the client is told, not starved."""
+def test_a_held_subscription_whose_event_was_lost_gets_the_gap_and_what_follows_it() -> None:
+    """Lost with the events before it: a gap, then the first event after it, nothing older."""
     backend = AheadBackend()
     with Broadcaster(backend=backend, heartbeat=None) as b:
-        lost = backend.elsewhere("lost")
-        forged = backend.elsewhere("never delivered")
-        waits_for_lost = b.subscribe(last_event_id=lost.id)
-        waits_forever = b.subscribe(last_event_id=forged.id)
-        reader = threading.Thread(target=lambda: next(waits_for_lost), daemon=True)
-        reader.start()  # a reader waits while it is held: it must be woken by the gap
-        time.sleep(0.05)
-        assert backend.report_gap is not None
-        backend.report_gap()
+        before = backend.elsewhere("lost, and the client saw it")
+        awaited = backend.elsewhere("lost, the client's last")
+        after = backend.elsewhere("after the hole")
+        held = b.subscribe(last_event_id=awaited.id)
+        chunks: list[bytes] = []
+        reader = threading.Thread(target=lambda: chunks.append(next(held)), daemon=True)
+        reader.start()  # a reader waits while it is held: the gap wakes it
+        backend.catch_up(losing=2)
         reader.join(JOIN_TIMEOUT)
         assert not reader.is_alive()
-        first = b.publish("t", 1)
-        assert _frames_of(waits_for_lost) == [("t", "1")]
-        assert _frames_of(waits_forever)[0][0] == GAP_EVENT_TYPE  # the gap told it too
-        third = backend.elsewhere("still held back")
-        held = b.subscribe(last_event_id=third.id)
-        monkeypatch.setattr(time, "monotonic", lambda: float("inf"))  # ten seconds later...
-        second = b.publish("t", 2)
-        assert _frames_of(held) == [(GAP_EVENT_TYPE, "{}"), ("t", "2")]
-        assert first.id != second.id
-        backend.held_back.clear()  # the ones above never come
-        late = b.subscribe(last_event_id=backend.elsewhere("late, but it comes").id)
-        backend.catch_up()  # what it waited for comes as the first event after the deadline
-        third_here = b.publish("t", 3)
-        assert _frames_of(late) == [("t", "3")]  # no gap: it saw the awaited one elsewhere
-        assert third_here.id != second.id
-        held.close()
-        assert b.stats().subscribers == 3
+        got = parse(chunks[0] + held.read_nowait()).events
+        assert [(e.type, e.data) for e in got] == [(GAP_EVENT_TYPE, "{}"), ("t", after.data)]
+        assert before.id < awaited.id
+
+
+def test_a_gap_before_the_awaited_event_keeps_the_hold_and_sends_nothing_twice() -> None:
+    """A hole before the client's id: it is told, and it still begins after its own id."""
+    backend = AheadBackend()
+    with Broadcaster(backend=backend, heartbeat=None) as b:
+        backend.elsewhere("lost")
+        backend.elsewhere("seen by the client, not lost")
+        awaited = backend.elsewhere("the client's last")
+        held = b.subscribe(last_event_id=awaited.id)
+        backend.catch_up(losing=1)
+        live = b.publish("t", 1)
+        assert _frames_of(held) == [(GAP_EVENT_TYPE, "{}"), ("t", "1")]
+        assert live.id
 
 
 def test_closing_a_held_subscription_or_the_broadcaster_ends_it() -> None:

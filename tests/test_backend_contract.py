@@ -198,15 +198,24 @@ def test_a_reader_that_falls_behind_the_history_gives_its_subscribers_a_gap(
     assert len(before) + len(after) < len(sent)
 
 
-def test_a_client_resuming_on_a_process_that_lags_gets_neither_gap_nor_duplicate(
-    shared: Harness,
+@pytest.mark.parametrize("trimmed", [False, True])
+def test_a_client_resuming_on_a_process_that_lags_gets_no_event_twice(
+    shared: Harness, trimmed: bool
 ) -> None:
-    """It saw events through a fast process; the one it reconnects to has not read them yet."""
-    with shared.lagging() as (slow, held_up), shared.broadcaster() as fast:
-        slow.subscribe()  # a process that serves streams reads the store
-        seen_fast = Client(fast.subscribe())
+    """It saw events through a fast process; the one it reconnects to has not read them yet.
+
+    If that process then finds that some were trimmed before it read them, the client may
+    be told (a gap), and still gets nothing it saw already.
+    """
+    maxlen = 50 if trimmed else 10_000
+    with (
+        shared.lagging(maxlen=maxlen) as (slow, held_up),
+        shared.broadcaster(maxlen=maxlen) as fast,
+    ):
+        slow.subscribe(queue_size=5000)  # a process that serves streams reads the store
+        seen_fast = Client(fast.subscribe(queue_size=5000))
         with held_up():  # the slow process's reader is starved for a moment
-            sent = [fast.publish("t", n) for n in range(20)]
+            sent = [fast.publish("t", n) for n in range(300 if trimmed else 20)]
             seen_fast.until(sent[-1])
             resumed: list[Subscription] = []
             reconnect = threading.Thread(
@@ -216,8 +225,11 @@ def test_a_client_resuming_on_a_process_that_lags_gets_neither_gap_nor_duplicate
             time.sleep(0.3)  # it waits for the slow reader (up to 2 s) rather than give a gap
         reconnect.join(READ_SECONDS)
         live = fast.publish("t", "live")
-        assert summary(Client(resumed[0]).events(1)) == published([live])
-        assert resumed[0].read_nowait() == b""  # and nothing else: no gap, no duplicate
+        got = summary(Client(resumed[0]).until(live))
+        # The gap comes if the hole was found after the client resumed; either way the
+        # client saw every event before its id, and gets none of them again.
+        assert got in ([(GAP_EVENT_TYPE, "{}"), *published([live])], published([live]))
+        assert resumed[0].read_nowait() == b""  # and nothing else: no duplicate
 
 
 # -- lifecycle ------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import ssecast
 PACKAGE = Path(ssecast.__file__).resolve().parent
 
 EXPORTED = [
-    "AHEAD",
     "Ahead",
     "Backend",
     "BackendUnavailableError",

@@ -27,8 +27,8 @@ from reading import Client, assert_told_of_every_hole
 from servers import PYTHON, TESTS, free_port, running
 from sse_parser import ParsedEvent, parse
 from ssecast import (
-    AHEAD,
     GAP_EVENT_TYPE,
+    Ahead,
     BackendUnavailableError,
     Broadcaster,
     BroadcasterClosedError,
@@ -762,15 +762,20 @@ def test_replay_returns_the_range_after_until_on_the_channels(prefix: str) -> No
         assert "not started" in repr(backend)
         backend.start(lambda event: None, lambda: None)
         assert "started" in repr(backend)
-        # Newer than what this process delivered: the broadcaster waits for it.
-        assert backend.replay(events[8].id, events[7].id, frozenset({"x"})) is AHEAD
+        # Newer than what this process delivered: the broadcaster waits for it. The
+        # backend tells what comes after it; a made-up id that is newer is no such id.
+        ahead = backend.replay(events[8].id, events[7].id, frozenset({"x"}))
+        assert isinstance(ahead, Ahead)
+        assert ahead.follows(events[9].id)
+        assert not ahead.follows(events[8].id)
+        assert backend.replay("99999999999999-0", events[7].id, frozenset({"x"})) is None
         backend.listen()
         assert "listening" in repr(backend)
         try:
             replayed = backend.replay(events[2].id, events[2050].id, frozenset({"x"}))
             assert replayed == [e for e in events[3:2051] if e.channel == "x"]
             assert backend.replay(events[2].id, None, frozenset({"x", "y"})) == events[3:]
-            assert backend.replay(events[8].id, events[7].id, frozenset({"x"})) is AHEAD
+            assert isinstance(backend.replay(events[8].id, events[7].id, frozenset()), Ahead)
             with pytest.raises(RuntimeError, match="starts once"):
                 backend.start(lambda event: None, lambda: None)
             with pytest.raises(RuntimeError, match="listens once"):
@@ -1029,10 +1034,12 @@ def test_a_redis_that_refuses_info_still_serves(prefix: str) -> None:
         )
         try:
             url = f"redis://{user}@127.0.0.1:6379/0"
-            with redis_broadcaster(prefix, url=url) as b:
+            with redis_broadcaster(prefix, url=url) as b, redis_broadcaster(prefix) as full:
                 reader = Reader(b.subscribe())
-                event = b.publish("n", 1)
-                assert seen(reader.events(1)) == expected([event], "default")
+                # Entries written without the server's run_id are compared with nothing:
+                # publishers with and without INFO taking turns mark no restart.
+                events = [(b, full)[n % 2].publish("n", n) for n in range(6)]
+                assert seen(reader.events(6)) == expected(events, "default")
         finally:
             admin.acl_deluser(user)
 
@@ -1055,3 +1062,22 @@ def test_close_as_listen_connects_leaves_no_reader(
         b.subscribe()
     assert not [t for t in threading.enumerate() if t.name == f"ssecast-redis-reader {backend.key}"]
     wait_for_no_connections(backend)
+
+
+def test_replay_gives_a_gap_where_the_numbering_of_the_stream_breaks(prefix: str) -> None:
+    """Entries renumbered (a stream reset another program wrote into): no replay across them."""
+    with redis_broadcaster(prefix, history=1) as b, redis.Redis.from_url(REDIS_URL) as admin:
+        first = b.publish("n", 1)
+        b.publish("n", 2)
+        body = b"event: n\ndata: 3\n\n"
+        admin.xadd(
+            prefix + "events",
+            {"seq": "40", "type": "n", "channel": "default", "data": "3", "body": body},
+        )
+        newest = b.publish("n", 4)
+        with redis_broadcaster(prefix) as fresh:
+            got = Reader(fresh.subscribe(last_event_id=first.id)).events(1)
+            assert (got[0].type, got[0].last_event_id) == (GAP_EVENT_TYPE, "")
+            resumed = Reader(fresh.subscribe(last_event_id=newest.id))
+            later = b.publish("n", 5)
+            assert seen(resumed.events(1)) == expected([later], "default")

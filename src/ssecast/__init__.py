@@ -4,7 +4,7 @@ Framework adapters live in their own modules (``ssecast.asgi``, ``ssecast.flask`
 ``ssecast.django``, ``ssecast.redis``) and are never imported from here.
 """
 
-from ssecast._backend import AHEAD, Ahead, Backend, Deliver, MemoryBackend, ReportGap
+from ssecast._backend import Ahead, Backend, Deliver, MemoryBackend, ReportGap
 from ssecast._broadcaster import DEFAULT_CHANNEL, Broadcaster, Stats
 from ssecast._encoder import GAP_EVENT_TYPE, Payload, Serializer
 from ssecast._event import Draft, Event
@@ -25,7 +25,6 @@ from ssecast._subscription import CloseReason, Subscription
 __version__ = "0.1.0"
 
 __all__ = [
-    "AHEAD",
     "DEFAULT_CHANNEL",
     "GAP_EVENT_TYPE",
     "Ahead",

@@ -7,16 +7,16 @@ events for resume without I/O, and the fan-out to its own subscribers.
 
 from __future__ import annotations
 
-import enum
 import secrets
 import threading
 from collections.abc import Callable
-from typing import Final, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from ssecast import _fork
 from ssecast._event import Draft, Event
 
-__all__ = ["AHEAD", "Ahead", "Backend", "Deliver", "MemoryBackend", "ReportGap"]
+__all__ = ["Ahead", "Backend", "Deliver", "MemoryBackend", "ReportGap"]
 
 Deliver = Callable[[Event], None]
 """What a backend calls with each event, in id order, one call at a time.
@@ -37,18 +37,19 @@ It raises :class:`~ssecast.BroadcasterClosedError` once the broadcaster is close
 """
 
 
-class Ahead(enum.Enum):
-    """The type of :data:`AHEAD`, for annotations."""
+@dataclass(frozen=True, slots=True)
+class Ahead:
+    """What :meth:`Backend.replay` returns for an id this process has yet to deliver.
 
-    AHEAD = "delivered by another process, not yet by this one"
+    The client saw that event through a faster process, and it is in the backend's
+    history. The broadcaster holds the subscription until this process delivers it, or
+    an event that comes after it (when it was lost meanwhile), and goes on live from
+    there: no event twice, and a gap if events were lost.
 
+    :ivar follows: tells whether an event id comes after the one the client saw.
+    """
 
-AHEAD: Final = Ahead.AHEAD
-"""What :meth:`Backend.replay` returns for an id newer than ``until``.
-
-The client saw it through a faster process. The broadcaster then holds the subscription
-until this process delivers that id, and goes on live after it: no gap, no duplicate.
-"""
+    follows: Callable[[str], bool]
 
 
 @runtime_checkable
@@ -104,10 +105,10 @@ class Backend(Protocol):
 
         :param until: the last id already delivered to this process; ``None`` means the
             point at which :meth:`listen` began delivering.
-        :returns: :data:`AHEAD` when ``after`` is newer than ``until`` (another process
-            delivered it first); ``None`` when it is unknown, trimmed, or events after it
-            may be lost: the broadcaster looks for it in its ring once more, and otherwise
-            begins the stream with a gap.
+        :returns: an :class:`Ahead` when ``after`` is in the history but newer than
+            ``until`` (another process delivered it first); ``None`` when it is unknown,
+            trimmed, or events after it may be lost: the broadcaster looks for it in its
+            ring once more, and otherwise begins the stream with a gap.
         :raises BackendUnavailableError: the history could not be read.
         """
 

@@ -28,13 +28,12 @@ import contextlib
 import contextvars
 import logging
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import NamedTuple, Self, cast
 
 from ssecast import _fork, _wire
-from ssecast._backend import AHEAD, Ahead, Backend, MemoryBackend
+from ssecast._backend import Ahead, Backend, MemoryBackend
 from ssecast._encoder import GAP_EVENT_TYPE, Encoder, Payload, Serializer
 from ssecast._event import Draft, Event, check_field
 from ssecast._exceptions import (
@@ -140,9 +139,9 @@ class Broadcaster:
         self._listen_attempt: _Attempt | None = None
         self._audiences: dict[str, Audience] = {}
         # Feeds resumed from an id that another process delivered and this one has not yet,
-        # by that id: held out of the fan-out until it comes, so that their client gets
-        # neither a gap nor an event twice. With when they give up waiting (a gap then).
-        self._held: dict[str, tuple[float, list[Feed]]] = {}
+        # by that id: held out of the fan-out until it, or an event after it, comes, so
+        # that their client gets no event twice. With the backend's word on "after".
+        self._held: dict[str, tuple[Ahead, list[Feed]]] = {}
         self._subscriber_count = 0
         self._published = 0
         self._delivered = 0
@@ -221,7 +220,7 @@ class Broadcaster:
                 raise BroadcasterClosedError("the broadcaster was closed; the event was not sent")
             self._history.append(event)
             if self._held:
-                self._stop_holding(event.id, woken)
+                self._join_before(event.id)
             audience = self._audiences.get(event.channel)
             if audience is not None:
                 audience.deliver(event.frame, woken, evicted)
@@ -248,10 +247,6 @@ class Broadcaster:
                 if feed.push(_GAP_BODY, woken):
                     evicted.append(feed)
             self._evict(evicted, woken)
-            for _, held in self._held.values():  # what they wait for may be what was lost
-                for feed in held:
-                    self._join(feed)
-            self._held.clear()
         wake(woken)
         if evicted:
             _report_evictions(evicted)
@@ -263,28 +258,24 @@ class Broadcaster:
             woken.append(feed.end(CloseReason.EVICTED))
         self._evicted += len(evicted)
 
-    def _stop_holding(self, event_id: str, woken: list[Waiter | None]) -> None:
-        """Give up on held feeds that waited too long: a gap, and live from this event."""
+    def _join_before(self, event_id: str) -> None:
+        """Let in the held feeds whose awaited event was lost: ``event_id`` comes after it."""
         # Precondition: self._lock is held.
-        now = time.monotonic()
-        expired = []
-        for awaited, (deadline, _) in self._held.items():  # in the order they were held
-            if now < deadline:
-                break
-            if awaited != event_id:
-                expired.append(awaited)
-        for awaited in expired:
-            _, held = self._held.pop(awaited)
-            for feed in held:
-                feed.push(_GAP_BODY, woken)
+        passed = [
+            awaited
+            for awaited, (ahead, _) in self._held.items()
+            if awaited != event_id and ahead.follows(event_id)
+        ]
+        for awaited in passed:
+            for feed in self._held.pop(awaited)[1]:
                 self._join(feed)
 
     def _join_after(self, event_id: str) -> None:
         """Let the feeds that waited for ``event_id`` in: the next event is theirs."""
         # Precondition: self._lock is held.
-        _, held = self._held.pop(event_id, (0.0, []))
-        for feed in held:
-            self._join(feed)
+        if event_id in self._held:
+            for feed in self._held.pop(event_id)[1]:
+                self._join(feed)
 
     # -- subscribing -----------------------------------------------------------------
 
@@ -401,12 +392,12 @@ class Broadcaster:
         request = resume.request
         with self._lock:
             self._check_room()
-            if older is None or older is AHEAD:
+            if older is None or isinstance(older, Ahead):
                 # Unknown to the backend, or delivered by another process first: this one
                 # may have delivered it by now.
                 replayed = self._history.after(resume.last_event_id, request.channels)
-                if replayed is None and older is AHEAD:
-                    return self._hold(request, resume.last_event_id)
+                if replayed is None and isinstance(older, Ahead):
+                    return self._hold(request, resume.last_event_id, older)
             else:
                 recent = self._history.since(resume.mark, request.channels)
                 replayed = None if recent is None else older + recent
@@ -430,13 +421,12 @@ class Broadcaster:
         self._subscriber_count += 1
         return Subscription(feed, self._release)
 
-    def _hold(self, request: _Request, awaited: str) -> Subscription:
-        """Subscribe, but deliver nothing until ``awaited`` is delivered here."""
+    def _hold(self, request: _Request, awaited: str, ahead: Ahead) -> Subscription:
+        """Subscribe, but deliver only what comes after ``awaited`` is delivered here."""
         # Precondition: self._lock is held.
         feed = self._feed(request, self._prelude.copy())
         feed.held_for = awaited
-        deadline = time.monotonic() + _HOLD_SECONDS
-        self._held.setdefault(awaited, (deadline, []))[1].append(feed)
+        self._held.setdefault(awaited, (ahead, []))[1].append(feed)
         self._subscriber_count += 1
         return Subscription(feed, self._release)
 
@@ -572,9 +562,6 @@ class Broadcaster:
 
 
 _GAP_BODY = _wire.encode_body(_wire.event_prefix(GAP_EVENT_TYPE), b"{}")
-# How long a resume from an id that this process has yet to deliver waits for it before
-# the client gets a gap instead: ten seconds behind another process is a process in trouble.
-_HOLD_SECONDS = 10.0
 
 
 class _Request(NamedTuple):

@@ -41,7 +41,8 @@ STREAM_START: Final = "0-0"
 # KEYS[1]: the stream. ARGV: maxlen, type, channel, data, body, the gap marker's type.
 # Returns the new entry's id. The newest entry may be one ssecast did not write (no seq);
 # then up to a hundred are looked at, and the count restarts at 1 when none has one,
-# which readers take as a gap. INFO may be refused (an ACL): then restarts go unmarked.
+# which readers take as a gap. INFO may be refused (an ACL): then restarts go unmarked,
+# and an entry written so (no run) is compared with nothing.
 PUBLISH_SCRIPT: Final = """
 local function newest(count)
   local entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', count)
@@ -65,7 +66,7 @@ local info = redis.pcall('INFO', 'server')
 local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
 local last = newest(1) or newest(100)
 local seq = last and tonumber(last['seq']) or 0
-if last and run ~= '' and last['run'] ~= run then
+if last and run ~= '' and (last['run'] or '') ~= '' and last['run'] ~= run then
   seq = seq + 1
   append(seq, run, ARGV[6], '', '', '')
 end

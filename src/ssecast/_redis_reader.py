@@ -163,13 +163,12 @@ class Reader:
             self._skip_through = None
         if entry.seq is not None and seq is not None and entry.seq != seq + 1:
             self._gap_pending = True
-            logger.warning(
-                "Redis reader of %s: %d events were trimmed from the stream before this "
-                "process read them (it was paused, or too slow for maxlen); subscribers "
-                "get a gap",
-                self._key,
-                entry.seq - seq - 1,
-            )
+            if entry.seq > seq:
+                why = f"{entry.seq - seq - 1} events were trimmed from the stream before this "
+                why += "process read them (it was paused, or too slow for maxlen)"
+            else:
+                why = "the stream was reset: its numbering began again"
+            logger.warning("Redis reader of %s: %s; subscribers get a gap", self._key, why)
         if entry.gap:
             self._gap_pending = True  # another process found that Redis restarted
         if entry.event is None:  # a gap marker, or an entry ssecast did not write

@@ -55,7 +55,7 @@ from typing import Final, cast
 from urllib.parse import urlsplit
 
 from ssecast import _fork
-from ssecast._backend import AHEAD, Ahead, Deliver, ReportGap
+from ssecast._backend import Ahead, Deliver, ReportGap
 from ssecast._event import Draft, Event
 from ssecast._exceptions import BackendUnavailableError, ConfigurationError
 
@@ -229,38 +229,48 @@ class RedisBackend:
         :param until: the last id already delivered to this process; ``None`` means the
             newest id in the stream when :meth:`listen` ran.
         :param channels: the channels to keep.
-        :returns: :data:`~ssecast.AHEAD` when ``after`` is newer than ``until``; ``None``
-            when it is not a stream id, is not in the stream (never was, or trimmed away),
-            or a gap marker follows it.
+        :returns: an :class:`~ssecast.Ahead` when ``after`` is in the stream but newer
+            than ``until``; ``None`` when it is not a stream id, is not in the stream
+            (never was, or trimmed away), or events after it may be lost (a gap marker,
+            or a number missing in ``seq``).
         :raises BackendUnavailableError: Redis could not be reached or did not answer.
         """
         start = parse_id(after)
-        end = self._origin if until is None else until
         if start is None:
             return None
-        if start > (parse_id(end) or start):
-            return AHEAD  # the client saw it through a faster process
-        events: list[Event] = []
-        cursor = after
+        end = self._origin if until is None else until
         with self._connections.shared() as (client, _), unavailable("could not read history"):
-            while True:
-                # Both reads in one transaction: if the cursor entry is still there, no
-                # entry after it was trimmed before the range was read.
-                with client.pipeline(transaction=True) as pipe:
-                    pipe.xrange(self.key, cursor, cursor, count=1)
-                    pipe.xrange(self.key, "(" + cursor, end, count=_REPLAY_PAGE)
-                    found, raws = pipe.execute()
-                if not found:
-                    return None
-                for raw in raws:
-                    entry = Entry.parse(raw)
-                    if entry.gap:
-                        return None  # events may be missing there: the client gets a gap
-                    if entry.event is not None and entry.event.channel in channels:
-                        events.append(entry.event)
-                if len(raws) < _REPLAY_PAGE:
-                    return events
-                cursor = raws[-1][0].decode()
+            if start <= (parse_id(end) or start):
+                return self._range(client, after, end, channels)
+            if not client.xrange(self.key, after, after, count=1):
+                return None  # from another stream, or lost in a restart: a gap
+            # The client saw it through a faster process; this one has yet to deliver it.
+            return Ahead(lambda event_id: (parse_id(event_id) or start) > start)
+
+    def _range(
+        self, client: redis.Redis, after: str, end: str, channels: frozenset[str]
+    ) -> list[Event] | None:
+        """Read (``after``, ``end``] page by page; ``None`` where events may be missing."""
+        events: list[Event] = []
+        cursor, seq = after, None
+        while True:
+            # Both reads in one transaction: if the cursor entry is still there, no entry
+            # after it was trimmed before the range was read.
+            with client.pipeline(transaction=True) as pipe:
+                pipe.xrange(self.key, cursor, cursor, count=1)
+                pipe.xrange(self.key, "(" + cursor, end, count=_REPLAY_PAGE)
+                found, raws = pipe.execute()
+            if not found:
+                return None
+            for entry in map(Entry.parse, found + raws):
+                if entry.gap or (entry.seq and seq and entry.seq not in (seq, seq + 1)):
+                    return None  # events may be missing there: the client gets a gap
+                seq = entry.seq or seq
+                if entry.id != cursor and entry.event and entry.event.channel in channels:
+                    events.append(entry.event)
+            if len(raws) < _REPLAY_PAGE:
+                return events
+            cursor = raws[-1][0].decode()
 
     # -- lifecycle -------------------------------------------------------------------
 
