@@ -1081,3 +1081,21 @@ def test_replay_gives_a_gap_where_the_numbering_of_the_stream_breaks(prefix: str
             resumed = Reader(fresh.subscribe(last_event_id=newest.id))
             later = b.publish("n", 5)
             assert seen(resumed.events(1)) == expected([later], "default")
+
+
+def test_a_stream_deleted_under_a_connected_reader_gives_a_gap(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DEL of the stream while a worker reads it: the numbering begins again, and it says so."""
+    with redis_broadcaster(prefix) as b, redis.Redis.from_url(REDIS_URL) as admin:
+        reader = Reader(b.subscribe())
+        before = [b.publish("n", n) for n in range(3)]
+        reader.until(before[-1])
+        admin.delete(prefix + "events")
+        after = b.publish("n", "after")
+        got = reader.until(after)[3:]
+        assert [(event.type, event.data) for event in got] == [
+            (GAP_EVENT_TYPE, "{}"),
+            ("n", '"after"'),
+        ]
+    assert "numbering began again" in caplog.text
