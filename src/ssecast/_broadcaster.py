@@ -24,11 +24,10 @@ order  lock (module)                                   guards
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from types import TracebackType
 from typing import NamedTuple, Self, cast
 
@@ -173,8 +172,11 @@ class Broadcaster:
         :raises BackendUnavailableError: the backend could not be reached; nothing was sent.
         """
         draft = self._draft(event_type, data, channel, raw)
-        with _logging_evictions_after():
+        deferring = _evicted_here.set([])
+        try:
             event = self._backend.publish(draft)
+        finally:
+            _log_deferred_evictions(deferring)
         with self._lock:
             self._published += 1
         return event
@@ -184,8 +186,11 @@ class Broadcaster:
     ) -> Event:
         """Do what :meth:`publish` does; a backend's I/O does not block the running loop."""
         draft = self._draft(event_type, data, channel, raw)
-        with _logging_evictions_after():
+        deferring = _evicted_here.set([])
+        try:
             event = await self._backend.apublish(draft)
+        finally:
+            _log_deferred_evictions(deferring)
         with self._lock:
             self._published += 1
         return event
@@ -616,17 +621,12 @@ class _Attempt:
             ) from self._error
 
 
-@contextlib.contextmanager
-def _logging_evictions_after() -> Iterator[None]:
-    """Defer the logging of evictions until the block, and every lock it took, is over."""
-    token = _evicted_here.set([])
-    try:
-        yield
-    finally:
-        evicted = _evicted_here.get()
-        _evicted_here.reset(token)
-        if evicted:
-            _log_evictions(evicted)
+def _log_deferred_evictions(deferring: contextvars.Token[list[Feed] | None]) -> None:
+    """Log the evictions deferred since ``deferring`` was set, and stop deferring them."""
+    evicted = _evicted_here.get()
+    _evicted_here.reset(deferring)
+    if evicted:
+        _log_evictions(evicted)
 
 
 def _report_evictions(evicted: list[Feed]) -> None:
