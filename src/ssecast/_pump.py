@@ -107,7 +107,8 @@ class Pump:
                 return outcome.body
             if isinstance(outcome, _Waiting):
                 await outcome  # a write that had to wait, finished in this task
-                self._quiet()
+                if self._beat is not None:
+                    self._beat.quiet()
             self._outcome = loop.create_future()
             self.ready()
             outcome = await self._outcome
@@ -126,16 +127,12 @@ class Pump:
         if self._write(b""):
             self._settle(None)
 
-    def ready(self) -> None:
-        """Write what is pending; the end ends :meth:`run`."""
-        self._write_pending(None)
-
     def heartbeat_due(self) -> None:
         """Write what is pending, or a heartbeat if nothing is."""
-        self._write_pending(HEARTBEAT)
+        self.ready(HEARTBEAT)
 
-    def _write_pending(self, when_idle: bytes | None) -> None:
-        """Poll the feed and write what it gives; ``when_idle`` if it gives nothing.
+    def ready(self, when_idle: bytes | None = None) -> None:
+        """Write what is pending, else ``when_idle`` if given; the end ends :meth:`run`.
 
         The poll leaves the pump parked, so what arrives during the write wakes it again.
         """
@@ -155,7 +152,7 @@ class Pump:
                 body = when_idle
             else:
                 body = b"".join(got)
-            if not self._write(body) or not feed.closed:
+            if not self._write(body) or feed.close_reason is None:
                 return
             # Ended (shut down) with frames left: the poll did not park the pump, and
             # nothing wakes it again, so it polls on to the end.
@@ -174,12 +171,9 @@ class Pump:
         if waiting is not None:
             self._settle(waiting)  # the task finishes it, then calls ready() once more
             return False
-        self._quiet()
-        return True
-
-    def _quiet(self) -> None:
         if self._beat is not None:
             self._beat.quiet()
+        return True
 
     def _start(self, body: bytes) -> _Waiting | None:
         """Send ``body`` by hand; return the rest of the send if it has to wait."""
