@@ -1,7 +1,8 @@
 """A broadcaster made before a fork, used by the parent and by two forked children.
 
 Run as a script by test_backend_contract.py, in a process of its own (pytest's threads
-must not be forked): ``python forked.py memory`` or ``python forked.py redis URL PREFIX``.
+must not be forked): ``python forked.py memory``, ``python forked.py redis URL PREFIX`` or
+``python forked.py postgres DSN TABLE``.
 It does what a pre-forking server does (gunicorn --preload): the broadcaster is made at
 import time and used in the parent. Both children are forked from the same state of it,
 as workers are, while a thread of the parent keeps publishing on another broadcaster.
@@ -19,11 +20,16 @@ import time
 from typing import Any
 
 from sse_parser import parse
-from ssecast import Broadcaster, Subscription
+from ssecast import Backend, Broadcaster, Subscription
+from ssecast.postgres import PostgresBackend
 from ssecast.redis import RedisBackend
 
 KIND = sys.argv[1]
-BACKEND = None if KIND == "memory" else RedisBackend(sys.argv[2], prefix=sys.argv[3])
+BACKEND: Backend | None = None
+if KIND == "redis":
+    BACKEND = RedisBackend(sys.argv[2], prefix=sys.argv[3])
+elif KIND == "postgres":
+    BACKEND = PostgresBackend(sys.argv[2], table=sys.argv[3])
 broadcaster = Broadcaster(backend=BACKEND, heartbeat=0.2, history=100)
 churning = Broadcaster()
 

@@ -6,9 +6,9 @@ is not ssecast's runs (a serializer, a logging handler, backend I/O, an ASGI ``s
 user's callback) or while anything blocks; evictions found while a backend holds its lock
 are logged once the publishing call has released every lock.
 
-=====  ==============================================  ======================================
+=====  ==============================================  =======================================
 order  lock (module)                                   guards
-=====  ==============================================  ======================================
+=====  ==============================================  =======================================
 1      ``_registry_lock`` (``_fork``)                  the locks held across ``os.fork()``;
                                                        the fork hooks then take 2 to 4
 2      ``MemoryBackend._lock`` (``_backend``)          its id counter; held across
@@ -18,7 +18,10 @@ order  lock (module)                                   guards
 4      ``RedisBackend._lock`` (``redis``)              a leaf: its callbacks, reader, closed
 4      ``Connections._lock`` (``_redis_connections``)  a leaf: closed or not, and the
                                                        commands running on the shared client
-=====  ==============================================  ======================================
+4      ``PostgresBackend._lock`` (``postgres``)        a leaf: its callbacks, listener, closed
+4      ``Connections._lock``                           a leaf: closed or not, the idle
+       (``_postgres_connections``)                     connections and how many are lent
+=====  ==============================================  =======================================
 """
 
 from __future__ import annotations

@@ -1,0 +1,149 @@
+"""The PostgreSQL connections of one backend, and the one place psycopg errors become ssecast's.
+
+Publishing and replaying borrow connections from a small pool, which grows to the number
+of threads using it at once; ``apublish`` uses it from a worker thread, so nothing is kept
+per event loop. The listener has a connection of its own (see ``_postgres_reader.py``).
+Every connection carries an ``application_name`` that begins with ``ssecast``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Final
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from ssecast import _fork
+from ssecast._exceptions import BackendUnavailableError
+
+__all__ = ["CONNECT_TIMEOUT", "Connections", "connect", "unavailable"]
+
+# libpq's connect_timeout, in whole seconds (it takes no less than 2).
+CONNECT_TIMEOUT: Final = 2
+# How long close() waits for the statements running on borrowed connections.
+_CLOSE_WAIT: Final = 5.0
+
+Connection = psycopg.Connection[TupleRow]
+
+
+@contextlib.contextmanager
+def unavailable(doing: str) -> Iterator[None]:
+    """Raise [`BackendUnavailableError`][ssecast.BackendUnavailableError] for any psycopg error.
+
+    Unreachable, timed out, terminated, or refused (a read-only standby, a missing
+    privilege): to the caller each means that what it asked for was not done. The message
+    names no host or password; the error's own text is kept.
+
+    :param doing: what failed, such as ``"could not publish"``.
+    """
+    try:
+        yield
+    except psycopg.Error as error:
+        raise BackendUnavailableError(
+            f"{doing}: PostgreSQL is unreachable, did not answer, or refused the statement "
+            f"({type(error).__name__}: {str(error).strip()}); check that it runs, that the "
+            "DSN is right and that the user may write the table"
+        ) from error
+
+
+def connect(conninfo: str, application_name: str) -> Connection:
+    """Open a connection in autocommit mode, named ``application_name``.
+
+    :raises psycopg.Error: it could not connect.
+    """
+    return psycopg.connect(
+        conninfo,
+        autocommit=True,
+        application_name=application_name,
+        connect_timeout=CONNECT_TIMEOUT,
+        # TCP keepalives: a connection whose peer vanished (a host down, a cable cut)
+        # fails in about 5 + 3 x 2 s instead of hanging for the kernel's two hours.
+        keepalives=1,
+        keepalives_idle=5,
+        keepalives_interval=2,
+        keepalives_count=3,
+    )
+
+
+class Connections:
+    """The pool of one backend's publishing connections; `close` closes them all.
+
+    :param conninfo: where PostgreSQL is, as libpq takes it.
+    :param application_name: the name every connection carries.
+    """
+
+    def __init__(self, conninfo: str, application_name: str) -> None:
+        self.conninfo = conninfo
+        self.application_name = application_name
+        # A leaf lock (see the table in _broadcaster.py): the idle connections, how many
+        # are lent, and whether it is closed. Never held while psycopg runs.
+        self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)
+        self._idle: list[Connection] = []
+        self._lent = 0
+        self._closed = False
+        # A forked child's copies of its parent's connections: closing one would end the
+        # parent's session, and dropping one would warn; they stay here, unused.
+        self._parents: list[Connection] = []
+        _fork.guard(self, self._lock, Connections._in_child)
+
+    def connect(self) -> Connection:
+        """Open a new connection (the listener's), with this backend's name.
+
+        :raises psycopg.Error: it could not connect.
+        """
+        return connect(self.conninfo, self.application_name)
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[Connection]:
+        """Lend a connection, opened if none is idle; it goes back to the pool afterwards.
+
+        A connection whose statement failed is closed instead: it may be broken.
+
+        :raises BackendUnavailableError: the pool is closed, or it could not connect.
+        """
+        with self._lock:
+            if self._closed:
+                raise BackendUnavailableError("the PostgresBackend is closed")
+            conn = self._idle.pop() if self._idle else None
+            self._lent += 1
+        try:
+            if conn is None:
+                with unavailable("could not connect"):
+                    conn = self.connect()
+            try:
+                yield conn
+            except BaseException:
+                conn.close()
+                raise
+            with self._lock:
+                keep = not self._closed
+                if keep:
+                    self._idle.append(conn)
+            if not keep:  # closed meanwhile
+                conn.close()
+        finally:
+            with self._lock:
+                self._lent -= 1
+                self._returned.notify_all()
+
+    def close(self) -> None:
+        """Close every connection once the statements running on them end (seconds at most)."""
+        with self._lock:
+            self._closed = True
+            # Closing a connection under a running statement would fail it with whatever
+            # psycopg meets, not BackendUnavailableError: the borrower closes it instead.
+            self._returned.wait_for(lambda: not self._lent, _CLOSE_WAIT)
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _in_child(self) -> None:
+        """In a forked child: the parent's connections and borrowers are not this process's."""
+        self._parents += self._idle
+        self._idle = []
+        self._lent = 0
+        self._returned = threading.Condition(self._lock)
