@@ -35,7 +35,7 @@ import psycopg
 
 from ssecast._backend import Deliver, ReportGap
 from ssecast._exceptions import BackendUnavailableError, BroadcasterClosedError
-from ssecast._postgres_connections import Connection, unavailable
+from ssecast._postgres_connections import CONNECT_TIMEOUT, Connection, unavailable
 from ssecast._postgres_table import LAST_ID, Newest, Page, Table, format_id
 
 __all__ = ["BLOCK_SECONDS", "Position", "Reader"]
@@ -101,16 +101,17 @@ class Reader:
     def stop(self) -> None:
         """End the thread, waiting a few seconds at most; it closes its connection."""
         self._stopping.set()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # closed: the thread ended
             self._waker.send(b"x")
         thread = self._thread
         if thread.ident is not None and thread is not threading.current_thread():
-            # A statement in flight against a server that stopped answering is given up
-            # on (the thread is a daemon); keepalives end it in seconds.
+            # A read waiting for a lock is cancelled. One against a server that stopped
+            # answering is given up on (the thread is a daemon); keepalives end it.
+            conn = self._conn
+            if conn is not None:
+                with contextlib.suppress(Exception):  # closed meanwhile, or unreachable
+                    conn.cancel_safe(timeout=CONNECT_TIMEOUT)
             thread.join(BLOCK_SECONDS + 5.0)
-        if not thread.is_alive():
-            self._wake.close()
-            self._waker.close()
 
     def _run(self) -> None:
         try:
@@ -121,13 +122,19 @@ class Reader:
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     self._conn.close()
+            self._wake.close()
+            self._waker.close()
 
     def _read_until_stopped(self) -> None:
         failures = 0
         while not self._stopping.is_set():
             try:
                 if self._conn is None:
-                    self._conn = self._reconnect()
+                    # Connect again, create the table if it is gone, and listen.
+                    with unavailable("could not reconnect"):
+                        self._conn = self._connect()
+                        self._table.ensure(self._conn)
+                        self._table.listen(self._conn)
                     logger.warning(
                         "PostgreSQL listener of %s reconnected after %d failed attempts",
                         self._table.name,
@@ -141,6 +148,8 @@ class Reader:
                         continue
                 if self._take(page, page.token) < _READ_BATCH:
                     self._wait(self._conn)
+            except BroadcasterClosedError:
+                raise
             except Exception as error:
                 if self._stopping.is_set():
                     break
@@ -151,18 +160,6 @@ class Reader:
                     with contextlib.suppress(Exception):
                         conn.close()
                 self._stopping.wait(_backoff(failures))
-
-    def _reconnect(self) -> Connection:
-        """Connect again, create the table if it is gone, and listen."""
-        with unavailable("could not reconnect"):
-            conn = self._connect()
-            try:
-                self._table.ensure(conn)
-                self._table.listen(conn)
-            except BaseException:
-                conn.close()
-                raise
-        return conn
 
     def _wait(self, conn: Connection) -> None:
         """Wait for a notification, a stop, or a second; take in what arrived."""

@@ -106,8 +106,9 @@ class PostgresBackend:
         self._closed = False
         # The newest row when delivery began: replay's default end.
         self._origin: Newest | None = None
-        # In a forked child, the parent's listener: its connection must not be closed here.
-        self._parents: list[Reader] = []
+        # In a forked child, the parent's listener, if any: its connection must not be
+        # closed here, and dropping it would warn.
+        self._parents: list[Reader | None] = []
         _fork.guard(self, self._lock, PostgresBackend._in_child)
 
     @classmethod
@@ -125,7 +126,7 @@ class PostgresBackend:
         from django.utils.connection import ConnectionDoesNotExist
 
         try:
-            settings = connections.settings[using]
+            settings = connections[using].settings_dict
         except ConnectionDoesNotExist:
             raise ConfigurationError(f"Django has no database {using!r}") from None
         if "postgresql" not in settings["ENGINE"]:
@@ -198,18 +199,18 @@ class PostgresBackend:
                 except BaseException:
                     conn.close()
                     raise
-            reader = Reader(
-                conn,
-                table=self._table,
-                connect=self._connections.connect,
-                deliver=deliver,
-                report_gap=report_gap,
-                start=start,
-            )
             with self._lock:
                 closed: bool = self._closed  # close() may have run meanwhile
                 if not closed:
-                    self._reader, self._origin = reader, start
+                    reader = self._reader = Reader(
+                        conn,
+                        table=self._table,
+                        connect=self._connections.connect,
+                        deliver=deliver,
+                        report_gap=report_gap,
+                        start=start,
+                    )
+                    self._origin = start
             if closed:
                 conn.close()
                 raise BackendUnavailableError("the PostgresBackend was closed while it connected")
@@ -285,18 +286,19 @@ class PostgresBackend:
     ) -> list[Event] | None:
         """Read ids (``first``, ``end``] page by page; ``None`` where events may be missing."""
         events: list[Event] = []
-        cursor, seq = first, None
+        cursor = first
         while True:
             # Each page begins with its cursor's row: if it is still there, no row after
             # it was trimmed before the page was read.
             page = self._table.read(conn, cursor, end, _REPLAY_PAGE)
             if page.token != token or not page.rows or page.rows[0].id != cursor:
                 return None
-            for row in page.rows:
-                if seq is not None and row.seq != seq + 1:
+            seq = page.rows[0].seq
+            for row in page.rows[1:]:
+                if row.seq != seq + 1:
                     return None  # rows are missing there: the client gets a gap
                 seq = row.seq
-                if row.id != cursor and row.draft.channel in channels:
+                if row.draft.channel in channels:
                     events.append(row.draft.stamp(format_id(token, row.id)))
             if len(page.rows) < _REPLAY_PAGE:
                 return events
@@ -323,8 +325,7 @@ class PostgresBackend:
 
     def _in_child(self) -> None:
         """In a forked child: the listener was the parent's; this process needs its own."""
-        if self._reader is not None:
-            self._parents.append(self._reader)
+        self._parents.append(self._reader)
         self._reader = None
         self._listening = False
 

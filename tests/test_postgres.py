@@ -1,0 +1,887 @@
+"""The PostgreSQL backend: broadcasters on one table act as one, resume anywhere, outlive PG."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import ssecast.postgres
+from backends import POSTGRES_DSN, postgres_connections, postgres_dsn
+from reading import Client, assert_told_of_every_hole
+from servers import PYTHON, TESTS, free_port
+from sse_parser import ParsedEvent
+from ssecast import (
+    GAP_EVENT_TYPE,
+    Ahead,
+    BackendUnavailableError,
+    Broadcaster,
+    BroadcasterClosedError,
+    ConfigurationError,
+    Draft,
+    Event,
+)
+from ssecast._postgres_table import Newest
+from ssecast.postgres import PostgresBackend
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+PYTHONPATH = list(filter(None, [os.environ.get("PYTHONPATH")]))
+DRAFT = Draft("n", "default", "1", b"event: n\ndata: 1\n\n")
+
+
+@pytest.fixture
+def table() -> Iterator[str]:
+    """A table name no other test uses; the table is dropped afterwards."""
+    name = f"ssecast_test_{uuid.uuid4().hex[:16]}"
+    yield name
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+        admin.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def pg_broadcaster(
+    table: str, *, dsn: str = POSTGRES_DSN, maxlen: int = 10_000, **options: Any
+) -> Broadcaster:
+    """A broadcaster on a PostgresBackend, with a short heartbeat so reads never hang."""
+    options.setdefault("heartbeat", 0.1)
+    return Broadcaster(backend=PostgresBackend(dsn, table=table, maxlen=maxlen), **options)
+
+
+def admin_execute(query: str, *params: object, dsn: str = POSTGRES_DSN) -> list[Any]:
+    """Run one statement as the test's own user; return its rows, if any."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        cursor = admin.execute(query, params or None)
+        return cursor.fetchall() if cursor.description else []
+
+
+def seen(events: list[ParsedEvent]) -> list[tuple[str, str, str]]:
+    return [(e.last_event_id, e.type, e.data) for e in events]
+
+
+def expected(events: list[Event], *channels: str) -> list[tuple[str, str, str]]:
+    return [(e.id, e.type, e.data) for e in events if e.channel in channels]
+
+
+def number(event_id: str) -> int:
+    return int(event_id.rsplit("-", 1)[1])
+
+
+def listener_thread(table: str) -> threading.Thread:
+    [thread] = [t for t in threading.enumerate() if t.name == f"ssecast-postgres-listener {table}"]
+    return thread
+
+
+# -- a private cluster, which the tests may stop ----------------------------------
+
+
+class Cluster:
+    """A PostgreSQL cluster of the test's own, in a temporary directory, on a free port."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="ssecast-pg-"))
+        self.port = free_port()
+        self.dsn = postgres_dsn(self.port).replace("dbname=test", "dbname=postgres")
+        # initdb and postgres refuse to run as root: as root, they run as postgres.
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user is not None:
+            account = pwd.getpwnam(self.user)
+            os.chown(self.directory, account.pw_uid, account.pw_gid)
+        self.process: subprocess.Popen[bytes] | None = None
+        subprocess.run(
+            [
+                "initdb",
+                "-D",
+                str(self.directory / "data"),
+                "-U",
+                "root",
+                "--auth=trust",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            user=self.user,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def start(self) -> None:
+        """Start the server and wait until it takes connections."""
+        with (self.directory / "log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    "postgres",
+                    "-D",
+                    str(self.directory / "data"),
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.directory),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                ],
+                user=self.user,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(self.dsn, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline, (self.directory / "log").read_text()
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop it at once, as a crash would (SIGQUIT: no checkpoint; recovery at start)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            self.process.wait(60)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A running private cluster, shared by this module's tests that stop and start it."""
+    made = Cluster()
+    try:
+        made.start()
+        yield made
+    finally:
+        made.remove()
+
+
+def publish_when_back(broadcaster: Broadcaster, data: object, within: float = 30.0) -> Event:
+    """Publish once the restarted server takes connections."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return broadcaster.publish("n", data)
+        except BackendUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# -- many broadcasters as one -----------------------------------------------------
+
+PUBLISHER = textwrap.dedent(
+    """
+    import json, sys
+    from ssecast import Broadcaster
+    from ssecast.postgres import PostgresBackend
+
+    dsn, table, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    with Broadcaster(backend=PostgresBackend(dsn, table=table)) as b:
+        for n in range(count):
+            event = b.publish("note", f"line {n}\\nsecond line é", channel="notes", raw=True)
+            print(json.dumps([event.id, event.frame.decode()]), flush=True)
+    """
+)
+
+
+def run_publisher(table: str, count: int) -> list[tuple[str, bytes]]:
+    """Publish ``count`` events from another process; return their ids and frames."""
+    result = subprocess.run(
+        [PYTHON, "-c", PUBLISHER, POSTGRES_DSN, table, str(count)],
+        capture_output=True,
+        check=True,
+        text=True,
+        timeout=60,
+    )
+    return [(i, frame.encode()) for i, frame in map(json.loads, result.stdout.splitlines())]
+
+
+def test_two_broadcasters_in_two_processes_act_as_one(table: str) -> None:
+    """Another process and this one publish at once: both broadcasters' subscribers get it all.
+
+    Every subscriber receives the same frames, byte for byte as each publish returned
+    them, in id order, once.
+    """
+    with pg_broadcaster(table) as a, pg_broadcaster(table) as b:
+        readers = [Client(a.subscribe("notes", queue_size=1000)), Client(b.subscribe("notes"))]
+        mine: list[Event] = []
+        here = threading.Thread(
+            target=lambda: mine.extend(a.publish("note", n, channel="notes") for n in range(30))
+        )
+        here.start()
+        theirs = run_publisher(table, 30)
+        here.join(60)
+        frames = sorted(
+            [(number(e.id), e.frame) for e in mine]
+            + [(number(event_id), frame) for event_id, frame in theirs]
+        )
+        wanted = b"".join(frame for _, frame in frames)
+        for reader in readers:
+            reader.events(60)
+            assert reader.stream.replace(b":\n\n", b"") == wanted
+
+
+def test_resume_on_another_process_gets_exactly_the_missed_events(table: str) -> None:
+    """A client that saw an event published by another process resumes here with the rest."""
+    with pg_broadcaster(table, history=1) as b:
+        b.subscribe("notes")  # this process serves streams: it listens
+        published = run_publisher(table, 10)
+        # A fresh process: its ring is empty, so the table is read.
+        with pg_broadcaster(table) as fresh:
+            resumed = Client(fresh.subscribe("notes", last_event_id=published[3][0]))
+            marker = b.publish("note", "live", channel="notes")
+            got = resumed.until(marker)
+    assert [e.last_event_id for e in got] == [i for i, _ in published[4:]] + [marker.id]
+    assert (
+        resumed.stream.replace(b":\n\n", b"")
+        == b"".join(frame for _, frame in published[4:]) + marker.frame
+    )
+
+
+def test_payloads_of_60_kib_arrive_whole_live_and_replayed(table: str) -> None:
+    """NOTIFY carries only the id: a 60 KiB payload (NOTIFY takes under 8,000 bytes) works."""
+    big = "é" * (30 * 1024)  # 60 KiB of UTF-8
+    with pg_broadcaster(table) as a, pg_broadcaster(table) as b:
+        live = Client(b.subscribe())
+        first = a.publish("big", big)
+        events = [a.publish("big", big + str(n)) for n in range(3)]
+        assert [e.data for e in live.events(4)] == [json.dumps(big, ensure_ascii=False)] + [
+            json.dumps(big + str(n), ensure_ascii=False) for n in range(3)
+        ]
+        with pg_broadcaster(table) as fresh:
+            replayed = Client(fresh.subscribe(last_event_id=first.id)).events(3)
+    assert seen(replayed) == expected(events, "default")
+
+
+# -- out-of-order commits ---------------------------------------------------------
+
+
+def test_a_publish_waits_for_the_one_before_it_to_commit_so_no_row_is_skipped(
+    table: str,
+) -> None:
+    """An id is drawn only once the previous publish committed: rows commit in id order.
+
+    Here the test plays a publisher whose transaction is slow to commit: it holds the
+    publishers' lock and writes a row. A publish meanwhile waits, and the listener, which
+    reads after the last id it delivered, gets the slow row and then the other, in order.
+    """
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    with Broadcaster(backend=backend, heartbeat=0.1) as b:
+        reader = Client(b.subscribe())
+        first = b.publish("n", 0)
+        reader.events(1)
+        slow = psycopg.connect(POSTGRES_DSN)
+        try:
+            slow.execute("SELECT pg_advisory_xact_lock(%s)", (backend._table._lock_key,))
+            slow.execute(
+                f"INSERT INTO {table} (seq, type, channel, data, body)"
+                f" SELECT max(seq) + 1, 'n', 'default', 'slow', %s FROM {table}",
+                (b"event: n\ndata: slow\n\n",),
+            )
+            later: list[Event] = []
+            publisher = threading.Thread(target=lambda: later.append(b.publish("n", "later")))
+            publisher.start()
+            publisher.join(0.5)
+            assert publisher.is_alive()  # it waits for the slow transaction
+            slow.commit()
+        finally:
+            slow.close()
+        publisher.join(20)
+        got = reader.until(later[0])
+    assert [e.data for e in got] == ["0", "slow", '"later"']
+    ids = [number(e.last_event_id) for e in got]
+    assert ids == sorted(ids)
+    assert number(first.id) < ids[1] < number(later[0].id)
+
+
+# -- connections ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subscribers", [1, 500])
+def test_a_serving_process_holds_one_listening_connection_whatever_its_clients(
+    table: str, subscribers: int
+) -> None:
+    """One subscriber or 500: one listener and one publishing connection, by application_name."""
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    assert backend.application_name.startswith("ssecast")
+    with Broadcaster(backend=backend, heartbeat=0.1) as b:
+        readers = [Client(b.subscribe()) for _ in range(subscribers)]
+        event = b.publish("n", 1)
+        for reader in readers:
+            assert seen(reader.events(1)) == expected([event], "default")
+        assert postgres_connections(backend.application_name) == 2  # listener, publisher
+        assert listener_thread(table).is_alive()
+    assert postgres_connections(backend.application_name) == 0
+
+
+def test_a_process_that_only_publishes_holds_one_connection_and_never_listens(
+    table: str,
+) -> None:
+    """publish() alone starts no listener; subscribing later does, and resumes from the table."""
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    with Broadcaster(backend=backend, heartbeat=0.1) as b:
+        events = [b.publish("n", n) for n in range(3)]
+        assert postgres_connections(backend.application_name) == 1
+        assert not [t for t in threading.enumerate() if t.name.startswith("ssecast-postgres")]
+        assert "started" in repr(backend)
+        resumed = Client(b.subscribe(last_event_id=events[0].id))
+        assert seen(resumed.events(2)) == expected(events[1:], "default")
+        assert "listening" in repr(backend)
+    assert "closed" in repr(backend)
+
+
+# -- faults -----------------------------------------------------------------------
+
+
+def test_terminated_connections_mid_stream_lose_no_acknowledged_event(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pg_terminate_backend on every ssecast connection, thrice, while a thread publishes.
+
+    Both subscribers (on two broadcasters) get every acknowledged event, in order, once,
+    with no gap: the listener reconnects and reads what it missed from the table.
+    """
+    caplog.set_level(logging.WARNING, logger="ssecast")
+    with pg_broadcaster(table) as a, pg_broadcaster(table) as b:
+        readers = [Client(a.subscribe(queue_size=2000)), Client(b.subscribe(queue_size=2000))]
+        acked: list[Event] = []
+        refused: list[int] = []
+        stop = threading.Event()
+
+        def publish() -> None:
+            n = 0
+            while not stop.is_set():
+                try:
+                    acked.append(a.publish("n", n))
+                except BackendUnavailableError:
+                    refused.append(n)  # not acknowledged: it may or may not arrive
+                n += 1
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        try:
+            for _ in range(3):
+                time.sleep(0.3)
+                admin_execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = %s",
+                    a._backend.application_name,  # type: ignore[attr-defined]
+                )
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            publisher.join(30)
+        marker = a.publish("n", "marker")
+        for reader in readers:
+            got = reader.until(marker)
+            assert GAP_EVENT_TYPE not in [e.type for e in got]
+            numbers = [json.loads(e.data) for e in got[:-1]]
+            assert numbers == sorted(set(numbers))  # in order, once
+            acked_numbers = [json.loads(e.data) for e in acked]
+            assert set(acked_numbers) <= set(numbers)
+            assert set(numbers) - set(acked_numbers) <= set(refused)
+            assert reader.sub.close_reason is None
+    assert "lost its connection" in caplog.text
+    assert "reconnected" in caplog.text
+
+
+def test_unreachable_database_raises_backend_unavailable(table: str) -> None:
+    """With nothing listening, publish and subscribe raise BackendUnavailableError quickly."""
+    with pg_broadcaster(table, dsn=postgres_dsn(free_port())) as b:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailableError, match="PostgreSQL is unreachable"):
+            b.publish("n", 1)
+        with pytest.raises(BackendUnavailableError):
+            b.subscribe()
+        assert time.monotonic() - started < 20  # 10x the connect timeout
+        assert b.stats().published == 0
+
+
+def test_a_server_restart_mid_stream_loses_no_acknowledged_event(
+    table: str, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The private cluster crashes and restarts: subscribers stay, and get every event.
+
+    While it is down, publish raises; what was published before and after arrives, in
+    order, once, and with no gap: a committed row survives the crash.
+    """
+    caplog.set_level(logging.WARNING, logger="ssecast")
+    with contextlib.ExitStack() as stack:
+        publisher = stack.enter_context(pg_broadcaster(table, dsn=cluster.dsn))
+        elsewhere = stack.enter_context(pg_broadcaster(table, dsn=cluster.dsn, history=1))
+        readers = [Client(publisher.subscribe()), Client(elsewhere.subscribe())]
+        acked = [publisher.publish("n", n) for n in range(10)]
+        for reader in readers:
+            reader.until(acked[-1])
+        cluster.stop()
+        with pytest.raises(BackendUnavailableError):
+            publisher.publish("n", "refused")
+        with pytest.raises(BackendUnavailableError):
+            elsewhere.subscribe(last_event_id=acked[0].id)  # resuming needs the table
+        for reader in readers:
+            assert next(reader.sub) == b":\n\n"  # still connected, kept alive meanwhile
+        cluster.start()
+        acked += [publish_when_back(publisher, n) for n in range(10, 20)]
+        for reader in readers:
+            got = reader.until(acked[-1])
+            assert seen(got) == expected(acked, "default")
+            assert reader.sub.close_reason is None
+    assert "lost its connection" in caplog.text
+    assert "reconnected" in caplog.text
+
+
+async def test_apublish_during_an_outage_raises(table: str, cluster: Cluster) -> None:
+    """An apublish while the server is down raises BackendUnavailableError; before, it works."""
+    async with pg_broadcaster(table, dsn=cluster.dsn) as b:
+        await b.apublish("n", 1)
+        cluster.stop()
+        try:
+            with pytest.raises(BackendUnavailableError):
+                await b.apublish("n", 2)
+        finally:
+            cluster.start()
+
+
+def test_a_stopped_listener_reports_trimmed_rows_as_a_gap(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows the listener had yet to read are trimmed: a gap, then what is left, in order."""
+    backend = PostgresBackend(POSTGRES_DSN, table=table, maxlen=20)
+    with (
+        Broadcaster(backend=backend, heartbeat=0.1) as slow,
+        pg_broadcaster(table, maxlen=20) as publisher,
+    ):
+        delivered = threading.Event()
+        release = threading.Event()
+        reader = Client(slow.subscribe(queue_size=1000))
+        first = publisher.publish("n", 0)
+        reader.until(first)
+        real = backend._table.read
+
+        def held(*args: Any) -> Any:  # the listener's thread is starved for a while
+            delivered.set()
+            release.wait(20)
+            return real(*args)
+
+        backend._table.read = held  # type: ignore[method-assign]
+        delivered.wait(5)
+        sent = [publisher.publish("n", n) for n in range(1, 101)]
+        release.set()
+        got = reader.until(sent[-1])[1:]
+    types = [e.type for e in got]
+    assert types.count(GAP_EVENT_TYPE) == 1
+    assert_told_of_every_hole(got, sent)
+    assert "trimmed from the table" in caplog.text
+
+
+# -- the table, replaced or altered -----------------------------------------------
+
+
+def test_a_table_dropped_and_created_again_gives_a_gap_and_foreign_ids(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DROP TABLE under a listener: the next publish recreates it; old ids resume with a gap."""
+    with pg_broadcaster(table, history=1) as b:
+        reader = Client(b.subscribe())
+        before = [b.publish("n", n) for n in range(3)]
+        reader.until(before[-1])
+        admin_execute(f"DROP TABLE {table}")
+        after = [b.publish("n", "after"), b.publish("n", "again")]
+        assert number(after[0].id) == 1  # a new table: its ids begin again, with a new token
+        got = reader.until(after[-1])[3:]
+        assert [e.type for e in got] == [GAP_EVENT_TYPE, "n", "n"]
+        with pg_broadcaster(table) as fresh:
+            (gap, *_) = Client(fresh.subscribe(last_event_id=before[1].id)).events(1)
+            assert gap.type == GAP_EVENT_TYPE
+    assert "dropped and created again" in caplog.text
+
+
+def test_a_table_whose_token_was_removed_gets_a_new_one(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """COMMENT ON TABLE ... IS NULL: a new token; ids of the old one are foreign from then on."""
+    with pg_broadcaster(table, history=1) as b:
+        reader = Client(b.subscribe())
+        before = b.publish("n", "before")
+        reader.until(before)
+        admin_execute(f"COMMENT ON TABLE {table} IS NULL")
+        after = b.publish("n", "after")
+        assert after.id.split("-")[0] != before.id.split("-")[0]
+        got = reader.until(after)[1:]
+        assert [e.type for e in got] == [GAP_EVENT_TYPE, "n"]
+        with pg_broadcaster(table) as fresh:
+            (gap, *_) = Client(fresh.subscribe(last_event_id=before.id)).events(1)
+            assert gap.type == GAP_EVENT_TYPE
+        # Removed while only the listener reads: it gives the table a token itself.
+        admin_execute(f"COMMENT ON TABLE {table} IS NULL")
+        time.sleep(1.5)  # the listener reads at least every second
+        tokens = admin_execute(f"SELECT obj_description('{table}'::regclass)")
+        assert tokens[0][0].startswith("ssecast ")
+    assert "token (its comment) changed" in caplog.text
+
+
+def test_rows_deleted_under_a_listener_give_a_gap(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DELETE FROM the table while a worker reads it: the numbering begins again, and it says so."""
+    with pg_broadcaster(table) as b:
+        reader = Client(b.subscribe())
+        before = [b.publish("n", n) for n in range(3)]
+        reader.until(before[-1])
+        admin_execute(f"DELETE FROM {table}")
+        after = b.publish("n", "after")
+        got = reader.until(after)[3:]
+        assert [(e.type, e.data) for e in got] == [(GAP_EVENT_TYPE, "{}"), ("n", '"after"')]
+    assert "numbering began again" in caplog.text
+
+
+# -- the Backend contract, directly -----------------------------------------------
+
+
+def test_replay_returns_the_range_after_until_on_the_channels(table: str) -> None:
+    """The backend replays (after, until] on the channels, page after page; None: its start."""
+    with pg_broadcaster(table) as a, pg_broadcaster(table) as listener:
+        listener.subscribe("x", "y", queue_size=3000)
+        events = [a.publish("n", n, channel="xy"[n % 2]) for n in range(2100)]
+        backend = PostgresBackend(POSTGRES_DSN, table=table)
+        assert "not started" in repr(backend)
+        backend.start(lambda event: None, lambda: None)
+        ahead = backend.replay(events[8].id, events[7].id, frozenset({"x"}))
+        assert isinstance(ahead, Ahead)
+        assert ahead.follows(events[9].id)
+        assert not ahead.follows(events[8].id)
+        assert not ahead.follows("not an id")
+        token = events[0].id.split("-")[0]
+        assert backend.replay(f"{token}-999999999", events[7].id, frozenset({"x"})) is None
+        assert backend.replay(events[2].id, "elsewhere-1", frozenset({"x"})) is None
+        assert backend.replay(events[2].id, None, frozenset({"x"})) is None  # not listening
+        backend.listen()
+        try:
+            replayed = backend.replay(events[2].id, events[2050].id, frozenset({"x"}))
+            assert replayed == [e for e in events[3:2051] if e.channel == "x"]
+            assert backend.replay(events[2].id, None, frozenset({"x", "y"})) == events[3:]
+            with pytest.raises(RuntimeError, match="starts once"):
+                backend.start(lambda event: None, lambda: None)
+            with pytest.raises(RuntimeError, match="listens once"):
+                backend.listen()
+            # A hole in the numbering (rows another program deleted): no replay across it.
+            admin_execute(f"DELETE FROM {table} WHERE id = %s", number(events[5].id))
+            assert backend.replay(events[2].id, events[9].id, frozenset({"x"})) is None
+            assert backend.replay(events[5].id, events[9].id, frozenset({"x"})) is None
+        finally:
+            backend.close()
+        with pytest.raises(BackendUnavailableError, match="closed"):
+            backend.publish(DRAFT)
+
+
+def test_close_works_before_start_and_from_the_listener_thread(table: str) -> None:
+    """A backend closes whether it never started or is closed by its own listener thread."""
+    PostgresBackend(POSTGRES_DSN, table=table).close()
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    closed = threading.Event()
+
+    def deliver(event: Event) -> None:
+        backend.close()
+        closed.set()
+
+    with pytest.raises(RuntimeError, match="after start"):
+        backend.listen()
+    backend.start(deliver, lambda: None)
+    backend.listen()
+    thread = listener_thread(table)
+    backend.publish(DRAFT)
+    assert closed.wait(10)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert postgres_connections(backend.application_name) == 0
+
+
+def test_a_listener_stops_quietly_when_its_broadcaster_is_closed(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deliver raising BroadcasterClosedError (close() under way) ends the listener quietly."""
+
+    def deliver(event: Event) -> None:
+        raise BroadcasterClosedError("the broadcaster was closed")
+
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    backend.start(deliver, lambda: None)
+    backend.listen()
+    thread = listener_thread(table)
+    try:
+        backend.publish(DRAFT)
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        backend.close()
+    assert "failed" not in caplog.text
+
+
+def test_a_failing_deliver_is_logged_and_delivery_goes_on(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When deliver raises for one event, the listener logs it and delivers the next one."""
+    delivered: list[Event] = []
+    both = threading.Event()
+
+    def deliver(event: Event) -> None:
+        delivered.append(event)
+        if len(delivered) == 1:
+            raise RuntimeError("a bug in deliver")
+        both.set()
+
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    backend.start(deliver, lambda: None)
+    backend.listen()
+    try:
+        published = [backend.publish(DRAFT), backend.publish(DRAFT)]
+        assert both.wait(10)
+        assert delivered == published
+    finally:
+        backend.close()
+    assert f"delivering event {published[0].id} failed" in caplog.text
+
+
+def test_a_listener_error_is_logged_and_retried(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused read (a column dropped, say) is logged with a traceback and retried."""
+    with pg_broadcaster(table) as b:
+        reader = Client(b.subscribe())
+        first = b.publish("n", 0)
+        reader.until(first)
+        admin_execute(f"ALTER TABLE {table} RENAME COLUMN body TO other")
+        deadline = time.monotonic() + 10
+        while "failed; retrying" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "failed; retrying" in caplog.text
+        with pytest.raises(BackendUnavailableError, match="refused"):
+            b.publish("n", "refused")
+        admin_execute(f"ALTER TABLE {table} RENAME COLUMN other TO body")
+        event = b.publish("n", "after the repair")
+        assert seen(reader.until(event)[1:]) == expected([event], "default")
+
+
+def test_close_as_listen_connects_leaves_no_listener(
+    table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close() that lands just after listen() found the newest row: no listener runs."""
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    b = Broadcaster(backend=backend)
+    real_newest = backend._table.newest
+
+    def newest_then_close(conn: Any) -> Newest:
+        found = real_newest(conn)
+        b.close()
+        return found
+
+    monkeypatch.setattr(backend._table, "newest", newest_then_close)
+    with pytest.raises(BroadcasterClosedError):
+        b.subscribe()
+    assert not [t for t in threading.enumerate() if t.name.startswith("ssecast-postgres")]
+    assert postgres_connections(backend.application_name) == 0
+
+
+def test_a_failed_listen_closes_its_connection_and_may_be_retried(
+    table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LISTEN refused once: subscribe raises, leaves no connection, and works the next time."""
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    with Broadcaster(backend=backend, heartbeat=0.1) as b:
+        real_listen = backend._table.listen
+        monkeypatch.setattr(backend._table, "listen", lambda conn: conn.execute("LISTEN a b c"))
+        with pytest.raises(BackendUnavailableError, match="could not start listening"):
+            b.subscribe()
+        assert postgres_connections(backend.application_name) == 0
+        monkeypatch.setattr(backend._table, "listen", real_listen)
+        reader = Client(b.subscribe())
+        event = b.publish("n", 1)
+        assert seen(reader.events(1)) == expected([event], "default")
+
+
+def test_a_listener_that_cannot_reconnect_keeps_trying(
+    table: str, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the server stays down, reconnecting fails again and again, quietly; then it works.
+
+    A broadcaster closed meanwhile stops its listener at once.
+    """
+    caplog.set_level(logging.DEBUG, logger="ssecast")
+    with pg_broadcaster(table, dsn=cluster.dsn) as b:
+        reader = Client(b.subscribe())
+        other = pg_broadcaster(table, dsn=cluster.dsn)
+        other.subscribe()
+        cluster.stop()
+        deadline = time.monotonic() + 20
+        while "attempt 3 failed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "attempt 3 failed" in caplog.text
+        started = time.monotonic()
+        other.close()
+        assert time.monotonic() - started < 5
+        cluster.start()
+        event = publish_when_back(b, "back")
+        assert seen(reader.until(event)) == expected([event], "default")
+
+
+def test_close_cancels_a_read_that_waits_for_a_lock(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() while the listener's read waits for a table lock: it returns at once, quietly."""
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    b = Broadcaster(backend=backend)
+    b.subscribe()
+    thread = listener_thread(table)
+    with psycopg.connect(POSTGRES_DSN) as blocker:
+        blocker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        query = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND wait_event_type = 'Lock'"
+        )
+        deadline = time.monotonic() + 10
+        while admin_execute(query, backend.application_name) != [(1,)]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        started = time.monotonic()
+        b.close()
+        assert time.monotonic() - started < 3
+        assert not thread.is_alive()
+        blocker.rollback()
+    assert "failed" not in caplog.text
+
+
+def test_close_waits_for_a_publish_in_flight_then_closes_its_connection(table: str) -> None:
+    """A publish under way when close() is called completes; then no connection is left."""
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    b = Broadcaster(backend=backend)
+    b.publish("n", 0)  # the table exists
+    published: list[Event] = []
+    with psycopg.connect(POSTGRES_DSN) as blocker:
+        blocker.execute("SELECT pg_advisory_xact_lock(%s)", (backend._table._lock_key,))
+        publisher = threading.Thread(target=lambda: published.append(b.publish("n", 1)))
+        publisher.start()
+        closer = threading.Thread(target=b.close)
+        time.sleep(0.3)  # the publish waits for the lock
+        closer.start()
+        time.sleep(0.3)  # close() waits for the publish
+        assert closer.is_alive()
+        blocker.rollback()
+    publisher.join(10)
+    closer.join(10)
+    assert [event.data for event in published] == ["1"]
+    assert postgres_connections(backend.application_name) == 0
+
+
+# -- configuration and packaging --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "options"),
+    [
+        ((b"host=127.0.0.1",), {}),
+        (("host=127.0.0.1 nonsense",), {}),
+        ((POSTGRES_DSN,), {"maxlen": 0}),
+        ((POSTGRES_DSN,), {"maxlen": True}),
+        ((POSTGRES_DSN,), {"table": None}),
+        ((POSTGRES_DSN,), {"table": "drop table x; --"}),
+        ((POSTGRES_DSN,), {"table": "x" * 56}),
+    ],
+)
+def test_bad_arguments_raise_configuration_error(
+    args: tuple[Any, ...], options: dict[str, Any]
+) -> None:
+    """A DSN libpq cannot parse, a maxlen below 1, or a table that is no plain name: refused."""
+    with pytest.raises(ConfigurationError):
+        PostgresBackend(*args, **options)
+
+
+def run_python(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [PYTHON, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        check=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        cwd=TESTS,
+    )
+    return result.stdout
+
+
+def test_from_django_uses_the_settings_of_a_database_alias(table: str) -> None:
+    """from_django() connects where Django's DATABASES alias says, with its OPTIONS."""
+    out = run_python(
+        f"""
+        import django
+        from django.conf import settings
+        settings.configure(DATABASES={{
+            "default": {{"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+            "events": {{
+                "ENGINE": "django.db.backends.postgresql", "NAME": "test", "USER": "root",
+                "HOST": "127.0.0.1", "PORT": 5432, "PASSWORD": "",
+                "OPTIONS": {{"sslmode": "disable", "isolation_level": 1}},
+            }},
+            "broken": {{
+                "ENGINE": "django.db.backends.postgresql", "NAME": "test",
+                "OPTIONS": {{"no_such_option": 1}},
+            }},
+        }})
+        django.setup()
+        from ssecast import Broadcaster, ConfigurationError
+        from ssecast.postgres import PostgresBackend
+
+        backend = PostgresBackend.from_django("events", table={table!r}, maxlen=5)
+        with Broadcaster(backend=backend) as b:
+            print(b.publish("n", 1).id.endswith("-1"))
+        for alias in ("default", "missing", "broken"):
+            try:
+                PostgresBackend.from_django(alias)
+            except ConfigurationError as error:
+                print(type(error).__name__, alias)
+        """
+    )
+    assert out.split("\n") == [
+        "True",
+        "ConfigurationError default",
+        "ConfigurationError missing",
+        "ConfigurationError broken",
+        "",
+    ]
+
+
+def test_import_without_psycopg_names_the_extra() -> None:
+    """Without the psycopg package, importing ssecast.postgres says which extra to install."""
+    out = run_python(
+        """
+        import sys
+        sys.modules["psycopg"] = None  # what Python does when psycopg is not installed
+        try:
+            import ssecast.postgres
+        except ImportError as error:
+            print(error)
+        """
+    )
+    assert "pip install 'ssecast[postgres]'" in out
+
+
+def test_the_module_says_what_it_needs() -> None:
+    """The public module is the backend, and its connections are named for pg_stat_activity."""
+    assert ssecast.postgres.__all__ == ["PostgresBackend"]
+    backend = PostgresBackend(POSTGRES_DSN, table="public.events")
+    assert backend.application_name == "ssecast public.events"
+    backend.close()
