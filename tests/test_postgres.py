@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import ssecast._postgres_reader
 import ssecast.postgres
 from backends import POSTGRES_DSN, postgres_connections, postgres_dsn
 from reading import Client, assert_told_of_every_hole
@@ -307,6 +308,39 @@ def test_a_publish_waits_for_the_one_before_it_to_commit_so_no_row_is_skipped(
     ids = [number(e.last_event_id) for e in got]
     assert ids == sorted(ids)
     assert number(first.id) < ids[1] < number(later[0].id)
+
+
+def test_a_notification_taken_in_during_a_read_is_not_left_waiting(
+    table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event committed while the listener reads, too late for that read, comes at once.
+
+    Its notification arrives with the read's results, so psycopg queues it and the socket
+    shows nothing more: the listener must look at that queue before it waits, or the event
+    would wait for the next poll (made a minute long here, so that it would hang).
+    """
+    monkeypatch.setattr(ssecast._postgres_reader, "BLOCK_SECONDS", 60.0)
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    with Broadcaster(backend=backend, heartbeat=0.1) as b, pg_broadcaster(table) as other:
+        reader = Client(b.subscribe())
+        first = other.publish("n", "first")
+        reader.until(first)
+        real_read = backend._table.read
+        late: list[Event] = []
+
+        def read_then_publish(conn: Any, *args: Any) -> Any:
+            page = real_read(conn, *args)
+            if not late:  # committed after the read's snapshot; notified during a query
+                late.append(other.publish("n", "late"))
+                conn.execute("SELECT 1")
+            return page
+
+        monkeypatch.setattr(backend._table, "read", read_then_publish)
+        other.publish("n", "wake up")  # the listener reads, and the late one is published
+        started = time.monotonic()
+        got = reader.events(3)
+        assert time.monotonic() - started < 10
+    assert [e.data for e in got[1:]] == ['"wake up"', '"late"']
 
 
 # -- connections ------------------------------------------------------------------
@@ -871,7 +905,8 @@ def test_import_without_psycopg_names_the_extra() -> None:
         import sys
         sys.modules["psycopg"] = None  # what Python does when psycopg is not installed
         try:
-            import ssecast.postgres
+            import ssecast._postgres_reader
+import ssecast.postgres
         except ImportError as error:
             print(error)
         """

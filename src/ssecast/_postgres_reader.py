@@ -163,11 +163,14 @@ class Reader:
 
     def _wait(self, conn: Connection) -> None:
         """Wait for a notification, a stop, or a second; take in what arrived."""
-        select.select([conn.fileno(), self._wake.fileno()], [], [], BLOCK_SECONDS)
-        if not self._stopping.is_set():
-            with unavailable("could not read notifications"):
-                for _ in conn.notifies(timeout=0):
-                    pass  # what a notification says is read from the table
+        with unavailable("could not read notifications"):
+            # A notification that came with the last read's results is queued already
+            # (psycopg took it in), and the socket shows nothing: read again at once.
+            if _drained(conn):
+                return
+            select.select([conn.fileno(), self._wake.fileno()], [], [], BLOCK_SECONDS)
+            if not self._stopping.is_set():
+                _drained(conn)
 
     def _take(self, page: Page, token: str) -> int:
         """Deliver the rows of ``page``, after a gap if some may be missing; return how many.
@@ -226,6 +229,14 @@ class Reader:
             )
         else:  # refused (a missing privilege), or a bug: worth a traceback
             logger.exception("PostgreSQL listener of %s failed; retrying", name)
+
+
+def _drained(conn: Connection) -> bool:
+    """Take in the notifications that have arrived, without waiting; say if there were any.
+
+    What a notification says is read from the table: they are only counted.
+    """
+    return sum(1 for _ in conn.notifies(timeout=0)) > 0
 
 
 def _backoff(failures: int) -> float:
