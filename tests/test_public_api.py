@@ -60,7 +60,16 @@ REQUIRED = {
     "TooManySubscribersError",
 }
 
-FRAMEWORKS = ("flask", "django", "redis", "starlette", "fastapi", "uvicorn", "werkzeug")
+FRAMEWORKS = (
+    "flask",
+    "django",
+    "redis",
+    "psycopg",
+    "starlette",
+    "fastapi",
+    "uvicorn",
+    "werkzeug",
+)
 
 
 def test_all_is_exactly_the_public_names() -> None:
@@ -144,13 +153,13 @@ def test_every_public_method_and_property_has_a_docstring() -> None:
 
 
 def test_importing_ssecast_loads_no_web_framework_or_redis() -> None:
-    """``import ssecast`` pulls in no framework, so the core works with none installed."""
+    """``import ssecast`` pulls in no framework, Redis or PostgreSQL client: it needs none."""
     script = (
         "import sys, ssecast\n"
         f"frameworks = {FRAMEWORKS!r}\n"
         "loaded = sorted(name for name in sys.modules\n"
         "    if name.split('.')[0] in frameworks or name.startswith('ssecast.')\n"
-        "    and name.split('.')[1] in ('asgi', 'flask', 'django', 'redis'))\n"
+        "    and name.split('.')[1] in ('asgi', 'flask', 'django', 'redis', 'postgres'))\n"
         "print(','.join(loaded))\n"
     )
     result = subprocess.run(
