@@ -523,6 +523,25 @@ def test_a_stopped_listener_reports_trimmed_rows_as_a_gap(
     assert "trimmed from the table" in caplog.text
 
 
+def test_a_user_who_may_only_write_the_table_publishes_and_listens(table: str) -> None:
+    """Without CREATE on the schema, a user granted the table (made beforehand) uses it."""
+    role = f"ssecast_test_{uuid.uuid4().hex[:8]}"
+    with pg_broadcaster(table) as owner:
+        first = owner.publish("n", 0)  # the table exists now, with its token
+    admin_execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        admin_execute(f"REVOKE CREATE ON SCHEMA public FROM {role}")
+        admin_execute(f"GRANT SELECT, INSERT, DELETE ON {table} TO {role}")
+        dsn = POSTGRES_DSN.replace("user=root", f"user={role}")
+        with pg_broadcaster(table, dsn=dsn) as b:
+            reader = Client(b.subscribe(last_event_id=first.id))
+            event = b.publish("n", 1)
+            assert seen(reader.events(1)) == expected([event], "default")
+    finally:
+        admin_execute(f"DROP OWNED BY {role}")
+        admin_execute(f"DROP ROLE {role}")
+
+
 # -- the table, replaced or altered -----------------------------------------------
 
 

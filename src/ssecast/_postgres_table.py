@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from typing import Final, NamedTuple
+from typing import Final, LiteralString, NamedTuple
 
 from psycopg import Connection, sql
 from psycopg.rows import TupleRow
@@ -148,8 +148,13 @@ class Table:
         """
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
-            conn.execute(self._create)
-            found = self._token(self._comment_of(conn))
+            # CREATE TABLE IF NOT EXISTS would need CREATE on the schema even when the
+            # table exists, which a user who may only write it lacks.
+            if self._value(conn, "SELECT to_regclass(%s)") is None:
+                conn.execute(self._create)
+            found = self._token(
+                self._value(conn, "SELECT obj_description(%s::regclass, 'pg_class')")
+            )
             if found is not None:
                 return found
             token = secrets.token_hex(6)
@@ -220,10 +225,11 @@ class Table:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _comment_of(self, conn: Connection[TupleRow]) -> object:
-        cursor = conn.execute("SELECT obj_description(%s::regclass, 'pg_class')", (self._regclass,))
+    def _value(self, conn: Connection[TupleRow], query: LiteralString) -> object:
+        """Return the one value ``query`` gives for this table's name."""
+        cursor = conn.execute(query, (self._regclass,))
         found = cursor.fetchone()
-        assert found is not None
+        assert found is not None  # a SELECT without FROM gives one row
         return found[0]
 
     @staticmethod
