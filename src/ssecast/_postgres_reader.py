@@ -35,7 +35,7 @@ import psycopg
 
 from ssecast._backend import Deliver, ReportGap
 from ssecast._exceptions import BackendUnavailableError, BroadcasterClosedError
-from ssecast._postgres_connections import CONNECT_TIMEOUT, Connection, unavailable
+from ssecast._postgres_connections import Connection, unavailable
 from ssecast._postgres_table import LAST_ID, Newest, Page, Table, format_id
 
 __all__ = ["BLOCK_SECONDS", "Position", "Reader"]
@@ -105,12 +105,9 @@ class Reader:
             self._waker.send(b"x")
         thread = self._thread
         if thread.ident is not None and thread is not threading.current_thread():
-            # A read waiting for a lock is cancelled. One against a server that stopped
-            # answering is given up on (the thread is a daemon); keepalives end it.
-            conn = self._conn
-            if conn is not None:
-                with contextlib.suppress(Exception):  # closed meanwhile, or unreachable
-                    conn.cancel_safe(timeout=CONNECT_TIMEOUT)
+            # A read that waits (for a lock, or for a server that stopped answering) is
+            # not cancelled: a cancel request may block the whole process in libpq. It
+            # is given up on after this (the thread is a daemon); keepalives end it.
             thread.join(BLOCK_SECONDS + 5.0)
 
     def _run(self) -> None:
@@ -151,8 +148,6 @@ class Reader:
             except BroadcasterClosedError:
                 raise
             except Exception as error:
-                if self._stopping.is_set():
-                    break
                 failures += 1
                 self._log_failure(error, failures)
                 conn, self._conn = self._conn, None
