@@ -83,6 +83,18 @@ def number(event_id: str) -> int:
     return int(event_id.rsplit("-", 1)[1])
 
 
+def wait_for_a_lock_wait(application_name: str) -> None:
+    """Wait until a connection of ``application_name`` waits for a lock (the test holds it)."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = %s AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 20
+    while admin_execute(query, application_name) != [(1,)]:
+        assert time.monotonic() < deadline, "nothing waits for the lock"
+        time.sleep(0.02)
+
+
 def listener_thread(table: str) -> threading.Thread:
     [thread] = [t for t in threading.enumerate() if t.name == f"ssecast-postgres-listener {table}"]
     return thread
@@ -297,8 +309,8 @@ def test_a_publish_waits_for_the_one_before_it_to_commit_so_no_row_is_skipped(
             later: list[Event] = []
             publisher = threading.Thread(target=lambda: later.append(b.publish("n", "later")))
             publisher.start()
-            publisher.join(0.5)
-            assert publisher.is_alive()  # it waits for the slow transaction
+            wait_for_a_lock_wait(backend.application_name)  # for the slow transaction
+            assert not later
             slow.commit()
         finally:
             slow.close()
@@ -513,7 +525,7 @@ def test_a_stopped_listener_reports_trimmed_rows_as_a_gap(
             return real(*args)
 
         backend._table.read = held  # type: ignore[method-assign]
-        delivered.wait(5)
+        assert delivered.wait(20)  # the listener reads at least every second
         sent = [publisher.publish("n", n) for n in range(1, 101)]
         release.set()
         got = reader.until(sent[-1])[1:]
@@ -582,9 +594,10 @@ def test_a_table_whose_token_was_removed_gets_a_new_one(
             assert gap.type == GAP_EVENT_TYPE
         # Removed while only the listener reads: it gives the table a token itself.
         admin_execute(f"COMMENT ON TABLE {table} IS NULL")
-        time.sleep(1.5)  # the listener reads at least every second
-        tokens = admin_execute(f"SELECT obj_description('{table}'::regclass)")
-        assert tokens[0][0].startswith("ssecast ")
+        deadline = time.monotonic() + 20  # the listener reads at least every second
+        while not admin_execute(f"SELECT obj_description('{table}'::regclass)")[0][0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     assert "token (its comment) changed" in caplog.text
 
 
@@ -802,11 +815,11 @@ def test_close_waits_for_a_publish_in_flight_then_closes_its_connection(table: s
         blocker.execute("SELECT pg_advisory_xact_lock(%s)", (backend._table._lock_key,))
         publisher = threading.Thread(target=lambda: published.append(b.publish("n", 1)))
         publisher.start()
+        wait_for_a_lock_wait(backend.application_name)  # the publish waits for the lock
         closer = threading.Thread(target=b.close)
-        time.sleep(0.3)  # the publish waits for the lock
         closer.start()
-        time.sleep(0.3)  # close() waits for the publish
-        assert closer.is_alive()
+        closer.join(0.3)
+        assert closer.is_alive()  # close() waits for the publish
         blocker.rollback()
     publisher.join(10)
     closer.join(10)
