@@ -72,7 +72,7 @@ class PostgresBackend:
 
     :param dsn: where PostgreSQL is, as libpq takes it: ``postgresql://user@host/db`` or
         ``host=... dbname=...``. Every connection's ``application_name`` is set to
-        `application_name`.
+        ``ssecast <table>`` (the `application_name` attribute), whatever the DSN says.
     :param table: the table that holds the events, ``name`` or ``schema.name`` (letters,
         digits and underscores, at most 55 characters); created if missing.
     :param maxlen: about how many events the table keeps for ``Last-Event-ID`` resume
