@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -26,8 +28,8 @@ import ssecast._postgres_reader
 import ssecast.postgres
 from backends import POSTGRES_DSN, postgres_connections, postgres_dsn
 from reading import Client, assert_told_of_every_hole
-from servers import PYTHON, TESTS, free_port
-from sse_parser import ParsedEvent
+from servers import PYTHON, TESTS, free_port, running
+from sse_parser import ParsedEvent, parse
 from ssecast import (
     GAP_EVENT_TYPE,
     Ahead,
@@ -825,6 +827,138 @@ def test_close_waits_for_a_publish_in_flight_then_closes_its_connection(table: s
     closer.join(10)
     assert [event.data for event in published] == ["1"]
     assert postgres_connections(backend.application_name) == 0
+
+
+# -- many processes: three workers, a publisher process, 300 clients -------------
+
+E2E_PUBLISHER = textwrap.dedent(
+    """
+    import json, sys
+    import psycopg
+    from ssecast import Broadcaster
+    from ssecast.postgres import PostgresBackend
+
+    dsn, table, first, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    backend = PostgresBackend(dsn, table=table)
+    with Broadcaster(backend=backend) as b:
+        for n in range(first, stop):
+            event = b.publish("tick", {"n": n}, channel="xy"[n % 2])
+            print(json.dumps([event.type, event.id, event.channel, event.data]), flush=True)
+        with psycopg.connect(dsn) as admin:
+            (count,) = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                (backend.application_name,),
+            ).fetchone()
+        print(json.dumps(count), flush=True)
+    """
+)
+
+
+async def publish_from_another_process(table: str, numbers: range) -> list[Event]:
+    """Run the publisher process for ``numbers``; return the events it published.
+
+    Before it exits, it counts the connections on the table: the workers' and its own.
+    """
+    publisher = await asyncio.create_subprocess_exec(
+        PYTHON, "-c", E2E_PUBLISHER, POSTGRES_DSN, table, str(numbers.start), str(numbers.stop),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(publisher.communicate(), 60)
+    assert publisher.returncode == 0
+    *lines, connections = output.splitlines()
+    published = [Event(*json.loads(line), frame=b"") for line in lines]
+    assert len(published) == len(numbers)
+    # One listener per worker (3) and one publishing connection: no listener here.
+    assert json.loads(connections) == 4
+    return published
+
+
+class StreamClient:
+    """One SSE client over HTTP, keeping everything it received."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str, channels: tuple[str, ...]) -> None:
+        self.http = http
+        self.url = url
+        self.channels = channels
+        self.opened = asyncio.Event()
+
+    async def listen(self, count: int, last_event_id: str | None = None) -> list[ParsedEvent]:
+        """Connect, then read until ``count`` events arrived; return them and disconnect."""
+        headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+        params = [("channel", channel) for channel in self.channels]
+        async with self.http.stream("GET", self.url, params=params, headers=headers) as response:
+            assert response.status_code == 200
+            stream = b""
+            async for chunk in response.aiter_raw():
+                self.opened.set()  # the first chunk comes once the subscription is live
+                stream += chunk
+                events = parse(stream).events
+                if len(events) >= count:
+                    return events
+        raise AssertionError(f"the stream from {self.url} ended early")
+
+
+async def test_three_workers_bring_a_publisher_process_to_300_clients(table: str) -> None:
+    """Two uvicorn and one gunicorn-Flask worker deliver every event, in order, to 300 clients.
+
+    A client that leaves one worker resumes on another with exactly what it missed.
+    """
+    env = {"SSECAST_TEST_POSTGRES_DSN": POSTGRES_DSN, "SSECAST_TEST_POSTGRES_TABLE": table}
+    ports = [free_port() for _ in range(3)]
+    argvs = [
+        [PYTHON, "-m", "uvicorn", "apps.postgres_asgi_app:app", "--host", "127.0.0.1",
+         "--port", str(ports[0]), "--log-level", "warning", "--timeout-graceful-shutdown", "1"],
+        [PYTHON, "-m", "uvicorn", "apps.postgres_asgi_app:app", "--host", "127.0.0.1",
+         "--port", str(ports[1]), "--log-level", "warning", "--timeout-graceful-shutdown", "1"],
+        [PYTHON, "-m", "gunicorn", "apps.postgres_flask_app:app", "--bind",
+         f"127.0.0.1:{ports[2]}", "--workers", "1", "--log-level", "warning",
+         "--worker-class", "gthread", "--threads", "160", "--graceful-timeout", "1"],
+    ]  # fmt: skip
+    count = 40
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(running(argv, port=port, env=env))
+            for argv, port in zip(argvs, ports, strict=True)
+        ]
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+            channel_sets = [("x",), ("y",), ("x", "y")]
+            clients = [
+                StreamClient(http, f"{servers[i % 3].url}/events", channel_sets[i // 3 % 3])
+                for i in range(300)
+            ]
+            # This one leaves a uvicorn worker after 10 events and comes back to Flask.
+            leaving = StreamClient(http, f"{servers[0].url}/events", ("x", "y"))
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(client.listen(count // 2 * len(client.channels)))
+                    for client in clients
+                ]
+                left = group.create_task(leaving.listen(10))
+                async with asyncio.timeout(60):
+                    for client in [*clients, leaving]:
+                        await client.opened.wait()
+                published = await publish_from_another_process(table, range(count // 2))
+                saw = await asyncio.wait_for(left, 60)  # it leaves before the second half
+                published += await publish_from_another_process(table, range(count // 2, count))
+                async with asyncio.timeout(120):
+                    received = [await task for task in tasks]
+            for client, events in zip(clients, received, strict=True):
+                assert seen(events) == expected(published, *client.channels)
+            # One listening connection per worker process, whatever the number of clients.
+            application_name = PostgresBackend(POSTGRES_DSN, table=table).application_name
+            assert postgres_connections(application_name) == 3
+
+            assert seen(saw) == expected(published[: len(saw)], "x", "y")
+            async with pg_broadcaster(table) as local:
+                returning = StreamClient(http, f"{servers[2].url}/events", ("x", "y"))
+                since = saw[-1].last_event_id
+                resumed = asyncio.create_task(returning.listen(count - len(saw) + 1, since))
+                await asyncio.wait_for(returning.opened.wait(), 60)
+                marker = await local.apublish("tick", "marker", channel="y")
+                got = await asyncio.wait_for(resumed, 60)
+            missed = expected(published[len(saw) :], "x", "y")
+            assert seen(got) == [*missed, (marker.id, marker.type, marker.data)]
 
 
 # -- configuration and packaging --------------------------------------------------
