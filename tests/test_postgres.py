@@ -505,7 +505,7 @@ async def test_apublish_during_an_outage_raises(table: str, cluster: Cluster) ->
             cluster.start()
 
 
-def test_a_stopped_listener_reports_trimmed_rows_as_a_gap(
+def test_a_listener_held_up_while_its_rows_are_trimmed_reports_a_gap(
     table: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Rows the listener had yet to read are trimmed: a gap, then what is left, in order."""
