@@ -55,7 +55,9 @@ class Position(NamedTuple):
     """What the listener read last, and in which table."""
 
     oid: int
+    """The table's oid: another one means the table was dropped and created again."""
     token: str | None
+    """The table's token, which the ids of the events delivered carry."""
     id: int
     """The id of the last row read; reading goes on after it."""
     seq: int | None
