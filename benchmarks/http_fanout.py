@@ -42,6 +42,9 @@ Servers (``--servers``):
 - ``ssecast-redis`` (not in the default set; needs Redis at 127.0.0.1:6379, or
   ``HTTP_FANOUT_REDIS_URL``): two uvicorn workers with ``RedisBackend`` holding the
   clients (spread over both), and a third process publishing through Redis.
+- ``ssecast-postgres`` (not in the default set; needs PostgreSQL's database ``test`` at
+  127.0.0.1:5432, or ``HTTP_FANOUT_POSTGRES_DSN``): the same with ``PostgresBackend``, on a
+  table of its own that the publisher drops when it stops.
 - ``flask-sse`` (not in the default set; needs Redis too): flask-sse on two gunicorns
   with one gevent worker each (the clients spread over both), and a third process
   publishing with ``sse.publish`` in an app context. flask-sse subscribes to Redis once
@@ -134,6 +137,11 @@ SERVERS = {
         ("ssecast-redis-worker", "ssecast-redis-worker"),
         publisher="ssecast-redis-publisher",
         redis_name="ssecast:",
+    ),
+    "ssecast-postgres": Deployment(
+        "ssecast + PostgresBackend: 2 workers, 1 publisher",
+        ("ssecast-postgres-worker", "ssecast-postgres-worker"),
+        publisher="ssecast-postgres-publisher",
     ),
     "flask-sse": Deployment(
         "flask-sse gunicorn+gevent: 2 workers, 1 publisher",

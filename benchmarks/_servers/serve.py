@@ -26,6 +26,8 @@ SERVERS = {
     "floor": ("floor", "main"),
     "ssecast-redis-worker": ("ssecast_redis", "worker"),
     "ssecast-redis-publisher": ("ssecast_redis", "publisher"),
+    "ssecast-postgres-worker": ("ssecast_postgres", "worker"),
+    "ssecast-postgres-publisher": ("ssecast_postgres", "publisher"),
     "flask-sse-worker": ("flask_sse_app", "worker"),
     "flask-sse-publisher": ("flask_sse_app", "publisher"),
 }
