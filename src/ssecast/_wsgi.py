@@ -14,10 +14,14 @@ from ssecast._http import OPENING
 from ssecast._subscription import Subscription
 from ssecast._wire import HEARTBEAT
 
-__all__ = ["WSGIStream", "close_on_sigterm"]
+__all__ = ["DISCONNECT_KEY", "WSGIStream", "close_on_sigterm"]
 
 # Where WSGI servers put the client's socket; a heartbeat checks it for a closed peer.
 _SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
+
+# ssecast.testing's environ extension: a callable taking a callable to call when the client
+# goes. A WSGI app otherwise learns of a disconnect only at its next write (a heartbeat).
+DISCONNECT_KEY = "ssecast.on_disconnect"
 
 
 class WSGIStream:
@@ -34,6 +38,9 @@ class WSGIStream:
         self._subscription = subscription
         self._opened = False
         self._socket = _client_socket(environ)
+        on_disconnect = environ.get(DISCONNECT_KEY)
+        if callable(on_disconnect):
+            on_disconnect(self.close)
 
     def __iter__(self) -> Self:
         return self
