@@ -13,6 +13,7 @@ from ssecast._exceptions import (
 from ssecast._wire import HEARTBEAT
 
 __all__ = [
+    "CLOSED_REASON",
     "OPENING",
     "RETRY_AFTER_SECONDS",
     "STREAM_HEADERS",
@@ -34,6 +35,9 @@ OPENING = HEARTBEAT
 
 # What subscribe() raises when the client should come back later: a 503 with Retry-After.
 UNAVAILABLE = (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError)
+
+CLOSED_REASON = "the broadcaster is closed (the server is stopping, or a lifespan closed it)"
+"""What a 503 says when the broadcaster was closed, however subscribe() worded it."""
 
 # Seconds a client refused for lack of room (503) is asked to wait.
 RETRY_AFTER_SECONDS = 5
@@ -60,4 +64,6 @@ def unavailable_reason(error: SsecastError) -> str:
     """Return what a 503 tells the client about ``error``: never the backend's address."""
     if isinstance(error, BackendUnavailableError):
         return "the event backend is unavailable; retry later"
+    if isinstance(error, BroadcasterClosedError):
+        return CLOSED_REASON
     return str(error)
