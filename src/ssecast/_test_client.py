@@ -202,33 +202,34 @@ class ASGIExchange(Exchange):
     """A request to an ASGI application, run by the coroutine ``run()`` on some loop."""
 
     def __init__(
-        self, app: App, path: str, headers: Mapping[str, str], timeout: float, *, lifespan: bool
+        self,
+        app: App,
+        path: str,
+        headers: Mapping[str, str],
+        timeout: float,
+        *,
+        lifespan: bool,
+        loop: asyncio.AbstractEventLoop | None,
     ) -> None:
         super().__init__(app, path, headers, timeout)
         self.lifespan = lifespan
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._gone = asyncio.Event()  # binds to the loop of its first wait, in run()
-        self._disconnected = False
+        # The loop run() runs on: the test's own (astream), or a new one (None) that
+        # serve() runs in a thread. Known from the start: no disconnect comes too early.
+        self._loop = loop or asyncio.new_event_loop()
+        self._gone = asyncio.Event()  # it binds to the loop on its first wait
 
     def disconnect(self) -> None:
         """Tell the application that the client has gone; safe from any thread."""
-        with self._lock:
-            self._disconnected = True
-            if self._loop is not None:
-                with contextlib.suppress(RuntimeError):  # run() has ended, and its loop
-                    self._loop.call_soon_threadsafe(self._gone.set)
+        with contextlib.suppress(RuntimeError):  # run() has ended, and its loop is closed
+            self._loop.call_soon_threadsafe(self._gone.set)
 
     def serve(self) -> None:
-        """Serve the request to its end on an event loop of the calling thread's own."""
-        asyncio.run(self.run())
+        """Serve the request to its end on the exchange's loop, in the calling thread."""
+        with asyncio.Runner(loop_factory=lambda: self._loop) as runner:
+            runner.run(self.run())
 
     async def run(self) -> None:
         """Run the lifespan's startup if asked, the request until it ends, then the shutdown."""
-        with self._lock:
-            self._loop = asyncio.get_running_loop()
-            if self._disconnected:
-                self._gone.set()
         try:
             state: dict[str, Any] = {}
             lifespan = (

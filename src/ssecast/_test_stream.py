@@ -198,6 +198,7 @@ def _exchange(
     last_event_id: str | None,
     timeout: float,
     lifespan: bool,
+    loop: asyncio.AbstractEventLoop | None,
 ) -> Exchange:
     merged = {"host": "localhost", "accept": "text/event-stream", "cache-control": "no-cache"}
     if last_event_id is not None:
@@ -205,7 +206,7 @@ def _exchange(
     for name, value in (headers or {}).items():
         merged[name.lower()] = value
     if is_asgi(app):
-        return ASGIExchange(app, path, merged, timeout, lifespan=lifespan)
+        return ASGIExchange(app, path, merged, timeout, lifespan=lifespan, loop=loop)
     if lifespan:
         raise ConfigurationError(f"lifespan=True is for ASGI applications; {app!r} is WSGI")
     return WSGIExchange(app, path, merged, timeout)
@@ -245,7 +246,7 @@ def stream(
     :raises ConfigurationError: `lifespan=True` with a WSGI application.
     :raises Exception: what the application raised before it started a response.
     """
-    exchange = _exchange(app, path, headers, last_event_id, timeout, lifespan)
+    exchange = _exchange(app, path, headers, last_event_id, timeout, lifespan, None)
     runner = threading.Thread(target=exchange.serve, name="ssecast-testing")
     runner.start()
     opened = TestStream(exchange, runner)
@@ -290,10 +291,11 @@ async def astream(
     :raises ConfigurationError: `lifespan=True` with a WSGI application.
     :raises Exception: what the application raised before it started a response.
     """
-    exchange = _exchange(app, path, headers, last_event_id, timeout, lifespan)
+    loop = asyncio.get_running_loop()
+    exchange = _exchange(app, path, headers, last_event_id, timeout, lifespan, loop)
     runner: threading.Thread | asyncio.Task[None]
     if isinstance(exchange, ASGIExchange):
-        runner = asyncio.get_running_loop().create_task(exchange.run())
+        runner = loop.create_task(exchange.run())
     else:
         runner = threading.Thread(target=exchange.serve, name="ssecast-testing")
         runner.start()
