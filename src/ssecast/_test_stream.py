@@ -45,8 +45,8 @@ class _Stream:
         return MappingProxyType(self._inbox.headers)
 
     def _checked_start(self) -> None:
-        # The application ended without answering: say why.
-        self._inbox.raise_error()
+        if self._inbox.status is None:
+            self._inbox.raise_error()  # the application ended without answering: say why
 
     def _closing_timeout(self) -> float:
         return self._timeout * _CLOSING_TIMEOUTS
@@ -191,6 +191,14 @@ class AsyncTestStream(_Stream):
         self._left()
 
 
+_NO_START = "the application started no response"
+
+
+def _start_timeout(timeout: float, lifespan: bool) -> float:
+    # The lifespan's startup has a timeout of its own, before the request's.
+    return timeout * 2 if lifespan else timeout
+
+
 def _exchange(
     app: App,
     path: str,
@@ -251,7 +259,8 @@ def stream(
     runner.start()
     opened = TestStream(exchange, runner)
     try:
-        exchange.inbox.wait(exchange.inbox.started, timeout, "the application started no response")
+        started = exchange.inbox.started
+        exchange.inbox.wait(started, _start_timeout(timeout, lifespan), _NO_START)
         opened._checked_start()
         yield opened
     except BaseException:
@@ -301,9 +310,8 @@ async def astream(
         runner.start()
     opened = AsyncTestStream(exchange, runner)
     try:
-        await exchange.inbox.await_(
-            exchange.inbox.started, timeout, "the application started no response"
-        )
+        started = exchange.inbox.started
+        await exchange.inbox.await_(started, _start_timeout(timeout, lifespan), _NO_START)
         opened._checked_start()
         yield opened
     except BaseException:
