@@ -603,14 +603,24 @@ def test_the_testing_page_has_its_examples() -> None:
     assert len(_snippets()) >= 6
 
 
-@pytest.mark.parametrize("number", range(len(_snippets())))
-def test_every_testing_page_example_passes(number: int, tmp_path: Path) -> None:
-    """Each ``<!-- snippet: pytest -->`` block of docs/testing.md passes under pytest."""
-    module = tmp_path / f"test_snippet_{number}.py"
-    module.write_text(_snippets()[number], encoding="utf-8")
+def test_every_testing_page_example_passes(tmp_path: Path) -> None:
+    """Each ``<!-- snippet: pytest -->`` block of docs/testing.md passes under pytest.
+
+    All of them run in one pytest process (its start costs seconds), each as a module.
+    """
+    snippets = _snippets()
+    for number, snippet in enumerate(snippets):
+        (tmp_path / f"test_snippet_{number}.py").write_text(snippet, encoding="utf-8")
     (tmp_path / "pytest.ini").write_text(SNIPPET_CONFIG, encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(module)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
+    passed = {
+        line.split("::")[0] for line in result.stdout.splitlines() if line.startswith("PASSED")
+    }
+    assert passed == {f"PASSED test_snippet_{n}.py" for n in range(len(snippets))}
