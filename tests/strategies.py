@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from hypothesis import strategies as st
@@ -86,4 +87,4 @@ def event_stream_chunks(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     whole = b"".join(draw(st.lists(_stream_pieces, max_size=40)))
     cuts = sorted(draw(st.sets(st.integers(0, len(whole)), max_size=len(whole) + 1)))
     bounds = [0, *cuts, len(whole)]
-    return whole, [whole[start:end] for start, end in zip(bounds, bounds[1:], strict=False)]
+    return whole, [whole[start:end] for start, end in itertools.pairwise(bounds)]

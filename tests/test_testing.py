@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 from apps.asgi_support import TOKEN, authorize, channels_from_query
 from ssecast import GAP_EVENT_TYPE, Broadcaster, ConfigurationError
@@ -47,37 +46,117 @@ M = "message"
 CORPUS: list[tuple[str, list[bytes], list[ReceivedEvent]]] = [
     ("LF ends lines", [b"data: a\n\n"], [ReceivedEvent("", M, "a")]),
     ("CRLF ends lines", [b"data: a\r\n\r\n"], [ReceivedEvent("", M, "a")]),
-    ("a lone CR ends lines", [b"data: a\r\rdata: b\r\r"], [ReceivedEvent("", M, "a"), ReceivedEvent("", M, "b")]),
-    ("a CR ending a chunk and a LF starting the next are one line end", [b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n"], [ReceivedEvent("", M, "a\nb")]),
-    ("a CR, then a LF after a chunk split inside a character", [b"data: \xc3\xa9\r", b"\n\r\n"], [ReceivedEvent("", M, "\u00e9")]),
+    (
+        "a lone CR ends lines",
+        [b"data: a\r\rdata: b\r\r"],
+        [ReceivedEvent("", M, "a"), ReceivedEvent("", M, "b")],
+    ),
+    (
+        "a CR ending a chunk and a LF starting the next are one line end",
+        [b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n"],
+        [ReceivedEvent("", M, "a\nb")],
+    ),
+    (
+        "a CR, then a LF after a chunk split inside a character",
+        [b"data: \xc3\xa9\r", b"\n\r\n"],
+        [ReceivedEvent("", M, "\u00e9")],
+    ),
     ("a comment is skipped", [b": hello\ndata: a\n: more\n\n"], [ReceivedEvent("", M, "a")]),
-    ("a block with no data is not dispatched", [b"event: x\n\n", b"data: a\n\n"], [ReceivedEvent("", M, "a")]),
-    ("a block with no data still sets the last event id", [b"id: 7\n\ndata: a\n\n"], [ReceivedEvent("7", M, "a")]),
-    ("the event type defaults to message, and does not carry over", [b"event: t\ndata: a\n\ndata: b\n\n"], [ReceivedEvent("", "t", "a"), ReceivedEvent("", M, "b")]),
+    (
+        "a block with no data is not dispatched",
+        [b"event: x\n\n", b"data: a\n\n"],
+        [ReceivedEvent("", M, "a")],
+    ),
+    (
+        "a block with no data still sets the last event id",
+        [b"id: 7\n\ndata: a\n\n"],
+        [ReceivedEvent("7", M, "a")],
+    ),
+    (
+        "the event type defaults to message, and does not carry over",
+        [b"event: t\ndata: a\n\ndata: b\n\n"],
+        [ReceivedEvent("", "t", "a"), ReceivedEvent("", M, "b")],
+    ),
     ("an empty event type is message", [b"event:\ndata: a\n\n"], [ReceivedEvent("", M, "a")]),
     ("data lines join with LF", [b"data: a\ndata:\ndata: b\n\n"], [ReceivedEvent("", M, "a\n\nb")]),
     ("an empty data field dispatches empty data", [b"data\n\n"], [ReceivedEvent("", M, "")]),
-    ("one leading space of a value is dropped, no more", [b"data:  a \n\n"], [ReceivedEvent("", M, " a ")]),
+    (
+        "one leading space of a value is dropped, no more",
+        [b"data:  a \n\n"],
+        [ReceivedEvent("", M, " a ")],
+    ),
     ("a value may hold colons", [b"data: a: b:c\n\n"], [ReceivedEvent("", M, "a: b:c")]),
-    ("the id carries over to later events", [b"id: 1\ndata: a\n\ndata: b\n\n"], [ReceivedEvent("1", M, "a"), ReceivedEvent("1", M, "b")]),
-    ("an empty id field resets the id", [b"id: 1\ndata: a\n\nid\ndata: b\n\n"], [ReceivedEvent("1", M, "a"), ReceivedEvent("", M, "b")]),
-    ("an id holding NUL is ignored", [b"id: 1\n\nid: 2\x003\ndata: a\n\n"], [ReceivedEvent("1", M, "a")]),
-    ("retry sets the reconnection time, even on a block with no data", [b"retry: 1500\n\ndata: a\n\n"], [ReceivedEvent("", M, "a", 1500)]),
-    ("retry that is not ASCII digits is ignored", [b"retry: 10\n\nretry: 1x\nretry: \xd9\xa3\nretry: -1\nretry:\ndata: a\n\n"], [ReceivedEvent("", M, "a", 10)]),
+    (
+        "the id carries over to later events",
+        [b"id: 1\ndata: a\n\ndata: b\n\n"],
+        [ReceivedEvent("1", M, "a"), ReceivedEvent("1", M, "b")],
+    ),
+    (
+        "an empty id field resets the id",
+        [b"id: 1\ndata: a\n\nid\ndata: b\n\n"],
+        [ReceivedEvent("1", M, "a"), ReceivedEvent("", M, "b")],
+    ),
+    (
+        "an id holding NUL is ignored",
+        [b"id: 1\n\nid: 2\x003\ndata: a\n\n"],
+        [ReceivedEvent("1", M, "a")],
+    ),
+    (
+        "retry sets the reconnection time, even on a block with no data",
+        [b"retry: 1500\n\ndata: a\n\n"],
+        [ReceivedEvent("", M, "a", 1500)],
+    ),
+    (
+        "retry that is not ASCII digits is ignored",
+        [b"retry: 10\n\nretry: 1x\nretry: \xd9\xa3\nretry: -1\nretry:\ndata: a\n\n"],
+        [ReceivedEvent("", M, "a", 10)],
+    ),
     ("an unknown field is ignored", [b"foo: bar\ndata: a\n\n"], [ReceivedEvent("", M, "a")]),
     ("field names are case-sensitive", [b"Data: a\n\ndata: b\n\n"], [ReceivedEvent("", M, "b")]),
-    ("an event not ended by a blank line is discarded", [b"data: a\n\ndata: b\n"], [ReceivedEvent("", M, "a")]),
-    ("no line ends at U+2028 or NEL", [b"data: a\xe2\x80\xa8b\xc2\x85c\x0cd\n\n"], [ReceivedEvent("", M, "a\u2028b\x85c\x0cd")]),
+    (
+        "an event not ended by a blank line is discarded",
+        [b"data: a\n\ndata: b\n"],
+        [ReceivedEvent("", M, "a")],
+    ),
+    (
+        "no line ends at U+2028 or NEL",
+        [b"data: a\xe2\x80\xa8b\xc2\x85c\x0cd\n\n"],
+        [ReceivedEvent("", M, "a\u2028b\x85c\x0cd")],
+    ),
     ("one leading BOM is dropped", [b"\xef\xbb\xbfdata: a\n\n"], [ReceivedEvent("", M, "a")]),
-    ("a second BOM is part of the field name", [b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\ndata: b\n\n"], [ReceivedEvent("", M, "b")]),
-    ("a BOM later in the stream is kept", [b"data: \xef\xbb\xbfa\n\n"], [ReceivedEvent("", M, "\ufeffa")]),
-    ("a BOM split over chunks is dropped", [b"\xef", b"\xbb", b"\xbfdata: a\n\n"], [ReceivedEvent("", M, "a")]),
-    ("invalid UTF-8 is replaced", [b"data: a\xffb\xc3\n\n"], [ReceivedEvent("", M, "a\ufffdb\ufffd")]),
-    ("a chunk may split a UTF-8 character", [b"data: \xe2", b"\x82", b"\xac\n\n"], [ReceivedEvent("", M, "\u20ac")]),
+    (
+        "a second BOM is part of the field name",
+        [b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\ndata: b\n\n"],
+        [ReceivedEvent("", M, "b")],
+    ),
+    (
+        "a BOM later in the stream is kept",
+        [b"data: \xef\xbb\xbfa\n\n"],
+        [ReceivedEvent("", M, "\ufeffa")],
+    ),
+    (
+        "a BOM split over chunks is dropped",
+        [b"\xef", b"\xbb", b"\xbfdata: a\n\n"],
+        [ReceivedEvent("", M, "a")],
+    ),
+    (
+        "invalid UTF-8 is replaced",
+        [b"data: a\xffb\xc3\n\n"],
+        [ReceivedEvent("", M, "a\ufffdb\ufffd")],
+    ),
+    (
+        "a chunk may split a UTF-8 character",
+        [b"data: \xe2", b"\x82", b"\xac\n\n"],
+        [ReceivedEvent("", M, "\u20ac")],
+    ),
     ("a chunk may split a field name", [b"da", b"ta: a\n", b"\n"], [ReceivedEvent("", M, "a")]),
     ("empty chunks change nothing", [b"", b"data: a\n", b"", b"\n"], [ReceivedEvent("", M, "a")]),
-    ("ssecast's own frame", [b": ok\n\nretry: 3000\n\nid: s-1\nevent: tick\ndata: {\"n\":1}\n\n"], [ReceivedEvent("s-1", "tick", '{"n":1}', 3000)]),
-]  # fmt: skip
+    (
+        "ssecast's own frame",
+        [b': ok\n\nretry: 3000\n\nid: s-1\nevent: tick\ndata: {"n":1}\n\n'],
+        [ReceivedEvent("s-1", "tick", '{"n":1}', 3000)],
+    ),
+]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +224,13 @@ def _django_targets() -> Iterator[tuple[Target, Target]]:
             auth,
             "/events?channel={channel}",
         )
-        asgi = Target(get_asgi_application(views.broadcaster), views.broadcaster, "/events?channel={channel}", auth, "/events?channel={channel}")  # fmt: skip
+        asgi = Target(
+            get_asgi_application(views.broadcaster),
+            views.broadcaster,
+            "/events?channel={channel}",
+            auth,
+            "/events?channel={channel}",
+        )
         yield wsgi, asgi
 
 
@@ -186,7 +271,9 @@ WSGI_APPS = ["flask", "django-wsgi"]
 def target(request: pytest.FixtureRequest) -> Target:
     """Each adapter's test app, in this process."""
     needs_django = request.param.startswith("django")
-    return _target(request.param, request.getfixturevalue("django_targets") if needs_django else (None, None))  # type: ignore[arg-type]  # fmt: skip
+    return _target(
+        request.param, request.getfixturevalue("django_targets") if needs_django else (None, None)
+    )  # type: ignore[arg-type]
 
 
 def channel() -> str:
@@ -202,8 +289,7 @@ def _settled(target: Target) -> None:
 
 
 def test_stream_reads_what_is_published_and_close_unsubscribes(target: Target) -> None:
-    """The stream opens (200, SSE headers), gets events published after it, and close()
-    makes the app unsubscribe; nothing it started is left running."""
+    """It opens with SSE headers, gets what is published, and close() unsubscribes at once."""
     _settled(target)
     threads = threading.active_count()
     name = channel()
@@ -271,7 +357,7 @@ def async_target(request: pytest.FixtureRequest) -> Target:
 
 
 async def test_astream_reads_resumes_and_cleans_up(async_target: Target) -> None:
-    """astream does what stream does, awaiting: events, resume, timeout, disconnect."""
+    """Astream does what stream does, awaiting: events, resume, timeout, disconnect."""
     target = async_target
     target.broadcaster.subscribe().close()  # its first subscription starts a thread for good
     threads, tasks = threading.active_count(), len(asyncio.all_tasks())
@@ -319,8 +405,7 @@ def test_apps_are_told_asgi_or_wsgi(django_targets: tuple[Target, Target]) -> No
 
 
 async def _asgi_text(scope: Any, receive: Any, send: Any) -> None:
-    """A plain-text answer with a repeated header, an extension message, and an error
-    after the client has gone that the app lets through."""
+    """Answer text with a repeated header and an extension message; then send once gone."""
     headers = [(b"content-type", b"text/plain"), (b"x-a", b"1"), (b"x-a", b"2")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.trailers", "headers": []})
@@ -331,8 +416,7 @@ async def _asgi_text(scope: Any, receive: Any, send: Any) -> None:
 
 
 def test_only_an_sse_response_is_parsed_and_headers_join() -> None:
-    """A text/plain body gives no events, as in a browser; repeated headers join with a comma;
-    the OSError a send after the disconnect raises is not the app's error."""
+    """A text/plain body has no events; repeated headers join; a send once gone is no error."""
     with stream(_asgi_text, timeout=HANG) as s:
         assert s.headers["x-a"] == "1, 2"
         with pytest.raises(TimeoutError):
@@ -415,8 +499,7 @@ async def test_astream_raises_a_timeout_when_no_response_starts() -> None:
 
 
 def test_lifespan_runs_only_when_asked_and_can_close_the_broadcaster() -> None:
-    """By default the app's lifespan is not run; lifespan=True runs it, and the
-    close_on_signal in it closes a module-level broadcaster: later requests get 503."""
+    """The lifespan runs only with lifespan=True; its close_on_signal closes the broadcaster."""
     import contextlib
 
     from starlette.applications import Starlette
