@@ -36,6 +36,8 @@ HANG = 30.0
 """Seconds after which a wait counts as a hang (an in-process event takes milliseconds)."""
 SHORT = 0.2
 """A timeout a test waits out on purpose: no event, or no response start, is expected."""
+GRACE = 1.0
+"""A stream timeout a misbehaving app must outlast: ten times what an in-process start takes."""
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "testing.md"
 
 M = "message"
@@ -276,6 +278,21 @@ def target(request: pytest.FixtureRequest) -> Target:
     )  # type: ignore[arg-type]
 
 
+def _new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    """The threads started since ``before`` that are still running.
+
+    Ours are joined before the block is left. Django's ASGI handler (asgiref) joins its
+    per-request executor from a thread of its own, which may still be exiting then: it
+    gets until ``HANG``.
+    """
+    deadline = time.monotonic() + HANG
+    while True:
+        new = [t for t in threading.enumerate() if t not in before]
+        if not new or all(t.name == "ssecast-testing" for t in new) or time.monotonic() > deadline:
+            return new
+        time.sleep(0.01)
+
+
 def channel() -> str:
     """A channel no other test uses."""
     return f"c-{uuid.uuid4().hex[:12]}"
@@ -291,7 +308,7 @@ def _settled(target: Target) -> None:
 def test_stream_reads_what_is_published_and_close_unsubscribes(target: Target) -> None:
     """It opens with SSE headers, gets what is published, and close() unsubscribes at once."""
     _settled(target)
-    threads = threading.active_count()
+    threads = set(threading.enumerate())
     name = channel()
     with stream(target.app, target.url(name), headers=target.auth, timeout=HANG) as events:
         assert events.status == 200
@@ -307,17 +324,17 @@ def test_stream_reads_what_is_published_and_close_unsubscribes(target: Target) -
             events.next_event(timeout=SHORT)
         events.close()
         assert target.broadcaster.stats().subscribers == 0
-    assert threading.active_count() == threads
+    assert _new_threads(threads) == []
 
 
 def test_leaving_the_block_disconnects(target: Target) -> None:
     """Leaving the block without close() disconnects too: the app unsubscribes."""
     _settled(target)
-    threads = threading.active_count()
+    threads = set(threading.enumerate())
     with stream(target.app, target.url(channel()), headers=target.auth, timeout=HANG):
         assert target.broadcaster.stats().subscribers == 1
     assert target.broadcaster.stats().subscribers == 0
-    assert threading.active_count() == threads
+    assert _new_threads(threads) == []
 
 
 def test_last_event_id_resumes_after_that_event(target: Target) -> None:
@@ -360,7 +377,7 @@ async def test_astream_reads_resumes_and_cleans_up(async_target: Target) -> None
     """Astream does what stream does, awaiting: events, resume, timeout, disconnect."""
     target = async_target
     target.broadcaster.subscribe().close()  # its first subscription starts a thread for good
-    threads, tasks = threading.active_count(), len(asyncio.all_tasks())
+    threads, tasks = set(threading.enumerate()), len(asyncio.all_tasks())
     name = channel()
     seen = target.broadcaster.publish("tick", 1, channel=name)
     missed = target.broadcaster.publish("tick", 2, channel=name)
@@ -383,7 +400,7 @@ async def test_astream_reads_resumes_and_cleans_up(async_target: Target) -> None
     async with astream(target.app, target.refused_path, timeout=HANG) as refused:
         assert refused.status == 403
         await refused.aread()
-    assert threading.active_count() == threads
+    assert _new_threads(threads) == []
     assert len(asyncio.all_tasks()) == tasks
 
 
@@ -468,21 +485,21 @@ def test_an_app_error_unread_is_raised_on_leaving_the_block() -> None:
 )
 def test_an_app_that_fails_before_answering_fails_the_block(app: Any, error: type) -> None:
     """An error before the response starts, or no response at all, is raised by stream()."""
-    threads = threading.active_count()
+    threads = set(threading.enumerate())
     with pytest.raises(error), stream(app, timeout=HANG):
         pass
-    assert threading.active_count() == threads
+    assert _new_threads(threads) == []
 
 
 def test_an_app_that_ignores_the_disconnect_is_cancelled_and_reported() -> None:
     """An app still running a timeout after the disconnect is cancelled; close() says so."""
-    threads = threading.active_count()
+    threads = set(threading.enumerate())
     with (
         pytest.raises(TimeoutError, match="did not end"),
-        stream(_asgi_ignores_the_disconnect, timeout=SHORT),
+        stream(_asgi_ignores_the_disconnect, timeout=GRACE),
     ):
         pass
-    assert threading.active_count() == threads
+    assert _new_threads(threads) == []
 
 
 async def test_astream_raises_a_timeout_when_no_response_starts() -> None:
@@ -538,18 +555,18 @@ async def _lifespan_silent(scope: Any, receive: Any, send: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("app", "error", "message"),
+    ("app", "error", "message", "timeout"),
     [
-        (_lifespan_fails, RuntimeError, "no database"),
-        (_lifespan_unsupported, ValueError, "no lifespan"),
-        (_lifespan_silent, RuntimeError, "did not complete"),
+        (_lifespan_fails, RuntimeError, "no database", HANG),
+        (_lifespan_unsupported, ValueError, "no lifespan", HANG),
+        (_lifespan_silent, RuntimeError, "did not complete", SHORT),
     ],
 )
 def test_a_lifespan_that_does_not_start_fails_the_block(
-    app: Any, error: type, message: str
+    app: Any, error: type, message: str, timeout: float
 ) -> None:
     """A failed, raising or silent lifespan startup is raised by stream(lifespan=True)."""
-    with pytest.raises(error, match=message), stream(app, lifespan=True, timeout=SHORT):
+    with pytest.raises(error, match=message), stream(app, lifespan=True, timeout=timeout):
         pass  # pragma: no cover - not reached
 
 
@@ -583,18 +600,23 @@ def _wsgi_write(environ: dict[str, Any], start_response: Callable[..., Any]) -> 
 
 
 def _wsgi_late(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
-    """Registers for the disconnect after the client left (its start was too slow)."""
-    time.sleep(SHORT * 2)
-    gone = threading.Event()
+    """Starts too slowly, and registers a second closer after the client has left."""
+    gone, told = threading.Event(), threading.Event()
     environ[DISCONNECT_KEY](gone.set)
+    gone.wait(HANG)  # stream() timed out waiting for the start, and disconnected
+    environ[DISCONNECT_KEY](told.set)  # called at once: the client is gone already
+    assert told.is_set()
     start_response("200 OK", [("Content-Type", "text/event-stream")])
-    gone.wait(HANG)
     yield b""
 
 
+_released = threading.Event()
+
+
 def _wsgi_mute(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+    """Yields nothing until the test releases it: it cannot learn of the disconnect."""
     start_response("200 OK", [("Content-Type", "text/event-stream")])
-    time.sleep(SHORT * 10)
+    _released.wait(HANG)
     yield b""
 
 
@@ -617,40 +639,49 @@ def test_a_wsgi_refusal_and_a_plain_body() -> None:
 
 def test_a_plain_wsgi_generator_is_closed_at_its_next_chunk() -> None:
     """A WSGI app that is not ssecast's ends at its next yield after the disconnect."""
-    threads = threading.active_count()
+    threads = set(threading.enumerate())
     with stream(_wsgi_ticks, timeout=HANG) as s:
         assert s.next_event().data == "0"
-    assert threading.active_count() == threads
+    assert _new_threads(threads) == []
 
 
 @pytest.mark.parametrize(
-    ("app", "error"),
-    [(_wsgi_nothing, RuntimeError), (_ASGIInDisguise(), TypeError), (_wsgi_late, TimeoutError)],
+    ("app", "error", "timeout"),
+    [
+        (_wsgi_nothing, RuntimeError, HANG),
+        (_ASGIInDisguise(), TypeError, HANG),
+        (_wsgi_late, TimeoutError, SHORT),
+    ],
 )
-def test_a_wsgi_app_that_fails_before_answering_fails_the_block(app: Any, error: type) -> None:
+def test_a_wsgi_app_that_fails_before_answering_fails_the_block(
+    app: Any, error: type, timeout: float
+) -> None:
     """No start_response, an awaitable, or a start slower than the timeout fail stream()."""
-    threads = threading.active_count()
-    with pytest.raises(error), stream(app, timeout=SHORT):
+    threads = set(threading.enumerate())
+    with pytest.raises(error), stream(app, timeout=timeout):
         pass  # pragma: no cover - not reached
-    assert threading.active_count() == threads
+    assert _new_threads(threads) == []
 
 
 def test_a_wsgi_app_that_never_yields_again_is_reported_on_close() -> None:
     """A WSGI response blocked past the closing bound makes close() raise TimeoutError."""
-    with pytest.raises(TimeoutError, match="did not end"), stream(_wsgi_mute, timeout=SHORT / 2):
+    threads = set(threading.enumerate())
+    with pytest.raises(TimeoutError, match="did not end"), stream(_wsgi_mute, timeout=GRACE / 2):
         pass
+    _released.set()
     for thread in threading.enumerate():
         if thread.name == "ssecast-testing":
             thread.join(HANG)
+    assert _new_threads(threads) == []
 
 
 async def test_astream_over_wsgi_reports_its_errors() -> None:
     """Under astream a WSGI app's failure to start is raised, and its thread joined."""
-    threads = threading.active_count()
+    threads = set(threading.enumerate())
     with pytest.raises(RuntimeError):
         async with astream(_wsgi_nothing, timeout=HANG):
             pass  # pragma: no cover - not reached
-    assert threading.active_count() == threads
+    assert _new_threads(threads) == []
 
 
 def test_testing_imports_no_framework() -> None:

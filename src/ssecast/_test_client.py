@@ -17,6 +17,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias
 from urllib.parse import unquote_to_bytes
 
@@ -224,9 +225,27 @@ class ASGIExchange(Exchange):
             self._loop.call_soon_threadsafe(self._gone.set)
 
     def serve(self) -> None:
-        """Serve the request to its end on the exchange's loop, in the calling thread."""
-        with asyncio.Runner(loop_factory=lambda: self._loop) as runner:
-            runner.run(self.run())
+        """Serve the request to its end on the exchange's loop, in the calling thread.
+
+        What ``asyncio.run`` does, but with an executor of our own that is shut down here,
+        waiting for its threads: ``asyncio.run`` leaves that to a thread of its own, still
+        exiting when the loop is done, and no thread may outlive the stream.
+        """
+        loop = self._loop
+        executor = ThreadPoolExecutor(thread_name_prefix="ssecast-testing")
+        loop.set_default_executor(executor)
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self.run())
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            executor.shutdown(wait=True)
+            loop.close()
 
     async def run(self) -> None:
         """Run the lifespan's startup if asked, the request until it ends, then the shutdown."""
