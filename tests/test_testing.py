@@ -684,19 +684,6 @@ async def test_astream_over_wsgi_reports_its_errors() -> None:
     assert _new_threads(threads) == []
 
 
-def test_testing_imports_no_framework() -> None:
-    """``import ssecast.testing`` loads no web framework, so it works with none installed."""
-    script = (
-        "import sys, ssecast.testing\n"
-        "bad = ('flask', 'django', 'starlette', 'fastapi', 'litestar', 'werkzeug', 'redis')\n"
-        "print(sorted(n for n in sys.modules if n.split('.')[0] in bad))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert result.stdout.strip() == "[]"
-
-
 # The Testing page: every block marked as a pytest module runs, and passes.
 
 SNIPPET_CONFIG = """\
