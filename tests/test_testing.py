@@ -359,6 +359,28 @@ def test_authorization_refusal_has_its_status_and_no_events(target: Target) -> N
     assert target.broadcaster.stats().subscribers == 0
 
 
+def test_a_starlette_streaming_response_is_disconnected_too() -> None:
+    """An SSE endpoint written with Starlette's StreamingResponse sees close() at once."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def endless() -> AsyncIterator[str]:
+        yield "data: hi\n\n"
+        await asyncio.sleep(HANG * 10)
+
+    async def events(request: Request) -> StreamingResponse:
+        return StreamingResponse(endless(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/", events)])
+    with stream(app, timeout=HANG) as s:
+        assert s.next_event().data == "hi"
+        started = time.monotonic()
+        s.close()
+        assert time.monotonic() - started < HANG
+
+
 def test_an_unknown_resume_id_gets_a_gap_event() -> None:
     """Resuming from an id the history does not hold starts with ``ssecast.gap``."""
     with Broadcaster() as broadcaster:

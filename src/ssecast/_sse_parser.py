@@ -1,19 +1,19 @@
-"""Read a ``text/event-stream`` the way a browser's ``EventSource`` does, chunk by chunk.
+"""Read a `text/event-stream` the way a browser's `EventSource` does, chunk by chunk.
 
 It follows the WHATWG HTML standard, "9.2.6 Interpreting an event stream", step by step,
-and shares nothing with the encoder in ``_wire``, so a test that reads back what ssecast
+and shares nothing with the encoder in `_wire`, so a test that reads back what ssecast
 wrote checks the encoder against the standard rather than against itself:
 
 - the stream is UTF-8, decoded with replacement characters; one leading BOM is dropped;
 - a line ends at CRLF, a lone CR or a lone LF, and at nothing else (not NEL, not U+2028);
   a CR ending one chunk and a LF starting the next are one line end;
-- an empty line dispatches the pending event; a line starting with ``:`` is a comment;
-- ``name: value`` splits at the first colon and drops one leading space of the value;
+- an empty line dispatches the pending event; a line starting with `:` is a comment;
+- `name: value` splits at the first colon and drops one leading space of the value;
   a line without a colon is a field whose value is empty;
-- ``data`` appends the value and a LF to the data buffer; an event whose data buffer is
-  empty is not dispatched, but its ``id`` still becomes the last event id;
-- ``id`` sets the last event id unless the value holds NUL; ``retry`` is honoured only when
-  it is ASCII digits; ``event`` sets the type (``message`` when empty); others are ignored;
+- `data` appends the value and a LF to the data buffer; an event whose data buffer is
+  empty is not dispatched, but its `id` still becomes the last event id;
+- `id` sets the last event id unless the value holds NUL; `retry` is honoured only when
+  it is ASCII digits; `event` sets the type (`message` when empty); others are ignored;
 - an event cut off before its blank line at the end of the stream is discarded.
 """
 

@@ -31,15 +31,18 @@ App: TypeAlias = Callable[..., Any]
 """An ASGI application, or a WSGI one."""
 
 HOST = "localhost"
-_ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+# 2.3, although send() raises OSError once the client has gone as 2.4 says: told 2.4, an
+# app may wait for that error instead of listening for http.disconnect (Starlette's
+# StreamingResponse does), and a stream that sends nothing would never see a close().
+_ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 _CLIENT = ("127.0.0.1", 50000)
 
 
 def is_asgi(app: object) -> bool:
-    """Whether ``app`` is an ASGI application: it, or its ``__call__``, is a coroutine function.
+    """Whether `app` is an ASGI application: it, or its `__call__`, is a coroutine function.
 
-    Starlette, FastAPI, Litestar, Quart and Django's ASGI handler define ``async def
-    __call__``; Flask and Django's WSGI handler a plain ``def``.
+    Starlette, FastAPI, Litestar, Quart and Django's ASGI handler define `async def
+    __call__`; Flask and Django's WSGI handler a plain `def`.
     """
     call = getattr(app, "__call__", None)  # noqa: B004 - its kind, not whether it is callable
     return inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(call)
@@ -57,7 +60,7 @@ class Inbox:
     """What the application has answered so far: filled by its side, read by the test's.
 
     The two sides may be two threads, so every access takes the lock; async readers are
-    woken through their loop's ``call_soon_threadsafe``.
+    woken through their loop's `call_soon_threadsafe`.
     """
 
     def __init__(self) -> None:
@@ -93,7 +96,7 @@ class Inbox:
             self._notify()
 
     def end(self, error: BaseException | None = None) -> None:
-        """Mark the response complete, or the application returned (or raised ``error``)."""
+        """Mark the response complete, or the application returned (or raised `error`)."""
         with self._lock:
             self.ended = True
             self.error = self.error or error
@@ -120,17 +123,17 @@ class Inbox:
         return self.status is not None or self.ended
 
     def readable(self) -> bool:
-        """Whether ``take_event`` returns or raises at once."""
+        """Whether `take_event` returns or raises at once."""
         return bool(self._events) or self.ended
 
     def wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
-        """Block until ``ready()``; raise `TimeoutError` after ``timeout`` seconds."""
+        """Block until `ready()`; raise `TimeoutError` after `timeout` seconds."""
         with self._lock:
             if not self._changed.wait_for(ready, timeout):
                 raise TimeoutError(f"{what} within {timeout} s")
 
     async def await_(self, ready: Callable[[], bool], seconds: float, what: str) -> None:
-        """Wait for ``ready()`` without blocking the loop; raise `TimeoutError` at ``seconds``."""
+        """Wait for `ready()` without blocking the loop; raise `TimeoutError` at `seconds`."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(seconds):
@@ -145,7 +148,7 @@ class Inbox:
             raise TimeoutError(f"{what} within {seconds} s") from None
 
     def take_event(self) -> ReceivedEvent:
-        """Return the oldest unread event, once ``readable()``.
+        """Return the oldest unread event, once `readable()`.
 
         :raises EOFError: the response ended and every event was read.
         """
@@ -181,7 +184,7 @@ def _wake(waker: asyncio.Future[None]) -> None:
 
 
 class Exchange:
-    """One GET request to one application; ``run()`` (a subclass's) serves it to the end."""
+    """One GET request to one application, served to its end by a subclass."""
 
     def __init__(self, app: App, path: str, headers: Mapping[str, str], timeout: float) -> None:
         self.app = app
@@ -200,7 +203,7 @@ class Exchange:
 
 
 class ASGIExchange(Exchange):
-    """A request to an ASGI application, run by the coroutine ``run()`` on some loop."""
+    """A request to an ASGI application, run by the coroutine `run()` on some loop."""
 
     def __init__(
         self,
@@ -227,8 +230,8 @@ class ASGIExchange(Exchange):
     def serve(self) -> None:
         """Serve the request to its end on the exchange's loop, in the calling thread.
 
-        What ``asyncio.run`` does, but with an executor of our own that is shut down here,
-        waiting for its threads: ``asyncio.run`` leaves that to a thread of its own, still
+        What `asyncio.run` does, but with an executor of our own that is shut down here,
+        waiting for its threads: `asyncio.run` leaves that to a thread of its own, still
         exiting when the loop is done, and no thread may outlive the stream.
         """
         loop = self._loop
@@ -328,7 +331,7 @@ class ASGIExchange(Exchange):
 
 
 class _Disconnected(OSError):
-    """What ``send`` raises once the client has gone."""
+    """What `send` raises once the client has gone."""
 
 
 class _Lifespan:
@@ -371,12 +374,12 @@ class _Lifespan:
 
 
 class WSGIExchange(Exchange):
-    """A request to a WSGI application, whose response ``run()`` iterates in a thread.
+    """A request to a WSGI application, whose response `serve()` iterates in a thread.
 
     A WSGI application learns that its client has gone only when a write fails, which a
     server tells it by closing the response iterator. The test's disconnect does the same
     at the next chunk; and ssecast's own responses, which may wait a heartbeat for one,
-    register a closer under ``DISCONNECT_KEY`` in the environ to end at once.
+    register a closer under `DISCONNECT_KEY` in the environ to end at once.
     """
 
     def __init__(self, app: App, path: str, headers: Mapping[str, str], timeout: float) -> None:
