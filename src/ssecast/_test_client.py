@@ -70,7 +70,7 @@ class Inbox:
         self._parser: EventStreamParser | None = None
         self._events: deque[ReceivedEvent] = deque()
         self._body: list[bytes] = []
-        self.status: int | None = None
+        self.status = 0  # until the response starts
         self.headers: dict[str, str] = {}
         self.ended = False  # the response is complete, or the application returned
         self.finished = False  # the application and its lifespan are done
@@ -120,7 +120,7 @@ class Inbox:
 
     def started(self) -> bool:
         """Whether the status and headers are in, or the application ended without them."""
-        return self.status is not None or self.ended
+        return bool(self.status) or self.ended
 
     def readable(self) -> bool:
         """Whether `take_event` returns or raises at once."""
@@ -325,7 +325,7 @@ class ASGIExchange(Exchange):
         error = None if task.cancelled() else task.exception()
         if isinstance(error, _Disconnected):
             error = None
-        if self.inbox.status is None and error is None:
+        if not self.inbox.status and error is None:
             error = RuntimeError("the application returned without starting a response")
         self.inbox.end(error)
 
@@ -453,7 +453,7 @@ class WSGIExchange(Exchange):
                 close = getattr(response, "close", None)
                 if close is not None:
                     close()
-            if self.inbox.status is None:
+            if not self.inbox.status:
                 raise RuntimeError("the application returned without calling start_response")
         except Exception as error:
             self.inbox.end(error)

@@ -34,10 +34,8 @@ class _Stream:
 
     @property
     def status(self) -> int:
-        """The response's status code: 200 for a stream, 403 or 503 for a refusal, ..."""
-        status = self._inbox.status
-        assert status is not None  # the stream is handed out only once it is known
-        return status
+        """The response's status code: 200 for a stream, 403 or 503 for a refusal, say."""
+        return self._inbox.status
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -45,7 +43,7 @@ class _Stream:
         return MappingProxyType(self._inbox.headers)
 
     def _checked_start(self) -> None:
-        if self._inbox.status is None:
+        if not self._inbox.status:
             self._inbox.raise_error()  # the application ended without answering: say why
 
     def _closing_timeout(self) -> float:
