@@ -247,12 +247,13 @@ def _target(name: str, django_targets: tuple[Target, Target]) -> Target:
         broadcaster = Broadcaster()
         app = EventStream(broadcaster, channels_from_query, authorize=authorize)
         return Target(app, broadcaster, "/?channel={channel}", refused_path="/?channel=private")
-    if name in ("starlette", "fastapi", "litestar"):
+    if name in ("starlette", "fastapi", "litestar", "quart"):
         with warnings.catch_warnings():
             # Litestar 2 warns that EventStream's mount leaves copy_scope unset.
             warnings.simplefilter("ignore", DeprecationWarning)
             module = importlib.import_module(f"apps.{name}_app")
-        path = "/events?channel={channel}" if name == "litestar" else "/events/?channel={channel}"
+        mounted = name in ("starlette", "fastapi")  # a Mount answers /events/ only
+        path = "/events/?channel={channel}" if mounted else "/events?channel={channel}"
         refused = path.replace("{channel}", "private")
         return Target(module.app, module.broadcaster, path, refused_path=refused)
     if name == "flask":
@@ -265,7 +266,7 @@ def _target(name: str, django_targets: tuple[Target, Target]) -> Target:
     return wsgi if name == "django-wsgi" else asgi
 
 
-ASGI_APPS = ["eventstream", "starlette", "fastapi", "litestar", "django-asgi"]
+ASGI_APPS = ["eventstream", "starlette", "fastapi", "litestar", "quart", "django-asgi"]
 WSGI_APPS = ["flask", "django-wsgi"]
 
 
@@ -437,7 +438,10 @@ def test_apps_are_told_asgi_or_wsgi(django_targets: tuple[Target, Target]) -> No
 
     async def bare(scope: Any, receive: Any, send: Any) -> None: ...
 
+    from apps import quart_app
+
     assert is_asgi(bare)
+    assert is_asgi(quart_app.quart_app)  # the Quart object itself, not the test's dispatcher
 
 
 # Applications that misbehave, or do what the adapters never do.
