@@ -8,6 +8,7 @@ show, parsed from the HTML, never the Markdown or the docstrings it came from.
 from __future__ import annotations
 
 import ast
+import html
 import importlib
 import os
 import pkgutil
@@ -184,3 +185,18 @@ def _docstrings(path: Path) -> list[str]:
         and isinstance(node.value, ast.Constant)
         and isinstance(node.value.value, str)
     ]
+
+
+# mkdocstrings-python's default `line_length`: a longer signature goes to the formatter.
+SIGNATURE_LINE_LENGTH = 60
+SIGNATURE = re.compile(r'<div class="doc-signature highlight"><pre>(.*?)</pre>', re.DOTALL)
+
+
+def test_long_signatures_are_formatted(site: Path) -> None:
+    """A formatter from the `docs` extra (Ruff) breaks long signatures, one parameter a line."""
+    page = (site / "reference" / "index.html").read_text(encoding="utf-8")
+    signatures = [html.unescape(re.sub(r"<[^>]+>", "", code)) for code in SIGNATURE.findall(page)]
+    assert len(signatures) > 30
+    lines = [line for code in signatures for line in code.splitlines()]
+    too_long = [line for line in lines if len(line) > SIGNATURE_LINE_LENGTH]
+    assert too_long == []
