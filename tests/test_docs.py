@@ -1,0 +1,217 @@
+"""Every Python block of the README and the docs runs, as a reader would paste it.
+
+How the blocks run (the convention is in tests/snippets.py and CONTRIBUTING.md): each
+page in one fresh interpreter, its blocks in order in one namespace, in a temporary
+directory of its own; ``<!-- snippet: fragment -->`` above a fence skips the block, and
+``<!-- snippet: pytest -->`` runs it as a test module through pytest. A page's interpreter
+is started once, by the first test of one of its blocks; each block is its own test, named
+after its location, and fails with the traceback its page printed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from snippets import KINDS, PAGES, PYTHON, ROOT, Block, blocks, stray_markers
+
+RUNNER = Path(__file__).resolve().parent / "run_snippets.py"
+# Ten times what the slowest page takes on a loaded 2-core machine (about 3 s: importing
+# Django or FastAPI); only a block that never ends (a server started in the foreground)
+# reaches it.
+PAGE_TIMEOUT = 60.0
+PYTEST_TIMEOUT = 120.0
+# Pages that other work is rewriting: a failing block there is reported as xfail, not
+# failed, until it is fixed (remove the entry then; a block that runs passes either way).
+PENDING = {
+    "docs/frameworks/htmx.md": "htmx.md is being rewritten for htmx 2 and 4 (issue 12)",
+}
+
+# Files a page says the reader already has, saved in its directory before its blocks run.
+PREMISES = {
+    "docs/frameworks/django.md": {
+        # What `django-admin startproject project` makes, cut to what the page needs.
+        "project/settings.py": 'SECRET_KEY = "docs-only"\nINSTALLED_APPS = []\n',
+    },
+}
+
+ALL_BLOCKS = [block for page in PAGES for block in blocks(page)]
+PYTHON_BLOCKS = [b for b in ALL_BLOCKS if b.language in PYTHON and b.marker != "pytest"]
+PYTEST_BLOCKS = [b for b in ALL_BLOCKS if b.marker == "pytest"]
+
+
+def runnable(block: Block) -> bool:
+    return block.language in PYTHON and block.marker is None
+
+
+def write_named_files(page_blocks: list[Block], directory: Path) -> None:
+    """Save the page's premises, and every runnable block that names its file (``# app.py``)."""
+    for name, text in PREMISES.get(str(page_blocks[0].page.relative_to(ROOT)), {}).items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+    for block in page_blocks:
+        if runnable(block) and block.file_name is not None:
+            path = directory / block.file_name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(block.source)
+
+
+def run_page(
+    page_blocks: list[Block], directory: Path, timeout: float = PAGE_TIMEOUT
+) -> dict[str, str | None]:
+    """Run the page's runnable blocks in one interpreter; map each location to its error.
+
+    A block that did not run (an earlier one failed, or the page timed out) maps to a
+    message that says why.
+    """
+    write_named_files(page_blocks, directory)
+    todo = [b for b in page_blocks if runnable(b)]
+    blocks_json = directory / "_blocks.json"
+    results_jsonl = directory / "_results.jsonl"
+    blocks_json.write_text(
+        json.dumps(
+            [
+                {"location": b.location, "path": str(b.page), "line": b.line, "source": b.source}
+                for b in todo
+            ]
+        )
+    )
+    command = [sys.executable, str(RUNNER), str(blocks_json), str(results_jsonl)]
+    try:
+        finished = subprocess.run(
+            command, cwd=directory, capture_output=True, timeout=timeout, check=False
+        )
+        ending = f"the page's interpreter exited with {finished.returncode}"
+        output = finished.stdout + finished.stderr
+    except subprocess.TimeoutExpired as expired:
+        ending = f"the page did not finish within {timeout} s (a server in the foreground?)"
+        output = (expired.stdout or b"") + (expired.stderr or b"")
+    results: dict[str, str | None] = {}
+    if results_jsonl.exists():
+        for line in results_jsonl.read_text().splitlines():
+            result = json.loads(line)
+            results[result["location"]] = result["error"]
+    printed = output.decode(errors="replace")
+    failed = next((location for location, error in results.items() if error), None)
+    for block in todo:
+        if block.location in results:
+            continue
+        if failed is not None:
+            results[block.location] = f"not run: the block at {failed} failed first"
+        else:
+            results[block.location] = f"{ending} while running this block\n{printed}"
+            failed = block.location
+    return results
+
+
+@dataclass
+class PageRuns:
+    """Each page's results, run once, the first time one of its blocks is asked for."""
+
+    directories: pytest.TempPathFactory
+    results: dict[Path, dict[str, str | None]] = field(default_factory=dict)
+
+    def error(self, block: Block) -> str | None:
+        if block.page not in self.results:
+            directory = self.directories.mktemp(block.page.stem)
+            page_blocks = [b for b in ALL_BLOCKS if b.page == block.page]
+            self.results[block.page] = run_page(page_blocks, directory)
+        return self.results[block.page][block.location]
+
+
+def run_pytest_block(block: Block, directory: Path) -> subprocess.CompletedProcess[bytes]:
+    """Save ``block`` as a test module in ``directory`` and run pytest on it there."""
+    module = directory / f"test_{block.page.stem.replace('-', '_')}_{block.line}.py"
+    module.write_text(block.source)
+    # Warnings are errors, as in this repository; the loop-scope option only silences
+    # pytest-asyncio's notice that a project should choose one.
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"]
+    command += ["-o", "asyncio_default_fixture_loop_scope=function"]
+    return subprocess.run(
+        [*command, module.name],
+        cwd=directory,
+        capture_output=True,
+        timeout=PYTEST_TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def page_runs(tmp_path_factory: pytest.TempPathFactory) -> PageRuns:
+    return PageRuns(tmp_path_factory)
+
+
+def _param(block: Block) -> object:
+    if block.marker == "fragment":
+        return pytest.param(block, id=block.location, marks=pytest.mark.skip(reason="fragment"))
+    return pytest.param(block, id=block.location)
+
+
+@pytest.mark.parametrize("block", [_param(b) for b in PYTHON_BLOCKS])
+def test_the_python_block_runs(block: Block, page_runs: PageRuns) -> None:
+    """The block runs after the blocks above it on its page, in a fresh interpreter."""
+    error = page_runs.error(block)
+    if error is not None:
+        reason = PENDING.get(str(block.page.relative_to(ROOT)))
+        if reason is not None:
+            pytest.xfail(f"{block.location}: {reason}")
+        pytest.fail(f"{block.location} failed:\n{error}", pytrace=False)
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.location) for b in PYTEST_BLOCKS])
+def test_the_pytest_block_passes(block: Block, tmp_path: Path) -> None:
+    """The block, saved as a test module next to its page's named files, passes under pytest."""
+    write_named_files([b for b in ALL_BLOCKS if b.page == block.page], tmp_path)
+    finished = run_pytest_block(block, tmp_path)
+    assert finished.returncode == 0, (
+        f"{block.location} did not pass:\n{(finished.stdout + finished.stderr).decode()}"
+    )
+
+
+def test_every_marker_is_known_and_directly_above_a_fence() -> None:
+    """A misspelled or misplaced marker is an error, not a block silently run or skipped."""
+    unknown = [b.location for b in ALL_BLOCKS if b.marker is not None and b.marker not in KINDS]
+    stray = [location for page in PAGES for location in stray_markers(page)]
+    assert (unknown, stray) == ([], [])
+
+
+FIXTURE = [*blocks(Path(__file__).resolve().parent / "docs_fixture" / "page.md")]
+
+
+def test_a_pytest_block_imports_its_pages_files_and_must_pass(tmp_path: Path) -> None:
+    """A pytest block sees the files its page names, and a failing test in it is a failure."""
+    named, passing, failing = FIXTURE[:3]
+    assert (named.file_name, passing.marker, failing.marker) == ("greeting.py", "pytest", "pytest")
+    write_named_files(FIXTURE, tmp_path)
+    assert run_pytest_block(passing, tmp_path).returncode == 0
+    finished = run_pytest_block(failing, tmp_path)
+    assert finished.returncode == 1
+    assert b"1 failed" in finished.stdout
+
+
+def test_a_failing_block_names_its_line_and_the_blocks_after_it_do_not_run(tmp_path: Path) -> None:
+    """Blocks share their page's namespace; the traceback points into the page; fragments skip."""
+    results = run_page(FIXTURE, tmp_path)
+    named, _, _, fragment, shout, raising, after = FIXTURE
+    assert fragment.location not in results
+    assert (results[named.location], results[shout.location]) == (None, None)
+    error = results[raising.location]
+    assert error is not None
+    assert f'docs_fixture/page.md", line {raising.line}' in error
+    assert error.rstrip().endswith("RuntimeError: HELLO BOB")
+    assert results[after.location] == f"not run: the block at {raising.location} failed first"
+
+
+def test_a_block_that_never_ends_fails_instead_of_hanging(tmp_path: Path) -> None:
+    """A block that blocks forever (a server in the foreground) is reported, not waited for."""
+    hanging = Block(
+        FIXTURE[0].page, 1, "python", "import threading\nthreading.Event().wait()\n", None
+    )
+    results = run_page([hanging, FIXTURE[4]], tmp_path, timeout=2.0)
+    assert results[hanging.location].startswith("the page did not finish within 2.0 s")
+    assert results[FIXTURE[4].location] == f"not run: the block at {hanging.location} failed first"
