@@ -1,6 +1,6 @@
 """Find the code blocks of the README and the docs, and what their markers say to do with them.
 
-The convention, which docs/contributing.md states for writers:
+The convention, which CONTRIBUTING.md states for writers:
 
 - every ``python`` block of a page runs, in order, in one fresh interpreter per page and
   one namespace, so a block may use what an earlier block of its page defined (the
@@ -29,7 +29,7 @@ MARKER = re.compile(r"<!--\s*snippet:\s*(?P<kind>\S*)\s*-->")
 KINDS = ("fragment", "pytest")
 _FENCE = re.compile(r"(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)[^`]*$")
 _FILE_COMMENT = re.compile(r"#\s*(?P<path>[\w./-]+\.py)\s*$")
-PYTHON = ("python", "py", "python3")
+PYTHON_LANGUAGES = ("python", "py", "python3")
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
+from selenium.webdriver.remote.webdriver import WebDriver
 
-from snippets import KINDS, PAGES, PYTHON, ROOT, Block, blocks, stray_markers
+from browser import chromium
+from servers import PYTHON, free_port, running
+from snippets import KINDS, PAGES, PYTHON_LANGUAGES, ROOT, Block, blocks, stray_markers
 
 RUNNER = Path(__file__).resolve().parent / "run_snippets.py"
 # Ten times what the slowest page takes on a loaded 2-core machine (about 3 s: importing
@@ -41,12 +46,12 @@ PREMISES = {
 }
 
 ALL_BLOCKS = [block for page in PAGES for block in blocks(page)]
-PYTHON_BLOCKS = [b for b in ALL_BLOCKS if b.language in PYTHON and b.marker != "pytest"]
+PYTHON_BLOCKS = [b for b in ALL_BLOCKS if b.language in PYTHON_LANGUAGES and b.marker != "pytest"]
 PYTEST_BLOCKS = [b for b in ALL_BLOCKS if b.marker == "pytest"]
 
 
 def runnable(block: Block) -> bool:
-    return block.language in PYTHON and block.marker is None
+    return block.language in PYTHON_LANGUAGES and block.marker is None
 
 
 def write_named_files(page_blocks: list[Block], directory: Path) -> None:
@@ -215,3 +220,33 @@ def test_a_block_that_never_ends_fails_instead_of_hanging(tmp_path: Path) -> Non
     results = run_page([hanging, FIXTURE[4]], tmp_path, timeout=2.0)
     assert results[hanging.location].startswith("the page did not finish within 2.0 s")
     assert results[FIXTURE[4].location] == f"not run: the block at {hanging.location} failed first"
+
+
+@pytest.mark.slow
+def test_the_gap_snippet_reloads_the_state_and_goes_on() -> None:
+    """In Chromium, concepts.md's listener reloads the state after a gap, then shows new events.
+
+    The server restarts with another state: the page resumes with an id of the previous
+    run, gets ``ssecast.gap``, and can only show the new price by fetching ``/state``.
+    """
+    port = free_port()
+    argv = [PYTHON, "-m", "uvicorn", "apps.gap_app:app", "--port", str(port)]
+    argv += ["--timeout-graceful-shutdown", "1"]
+    with chromium() as browser:
+        with running(argv, port=port, env={"GAP_TEST_PRICE": "1.5"}) as first:
+            browser.get(f"{first.url}/")
+            wait_for_text(browser, "TSLA 1.5")  # the state when the page opened
+            httpx.post(f"{first.url}/publish", params={"price": "2.5"}).raise_for_status()
+            wait_for_text(browser, "TSLA 2.5")  # an event, whose id the page keeps
+        with running(argv, port=port, env={"GAP_TEST_PRICE": "7.5"}) as second:
+            wait_for_text(browser, "TSLA 7.5")  # reconnected, got the gap, reloaded
+            httpx.post(f"{second.url}/publish", params={"price": "8.5"}).raise_for_status()
+            wait_for_text(browser, "TSLA 8.5")  # and goes on with the stream
+
+
+def wait_for_text(browser: WebDriver, text: str, timeout: float = 30.0) -> None:
+    """Wait until ``#prices`` reads ``text``; the bound is ten times a loaded machine's need."""
+    deadline = time.monotonic() + timeout
+    while (shown := browser.find_element("id", "prices").text) != text:
+        assert time.monotonic() < deadline, f"the page shows {shown!r}, not {text!r}"
+        time.sleep(0.05)
