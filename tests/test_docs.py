@@ -178,6 +178,35 @@ def test_the_pytest_block_passes(block: Block, tmp_path: Path) -> None:
     )
 
 
+def page_source(page_blocks: list[Block]) -> str:
+    """The page's runnable blocks as one module, each at its own line numbers."""
+    lines: list[str] = []
+    for block in page_blocks:
+        lines += [""] * (block.line - 1 - len(lines))
+        lines += block.source.rstrip("\n").split("\n")
+    return "\n".join(lines) + "\n"
+
+
+PAGES_WITH_CODE = [page for page in PAGES if any(runnable(b) for b in blocks(page))]
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda page: str(page.relative_to(ROOT)))
+def test_the_page_uses_no_name_it_does_not_define(page: Path) -> None:
+    """Names used only inside functions, which running the page does not reach, are defined."""
+    source = page_source([b for b in blocks(page) if runnable(b)])
+    name = f"{page.relative_to(ROOT)}.py"
+    ruff = [sys.executable, "-m", "ruff", "check", "--isolated", "--select", "F821"]
+    checked = subprocess.run(
+        [*ruff, "--output-format", "concise", "--stdin-filename", name, "-"],
+        input=source.encode(),
+        capture_output=True,
+        check=False,
+    )
+    if checked.returncode != 0 and str(page.relative_to(ROOT)) in PENDING:
+        pytest.xfail(PENDING[str(page.relative_to(ROOT))])
+    assert checked.returncode == 0, checked.stdout.decode()
+
+
 def test_every_marker_is_known_and_directly_above_a_fence() -> None:
     """A misspelled or misplaced marker is an error, not a block silently run or skipped."""
     unknown = [b.location for b in ALL_BLOCKS if b.marker is not None and b.marker not in KINDS]
