@@ -11,6 +11,8 @@ after its location, and fails with the traceback its page printed.
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ import pytest
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from browser import chromium
+from curl import curl
 from servers import PYTHON, free_port, running
 from snippets import KINDS, PAGES, PYTHON_LANGUAGES, ROOT, Block, blocks, stray_markers
 
@@ -205,6 +208,53 @@ def test_the_page_uses_no_name_it_does_not_define(page: Path) -> None:
     if checked.returncode != 0 and str(page.relative_to(ROOT)) in PENDING:
         pytest.xfail(PENDING[str(page.relative_to(ROOT))])
     assert checked.returncode == 0, checked.stdout.decode()
+
+
+# Pages whose blocks build one ASGI app, with the path of its stream and, where the page
+# has one, its route that publishes a price of 200.5.
+SERVED = {
+    "docs/frameworks/starlette.md": ("/events", None),
+    "docs/frameworks/fastapi.md": ("/events/", "/prices/TSLA?price=200.5"),
+    "docs/frameworks/litestar.md": ("/events", None),
+    "docs/frameworks/quart.md": ("/events", "/prices/TSLA/200.5"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SERVED)
+def test_the_pages_app_serves_its_stream_and_stops_on_sigterm(name: str, tmp_path: Path) -> None:
+    """The page's blocks, saved as app.py and run with the page's uvicorn line, stream events.
+
+    SIGTERM ends the open stream cleanly at once (``close_on_signal``): curl sees the end
+    of the response, not a connection cut by the server's graceful timeout.
+    """
+    page = ROOT / name
+    path, publish = SERVED[name]
+    page_blocks = [b for b in blocks(page) if runnable(b)]
+    write_named_files(page_blocks, tmp_path)
+    (tmp_path / "app.py").write_text(page_source(page_blocks))
+    [command] = set(re.findall(r"uvicorn app:app[^`\n]*", page.read_text()))
+    port = free_port()
+    argv = [PYTHON, "-m", *shlex.split(command), "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with running(argv, port=port, cwd=tmp_path) as server:
+        with curl(
+            ["curl", "-N", "--silent", "--show-error", "--max-time", "60", url + path]
+        ) as stream:
+            stream.until()
+            if publish is not None:
+                httpx.post(url + publish).raise_for_status()
+                [event] = stream.until(1).events
+                assert (event.type, json.loads(event.data)) == (
+                    "price_update",
+                    {"ticker": "TSLA", "price": 200.5},
+                )
+            server.stop()
+            assert stream.end() == 0, stream.output
+        # uvicorn's line when its graceful timeout had to cut open responses:
+        assert "timeout graceful shutdown exceeded" not in server.log(), server.log()
+        assert stream.output.startswith(b":")
+        assert stream.output.endswith(b"\n\n")
 
 
 def test_every_marker_is_known_and_directly_above_a_fence() -> None:
