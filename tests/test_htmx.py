@@ -101,7 +101,11 @@ class Site:
 
     def connections(self) -> list[dict[str, Any]]:
         """What each ``/events`` request sent as ``Last-Event-ID``, and the ids it got."""
-        return list(self.client.get("/test/log").json())
+        return list(self.client.get("/test/log").json()["connections"])
+
+    def reloads(self) -> int:
+        """How often a page asked for the price row (``GET /price``)."""
+        return int(self.client.get("/test/log").json()["reloads"])
 
     def publish(self, kind: str, **params: str) -> None:
         """Publish through the doc's own route (``/price`` or ``/alert``)."""
@@ -199,7 +203,45 @@ def test_the_page_swaps_each_event_type_into_its_target_and_resumes_after_the_st
     assert first["last_event_id"] is None
     assert second["last_event_id"] == last_seen
     assert len(second["ids"]) == 2  # the missed alert from the history, then the price
+    assert second["types"] == ["alert", "price"]
+    assert site.reloads() == 0
     assert browser.execute_script("return window.pageErrors") == []
+
+
+def test_after_a_gap_the_page_reloads_the_price_row_and_carries_on(
+    section: str, site: Site, browser: webdriver.Chrome
+) -> None:
+    """Away while more events came than the history keeps, the page reloads its row.
+
+    Its reconnection's ``Last-Event-ID`` is no longer in the history, so the stream begins
+    with ``ssecast.gap``, and the page's gap handler fetches the current row.
+    """
+    browser.get(f"{site.server.url}/")
+    wait_for(lambda: len(site.connections()) == 1, "the page opens its stream")
+    site.publish("price", ticker="TSLA", price="201.5")
+    site.publish("alert", text="first")
+    wait_for(lambda: text_of(browser, "#alerts li") == ["first"], "the first alert")
+    last_seen = site.connections()[0]["ids"][-1]
+
+    assert site.client.post("/test/cut").json() == {"ended": 1}
+    latest = site.client.post("/test/flood").json()
+    site.client.post("/test/release")
+
+    cells = [latest["ticker"], latest["price"]]
+    wait_for(lambda: text_of(browser, "#price td") == cells, "the reloaded price row")
+    site.publish("alert", text="live again")
+    wait_for(lambda: len(text_of(browser, "#alerts li")) == 2, "a live alert")
+    assert text_of(browser, "#alerts li") == ["first", "live again"]
+    _, second = site.connections()
+    assert second["last_event_id"] == last_seen
+    assert second["types"] == ["ssecast.gap", "alert"]
+    assert site.reloads() == 1
+    assert browser.execute_script("return window.pageErrors") == []
+
+
+def test_both_sections_give_the_same_server() -> None:
+    """The htmx 4 section says its app.py is the htmx 2 one again: it is, to the character."""
+    assert doc_section(HTMX_2)["python"] == doc_section(HTMX_4)["python"]
 
 
 def scripts(section: str) -> list[str]:

@@ -6,10 +6,13 @@ the doc, with the page beside it in the working directory). In front of it:
 - ``/npm/NAME@VERSION/PATH`` serves a file of the npm package installed in tests/js, in
   place of the CDN the page names; 404 unless exactly that version is installed.
 - ``/events`` goes to the doc's app, recording what each connection sent as
-  ``Last-Event-ID`` and the ids it was sent.
+  ``Last-Event-ID``, and the ids and event types it was sent.
 - ``POST /test/cut`` ends every open stream from the server side (the doc's stream sees
   its client leave, and ends its response) and holds new ones until ``POST /test/release``.
-- ``GET /test/log`` answers the connections so far; ``GET /test/pages/NAME`` a page the
+- ``POST /test/flood`` publishes more prices than the doc's broadcaster keeps in its
+  history (with the doc's ``publish_price``), so that a page away meanwhile gets a gap.
+- ``GET /test/log`` answers the connections so far and how often a page reloaded the
+  price row; ``GET /test/pages/NAME`` a page the
   test wrote into the working directory.
 """
 
@@ -31,6 +34,7 @@ DISCONNECT = {"type": "http.disconnect"}
 doc = importlib.import_module(os.environ["HTMX_DOC_MODULE"])
 
 connections: list[dict[str, Any]] = []
+reloads: list[str] = []
 # Of each open stream: the event that ends it, and the event it sets once it has ended.
 open_streams: dict[asyncio.Event, asyncio.Event] = {}
 gate = asyncio.Event()
@@ -53,8 +57,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     elif path == "/test/release" and method == "POST":
         gate.set()
         response = Response(status_code=204)
+    elif path == "/test/flood" and method == "POST":
+        response = JSONResponse(flood())
     elif path == "/test/log":
-        response = JSONResponse(connections)
+        response = JSONResponse({"connections": connections, "reloads": len(reloads)})
     elif path.startswith("/test/pages/"):
         name = path.removeprefix("/test/pages/")
         if re.fullmatch(r"[\w-]+\.html", name):
@@ -62,6 +68,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         else:
             response = PlainTextResponse("no such page", status_code=404)
     else:
+        if path == "/price" and method == "GET":
+            reloads.append(path)
         await doc.app(scope, receive, send)
         return
     await response(scope, receive, send)
@@ -91,6 +99,7 @@ async def stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     record: dict[str, Any] = {
         "last_event_id": None if last_event_id is None else last_event_id.decode(),
         "ids": [],
+        "types": [],
         "ended": False,
     }
     connections.append(record)
@@ -113,6 +122,8 @@ async def stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
         for line in message.get("body", b"").split(b"\n"):
             if line.startswith(b"id: "):
                 record["ids"].append(line.removeprefix(b"id: ").decode())
+            elif line.startswith(b"event: "):
+                record["types"].append(line.removeprefix(b"event: ").decode())
         await send(message)
 
     try:
@@ -133,3 +144,11 @@ async def cut() -> dict[str, int]:
         for _, ended in streams:
             await ended.wait()
     return {"ended": len(streams)}
+
+
+def flood() -> dict[str, str]:
+    """Publish prices until the history holds none of the events published before."""
+    count = 2 * 1024  # twice the default history, which the doc's broadcaster keeps
+    for number in range(1, count + 1):
+        doc.publish_price(f"T{number}", number)
+    return {"ticker": f"T{count}", "price": f"{count:.2f}"}
