@@ -114,7 +114,7 @@ async def stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await asyncio.wait({message, cutting}, return_when=asyncio.FIRST_COMPLETED)
         cutting.cancel()
         if message.done():
-            return message.result()  # type: ignore[no-any-return]
+            return message.result()
         message.cancel()
         return DISCONNECT
 
