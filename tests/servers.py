@@ -83,7 +83,8 @@ def running(
 
     Start Python tools as ``[PYTHON, "-m", "uvicorn", ...]`` so they run in this venv.
     The command runs with this interpreter's environment plus ``env``, from ``cwd`` (the
-    tests folder unless told, so test apps import as top-level modules).
+    tests folder unless given); the tests folder is on ``PYTHONPATH`` either way, so test
+    apps import as top-level modules.
     """
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     merged = {**os.environ, "PYTHONPATH": path, **(env or {})}

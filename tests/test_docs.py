@@ -34,11 +34,6 @@ RUNNER = Path(__file__).resolve().parent / "run_snippets.py"
 # reaches it.
 PAGE_TIMEOUT = 60.0
 PYTEST_TIMEOUT = 120.0
-# Pages that other work is rewriting: a failing block there is reported as xfail, not
-# failed, until it is fixed (remove the entry then; a block that runs passes either way).
-PENDING = {
-    "docs/frameworks/htmx.md": "htmx.md is being rewritten for htmx 2 and 4 (issue 12)",
-}
 
 # Files a page says the reader already has, saved in its directory before its blocks run.
 PREMISES = {
@@ -165,9 +160,6 @@ def test_the_python_block_runs(block: Block, page_runs: PageRuns) -> None:
     """The block runs after the blocks above it on its page, in a fresh interpreter."""
     error = page_runs.error(block)
     if error is not None:
-        reason = PENDING.get(str(block.page.relative_to(ROOT)))
-        if reason is not None:
-            pytest.xfail(f"{block.location}: {reason}")
         pytest.fail(f"{block.location} failed:\n{error}", pytrace=False)
 
 
@@ -205,8 +197,6 @@ def test_the_page_uses_no_name_it_does_not_define(page: Path) -> None:
         capture_output=True,
         check=False,
     )
-    if checked.returncode != 0 and str(page.relative_to(ROOT)) in PENDING:
-        pytest.xfail(PENDING[str(page.relative_to(ROOT))])
     assert checked.returncode == 0, checked.stdout.decode()
 
 
