@@ -47,10 +47,10 @@ RESUME_QUERY_PARAMETER = "lastEventId"
 
 
 def resume_id(header: str | None, query_string: str) -> str | None:
-    """Return the id to resume after: the ``Last-Event-ID`` header, else the query parameter.
+    """Return the id to resume after: the `Last-Event-ID` header, else the query parameter.
 
-    :param header: the ``Last-Event-ID`` header's value, if any.
-    :param query_string: the raw query string, without the ``?``.
+    :param header: the `Last-Event-ID` header's value, if any.
+    :param query_string: the raw query string, without the `?`.
     """
     if header:
         return header
@@ -61,7 +61,7 @@ def resume_id(header: str | None, query_string: str) -> str | None:
 
 
 def unavailable_reason(error: SsecastError) -> str:
-    """Return what a 503 tells the client about ``error``: never the backend's address."""
+    """Return what a 503 tells the client about `error`: never the backend's address."""
     if isinstance(error, BackendUnavailableError):
         return "the event backend is unavailable; retry later"
     if isinstance(error, BroadcasterClosedError):

@@ -27,7 +27,7 @@ DISCONNECT_KEY = "ssecast.on_disconnect"
 class WSGIStream:
     """A WSGI response body: the opening comment, then the subscription's chunks.
 
-    A class rather than a generator because the server calls ``close()`` even on a
+    A class rather than a generator because the server calls `close()` even on a
     body it never iterated (a HEAD request, an error after the view), and the
     subscription must end then too; a generator never started runs no cleanup.
     """
@@ -61,12 +61,12 @@ class WSGIStream:
 
 
 def close_on_sigterm(broadcaster: Broadcaster) -> None:
-    """Close ``broadcaster`` on SIGTERM, then let the server's own handler stop the server.
+    """Close `broadcaster` on SIGTERM, then let the server's own handler stop the server.
 
     A WSGI server waits for open responses before it exits, and an event stream never
     ends by itself; closing the broadcaster ends them all, cleanly. Call it once the
     server has installed its handler, in each worker: for gunicorn, from the
-    ``post_worker_init`` hook of its config file. Nothing is installed at import time.
+    `post_worker_init` hook of its config file. Nothing is installed at import time.
 
     :param broadcaster: the broadcaster whose streams must end.
     :raises RuntimeError: SIGTERM has no Python handler to hand the signal on to.
