@@ -1,25 +1,22 @@
 """``ssecast.testing``: the WHATWG parser, and stream/astream against every adapter.
 
-The adapters are the suite's own test apps (``tests/apps``), called in this process:
-bare ``EventStream``, Starlette, FastAPI and Litestar (ASGI), Flask and Django under WSGI,
-and Django's ASGI handler. Waits are bounded only to catch a hang: ``HANG`` is over ten
-times the slowest wait seen with both cores busy.
+The adapters are the suite's own test apps (``tests/apps``), called in this process: bare
+``EventStream``, Starlette, FastAPI, Litestar and Quart (ASGI), Flask and Django under
+WSGI, and Django's ASGI handler. The Testing page's examples run in ``test_docs.py``.
+Waits are bounded only to catch a hang: ``HANG`` is over ten times the slowest wait seen
+with both cores busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
-import re
-import subprocess
-import sys
 import threading
 import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,7 +35,6 @@ SHORT = 0.2
 """A timeout a test waits out on purpose: no event, or no response start, is expected."""
 GRACE = 1.0
 """A stream timeout a misbehaving app must outlast: ten times what an in-process start takes."""
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "testing.md"
 
 M = "message"
 
@@ -714,46 +710,3 @@ async def test_astream_over_wsgi_reports_its_errors() -> None:
         async with astream(_wsgi_nothing, timeout=HANG):
             pass  # pragma: no cover - not reached
     assert _new_threads(threads) == []
-
-
-# The Testing page: every block marked as a pytest module runs, and passes.
-
-SNIPPET_CONFIG = """\
-[pytest]
-asyncio_mode = auto
-asyncio_default_fixture_loop_scope = function
-filterwarnings = error
-"""
-_SNIPPET = re.compile(r"<!-- snippet: pytest -->\n```python\n(.*?)```", re.DOTALL)
-
-
-def _snippets() -> list[str]:
-    return _SNIPPET.findall(DOCS.read_text(encoding="utf-8"))
-
-
-def test_the_testing_page_has_its_examples() -> None:
-    """The page holds the promised examples, each marked to run."""
-    assert len(_snippets()) >= 6
-
-
-def test_every_testing_page_example_passes(tmp_path: Path) -> None:
-    """Each ``<!-- snippet: pytest -->`` block of docs/testing.md passes under pytest.
-
-    All of them run in one pytest process (its start costs seconds), each as a module.
-    """
-    snippets = _snippets()
-    for number, snippet in enumerate(snippets):
-        (tmp_path / f"test_snippet_{number}.py").write_text(snippet, encoding="utf-8")
-    (tmp_path / "pytest.ini").write_text(SNIPPET_CONFIG, encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    passed = {
-        line.split("::")[0] for line in result.stdout.splitlines() if line.startswith("PASSED")
-    }
-    assert passed == {f"PASSED test_snippet_{n}.py" for n in range(len(snippets))}
