@@ -15,7 +15,9 @@ from ssecast._test_client import App, ASGIExchange, Exchange, WSGIExchange, is_a
 
 __all__ = ["AsyncTestStream", "TestStream", "astream", "stream"]
 
-# How many times the stream's timeout closing may take: an ASGI application gets one
+# The threads are daemons only so that an application stuck past every bound (a WSGI
+# response that never yields again) cannot keep the test run from exiting; close()
+# reports it. How many times the stream's timeout closing may take: an ASGI application gets one
 # timeout to end after the disconnect and one more once cancelled, and its lifespan's
 # shutdown as much again.
 _CLOSING_TIMEOUTS = 5
@@ -253,7 +255,7 @@ def stream(
     :raises Exception: what the application raised before it started a response.
     """
     exchange = _exchange(app, path, headers, last_event_id, timeout, lifespan, None)
-    runner = threading.Thread(target=exchange.serve, name="ssecast-testing")
+    runner = threading.Thread(target=exchange.serve, name="ssecast-testing", daemon=True)
     runner.start()
     opened = TestStream(exchange, runner)
     try:
@@ -304,7 +306,7 @@ async def astream(
     if isinstance(exchange, ASGIExchange):
         runner = loop.create_task(exchange.run())
     else:
-        runner = threading.Thread(target=exchange.serve, name="ssecast-testing")
+        runner = threading.Thread(target=exchange.serve, name="ssecast-testing", daemon=True)
         runner.start()
     opened = AsyncTestStream(exchange, runner)
     try:
