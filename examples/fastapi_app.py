@@ -1,8 +1,9 @@
 r"""A chat room per URL: FastAPI, ssecast's ASGI adapter and ``EventSource``.
 
-Run it from the repository root (``pip install 'ssecast[asgi]' fastapi uvicorn``)::
+Run it from the root of a clone of the repository::
 
-    uvicorn --app-dir examples fastapi_app:app --timeout-graceful-shutdown 1
+    python3 -m venv .venv && .venv/bin/pip install -e '.[asgi]' fastapi uvicorn
+    .venv/bin/uvicorn --app-dir examples fastapi_app:app --timeout-graceful-shutdown 1
 
 then open http://127.0.0.1:8000/rooms/lobby in two windows, or watch a room's stream
 and post to it from a shell::

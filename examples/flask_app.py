@@ -1,16 +1,18 @@
 """Live stock prices in the browser: Flask, ssecast's Flask adapter and ``EventSource``.
 
-Run it from the repository root (``pip install 'ssecast[flask]'``) with Flask's threaded
-development server::
+Run it from the root of a clone of the repository, with Flask's threaded development
+server::
 
-    flask --app examples/flask_app.py run
+    python3 -m venv .venv && .venv/bin/pip install -e '.[flask]'
+    .venv/bin/flask --app examples/flask_app.py run
 
-or with gunicorn (``pip install gunicorn``). Every open stream holds a thread, so the
-settings in ``flask_gunicorn.conf.py`` use the gthread worker with many threads, and close
-the broadcaster on SIGTERM so that gunicorn stops at once rather than waiting for streams
-that never end::
+or with gunicorn. Every open stream holds a thread, so the settings in
+``flask_gunicorn.conf.py`` use the gthread worker with many threads, and close the
+broadcaster on SIGTERM so that gunicorn stops at once rather than waiting for streams that
+never end::
 
-    gunicorn --chdir examples -c examples/flask_gunicorn.conf.py flask_app:app
+    .venv/bin/pip install gunicorn
+    .venv/bin/gunicorn --chdir examples -c examples/flask_gunicorn.conf.py flask_app:app
 
 then open http://127.0.0.1:5000/ (gunicorn: http://127.0.0.1:8000/) or watch the raw
 stream::

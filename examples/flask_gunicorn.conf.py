@@ -1,8 +1,8 @@
 """gunicorn settings for flask_app.py, the Flask example.
 
-Run from the repository root::
+Run from the root of a clone of the repository (see flask_app.py for the install line)::
 
-    gunicorn --chdir examples -c examples/flask_gunicorn.conf.py flask_app:app
+    .venv/bin/gunicorn --chdir examples -c examples/flask_gunicorn.conf.py flask_app:app
 
 Each open event stream holds one thread until the client leaves, so the gthread worker
 with more threads than the listeners you expect (the default sync worker has one thread

@@ -1,8 +1,10 @@
 """Live stock prices in the browser: Starlette, ssecast's ASGI adapter and ``EventSource``.
 
-Run it from the repository root (``pip install 'ssecast[asgi]' starlette uvicorn``)::
+Run it from the root of a clone of the repository (the ``demo`` extra is uvicorn and
+Starlette)::
 
-    uvicorn --app-dir examples starlette_app:app --timeout-graceful-shutdown 1
+    python3 -m venv .venv && .venv/bin/pip install -e '.[demo]'
+    .venv/bin/uvicorn --app-dir examples starlette_app:app --timeout-graceful-shutdown 1
 
 then open http://127.0.0.1:8000/ or watch the raw stream::
 

@@ -1,7 +1,11 @@
 """Publish a few stock prices from a thread and print the SSE stream two clients receive.
 
-Run: ``python examples/ticker_stream.py`` (no extra needed). It prints the bytes a
-browser would receive, then the broadcaster's counters, and exits.
+Run it from the root of a clone of the repository (no extra needed)::
+
+    python3 -m venv .venv && .venv/bin/pip install -e .
+    .venv/bin/python examples/ticker_stream.py
+
+It prints the bytes a browser would receive, then the broadcaster's counters, and exits.
 """
 
 from __future__ import annotations

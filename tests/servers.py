@@ -72,13 +72,19 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) 
 
 @contextmanager
 def running(
-    argv: Sequence[str], *, port: int, env: dict[str, str] | None = None, timeout: float = 30.0
+    argv: Sequence[str],
+    *,
+    port: int,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    cwd: Path = TESTS,
 ) -> Iterator[Server]:
     """Run ``argv`` (which must listen on ``port``) until the block ends, then stop it.
 
     Start Python tools as ``[PYTHON, "-m", "uvicorn", ...]`` so they run in this venv.
-    The command runs with this interpreter's environment plus ``env``, from the tests
-    folder, so test apps import as top-level modules.
+    The command runs with this interpreter's environment plus ``env``, from ``cwd`` (the
+    tests folder unless given); the tests folder is on ``PYTHONPATH`` either way, so test
+    apps import as top-level modules.
     """
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     merged = {**os.environ, "PYTHONPATH": path, **(env or {})}
@@ -87,7 +93,7 @@ def running(
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             list(argv),
-            cwd=TESTS,
+            cwd=cwd,
             env=merged,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from hypothesis import strategies as st
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 __all__ = [
     "bad_field_values",
     "channels",
+    "event_stream_chunks",
     "event_types",
     "json_values",
     "raw_texts",
@@ -65,3 +67,24 @@ bad_field_values: st.SearchStrategy[str] = st.builds(
     _field_text(min_size=0),
 )
 """A field value holding CR, LF, NUL (each could inject SSE fields) or a lone surrogate."""
+
+
+# Pieces of an event stream, chosen to put every kind of line end, BOMs, multi-byte and
+# invalid UTF-8 next to each other, so that cuts fall inside them.
+_stream_pieces = st.sampled_from(
+    [
+        b"data: a", b"data:", b"data", b"id: 1", b"id", b"id: \x00", b"event: t", b"event:",
+        b"retry: 10", b"retry: x", b": note", b"other: x", b"\xef\xbb\xbf", b"\xc3\xa9",
+        b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"\xe2\x80\xa8", b"\xc2\x85", b"\xff", b"\xc3",
+        b" ", b":", b"\r", b"\n", b"\r\n", b"\n\n", b"\r\n\r\n", b"\r\r",
+    ]
+)  # fmt: skip
+
+
+@st.composite
+def event_stream_chunks(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """A byte stream, and the same bytes cut into chunks at arbitrary places."""
+    whole = b"".join(draw(st.lists(_stream_pieces, max_size=40)))
+    cuts = sorted(draw(st.sets(st.integers(0, len(whole)), max_size=len(whole) + 1)))
+    bounds = [0, *cuts, len(whole)]
+    return whole, [whole[start:end] for start, end in itertools.pairwise(bounds)]

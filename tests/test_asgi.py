@@ -25,7 +25,13 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from servers import PYTHON, Server, free_port, running
 from sse_client import aevents
-from ssecast import Broadcaster, BroadcasterClosedError, ConfigurationError, InvalidFieldError
+from ssecast import (
+    Broadcaster,
+    BroadcasterClosedError,
+    ConfigurationError,
+    InvalidFieldError,
+    testing,
+)
 from ssecast.asgi import EventStream, close_on_signal
 
 pytestmark = pytest.mark.slow
@@ -684,3 +690,12 @@ async def test_websocket_is_closed_and_other_scopes_are_refused() -> None:
         with pytest.raises(ValueError, match="serves HTTP"):
             await stream({"type": "mqtt"}, never, never)
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": "use GET"}]
+
+
+def test_a_closed_broadcaster_is_a_503_that_says_so() -> None:
+    """After ``close()`` (a lifespan's end, say) a request is refused with a body naming why."""
+    broadcaster = Broadcaster()
+    broadcaster.close()
+    with testing.stream(EventStream(broadcaster)) as refused:
+        assert refused.status == 503
+        assert refused.read().decode().startswith("the broadcaster is closed")

@@ -263,3 +263,15 @@ def test_head_answers_the_headers_and_subscribes_nothing(
     assert response.status_code == 200
     assert response["Content-Type"] == "text/event-stream; charset=utf-8"
     assert broadcaster.stats().subscribers == 0
+
+
+def test_a_closed_broadcaster_is_a_503_that_says_so(
+    factories: tuple[RequestFactory, AsyncRequestFactory],
+) -> None:
+    """After ``close()`` a request is answered 503 with ``Retry-After`` and a body naming why."""
+    broadcaster = Broadcaster()
+    broadcaster.close()
+    refused = stream(factories[0].get("/events"), broadcaster)
+    assert refused.status_code == 503
+    assert refused["Retry-After"]
+    assert refused.content.decode().startswith("the broadcaster is closed")

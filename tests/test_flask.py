@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import flask
 import pytest
 
-from ssecast import Broadcaster
+from ssecast import Broadcaster, testing
 from ssecast._http import OPENING
 from ssecast.flask import stream
 
@@ -191,3 +191,15 @@ def test_head_answers_the_headers_and_subscribes_nothing(broadcaster: Broadcaste
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     assert broadcaster.stats().subscribers == 0
+
+
+def test_a_closed_broadcaster_is_a_503_that_says_so() -> None:
+    """After ``close()`` a request is refused with 503, ``Retry-After`` and a body naming why."""
+    broadcaster = Broadcaster()
+    broadcaster.close()
+    app = flask.Flask(__name__)
+    app.add_url_rule("/events", view_func=lambda: stream(broadcaster))
+    with testing.stream(app, "/events") as refused:
+        assert refused.status == 503
+        assert "retry-after" in refused.headers
+        assert "the broadcaster is closed" in refused.read().decode()

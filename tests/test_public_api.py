@@ -71,6 +71,16 @@ FRAMEWORKS = (
     "werkzeug",
 )
 
+TESTING_EXPORTED = [
+    "AsyncTestStream",
+    "ReceivedEvent",
+    "TestStream",
+    "astream",
+    "parse",
+    "stream",
+]
+"""``ssecast.testing``'s names; issue 12 fixes ReceivedEvent, TestStream, parse, stream, astream."""
+
 
 def test_all_is_exactly_the_public_names() -> None:
     """``ssecast.__all__`` is pinned, so adding or dropping a public name is a decision."""
@@ -172,3 +182,39 @@ def test_version_is_a_string() -> None:
     """``ssecast.__version__`` is a PEP 440 version string."""
     assert isinstance(ssecast.__version__, str)
     assert ssecast.__version__.split(".")[0].isdigit()
+
+
+def test_testing_all_is_exactly_its_public_names() -> None:
+    """``ssecast.testing.__all__`` is pinned and sorted, and every name is documented."""
+    import ssecast.testing as testing
+
+    assert testing.__all__ == sorted(TESTING_EXPORTED, key=lambda name: (name.islower(), name))
+    missing = []
+    for name in testing.__all__:
+        obj = getattr(testing, name)
+        if not inspect.getdoc(obj):
+            missing.append(name)
+        members = vars(obj).items() if inspect.isclass(obj) else ()
+        for member_name, member in members:
+            function = member.fget if isinstance(member, property) else member
+            public = not member_name.startswith("_") and callable(function)
+            if public and not inspect.getdoc(function):
+                missing.append(f"{name}.{member_name}")
+    assert missing == []
+
+
+def test_importing_ssecast_testing_loads_no_framework() -> None:
+    """``import ssecast.testing`` pulls in no framework nor adapter: it tests any of them."""
+    frameworks = (*FRAMEWORKS, "litestar", "quart")
+    script = (
+        "import sys, ssecast.testing\n"
+        f"frameworks = {frameworks!r}\n"
+        "loaded = sorted(name for name in sys.modules\n"
+        "    if name.split('.')[0] in frameworks or name.startswith('ssecast.')\n"
+        "    and name.split('.')[1] in ('asgi', 'flask', 'django', 'redis'))\n"
+        "print(','.join(loaded))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == ""

@@ -66,8 +66,13 @@ def serve(**settings: str) -> Iterator[Server]:
 
 @contextlib.asynccontextmanager
 async def control(server: Server) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client for the app's control routes."""
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+    """An HTTP client for the app's control routes, on a new connection per request.
+
+    A connection kept alive may be closed by uvicorn (after 5 s idle) as the next request
+    goes out on it, when a loaded machine holds that request back long enough.
+    """
+    no_keep_alive = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=server.url, timeout=10, limits=no_keep_alive) as http:
         yield http
 
 

@@ -1,8 +1,8 @@
-"""ssecast with ``PostgresBackend``: worker processes serve the streams, another publishes.
+"""ssecast with `PostgresBackend`: worker processes serve the streams, another publishes.
 
 Every process of one deployment shares one table, named after the prefix the benchmark
-puts in ``HTTP_FANOUT_REDIS_PREFIX`` (a fresh one per deployment); the publisher drops it
-when it stops. ``HTTP_FANOUT_POSTGRES_DSN`` picks the database (``test`` on 127.0.0.1).
+puts in `HTTP_FANOUT_REDIS_PREFIX` (a fresh one per deployment); the publisher drops it
+when it stops. `HTTP_FANOUT_POSTGRES_DSN` picks the database (`test` on 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _broadcaster() -> Broadcaster:
 
 
 def worker(port: int) -> None:
-    """Serve ``/events`` from the shared table; this process never publishes."""
+    """Serve `/events` from the shared table; this process never publishes."""
     broadcaster = _broadcaster()
 
     def refuse(payload: Payload) -> None:
@@ -54,9 +54,9 @@ def worker(port: int) -> None:
 
 
 def publisher(port: int) -> None:
-    """Publish to the shared table on ``POST /start``, and serve no stream.
+    """Publish to the shared table on `POST /start`, and serve no stream.
 
-    A task publishes with ``apublish``; a thread (``thread=1``) with ``publish``.
+    A task publishes with `apublish`; a thread (`thread=1`) with `publish`.
     """
     broadcaster = _broadcaster()
 

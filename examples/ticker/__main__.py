@@ -1,4 +1,13 @@
-"""Run the live ticker demo: ``python examples/ticker`` then open http://127.0.0.1:8000.
+"""Run the live ticker demo.
+
+From the root of a clone of the repository, then open http://127.0.0.1:8000::
+
+    python3 -m venv .venv && .venv/bin/pip install -e '.[demo]'
+    .venv/bin/python examples/ticker
+
+or watch its raw stream::
+
+    curl -N http://127.0.0.1:8000/events
 
 Flags:
 
@@ -7,7 +16,7 @@ Flags:
 - ``--rate 5``: price moves per second.
 - ``--host``, ``--port``: where to listen (127.0.0.1:8000).
 
-Needs the ``demo`` extra (``pip install -e '.[demo]'``), plus ``redis`` for ``--redis``.
+Needs the ``demo`` extra, plus ``redis`` for ``--redis`` (``pip install -e '.[demo,redis]'``).
 """
 
 from __future__ import annotations

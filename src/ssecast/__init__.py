@@ -1,7 +1,7 @@
 """ssecast: broadcast Server-Sent Events from one publisher to many HTTP clients.
 
-Framework adapters live in their own modules (``ssecast.asgi``, ``ssecast.flask``,
-``ssecast.django``, ``ssecast.redis``) and are never imported from here.
+Framework adapters live in their own modules (`ssecast.asgi`, `ssecast.flask`,
+`ssecast.django`, `ssecast.redis`) and are never imported from here.
 """
 
 from ssecast._backend import Ahead, Backend, Deliver, MemoryBackend, ReportGap

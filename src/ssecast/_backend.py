@@ -22,24 +22,24 @@ Deliver = Callable[[Event], None]
 """What a backend calls with each event, in id order, one call at a time.
 
 It runs only ssecast's own code and never blocks, so a backend may hold a lock of its own
-across it. It raises :class:`~ssecast.BroadcasterClosedError` once the broadcaster is
-closed: a backend then stops delivering (and a ``publish`` that delivers in place lets it
-through).
+across it. It raises [`BroadcasterClosedError`][ssecast.BroadcasterClosedError] once the
+broadcaster is closed: a backend then stops delivering (and a `publish` that delivers in
+place lets it through).
 """
 
 ReportGap = Callable[[], None]
 """What a backend calls when events may have been lost before the next one it delivers.
 
 For example, its reader fell so far behind that the events it had yet to read were
-trimmed, or the store was reset. Every subscriber then gets an ``ssecast.gap`` event,
-and no client resumes across the hole from the broadcaster's ring of recent events.
-It raises :class:`~ssecast.BroadcasterClosedError` once the broadcaster is closed.
+trimmed, or the store was reset. Every subscriber then gets an `ssecast.gap` event, and no
+client resumes across the hole from the broadcaster's ring of recent events. It raises
+[`BroadcasterClosedError`][ssecast.BroadcasterClosedError] once the broadcaster is closed.
 """
 
 
 @dataclass(frozen=True, slots=True)
 class Ahead:
-    """What :meth:`Backend.replay` returns for an id this process has yet to deliver.
+    """What [`Backend.replay`][ssecast.Backend.replay] gives for an id not yet delivered here.
 
     The client saw that event through a faster process, and it is in the backend's
     history. The broadcaster holds the subscription until this process delivers it, or
@@ -54,23 +54,24 @@ class Ahead:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What a :class:`~ssecast.Broadcaster` needs from the system that carries its events.
+    """What a [`Broadcaster`][ssecast.Broadcaster] needs from the system that carries its events.
 
-    The contract, which the in-memory and Redis backends both follow (``tests/
-    test_backend_contract.py`` checks it, and a new backend is added there):
+    The contract, which the in-memory and Redis backends both follow
+    (`tests/test_backend_contract.py` checks it, and a new backend is added there):
 
-    - The broadcaster calls :meth:`start` once, from its constructor, and :meth:`listen`
-      once, before its first ``subscribe``. Neither may be called with a lock held, and
-      ``start`` connects to nothing, so a broadcaster made at import time survives a
-      pre-forking server. A process that only publishes never listens.
-    - Every event published through the backend after ``listen`` returned, by this
-      process or any other, is passed to ``deliver`` exactly once, in id order, and
-      never two calls at a time, unless it is lost: then ``report_gap`` is called before
-      the next event is delivered. Before ``listen``, a backend may deliver this
+    - The broadcaster calls [`start`][ssecast.Backend.start] once, from its constructor,
+      and [`listen`][ssecast.Backend.listen] once, before its first `subscribe`. Neither
+      may be called with a lock held, and `start` connects to nothing, so a broadcaster
+      made at import time survives a pre-forking server. A process that only publishes
+      never listens.
+    - Every event published through the backend after `listen` returned, by this
+      process or any other, is passed to `deliver` exactly once, in id order, and
+      never two calls at a time, unless it is lost: then `report_gap` is called before
+      the next event is delivered. Before `listen`, a backend may deliver this
       process's own events (the memory backend does) or none (the Redis backend).
     - Ids are opaque strings free of CR, LF and NUL; they increase in delivery order and
       are never handed out twice, by any process or any fork of one.
-    - No method blocks a running event loop: ``apublish`` and ``aclose`` do their I/O
+    - No method blocks a running event loop: `apublish` and `aclose` do their I/O
       elsewhere, and nothing is kept per event loop that outlives it.
     """
 
@@ -78,51 +79,51 @@ class Backend(Protocol):
         """Remember where to deliver events and report gaps; connect to nothing yet."""
 
     def listen(self) -> None:
-        """Begin passing every event published anywhere on this backend to ``deliver``.
+        """Begin passing every event published anywhere on this backend to `deliver`.
 
-        It may block (``asubscribe`` calls it from a worker thread).
+        It may block (`asubscribe` calls it from a worker thread).
 
         :raises BackendUnavailableError: it could not connect; the broadcaster calls it
-            again at the next ``subscribe``.
+            again at the next `subscribe`.
         """
 
     def publish(self, draft: Draft) -> Event:
-        """Assign ``draft`` an id, send it, and return the event it became.
+        """Assign `draft` an id, send it, and return the event it became.
 
         :raises BackendUnavailableError: it could not be sent; no subscriber will see it.
         """
 
     async def apublish(self, draft: Draft) -> Event:
-        """Do what :meth:`publish` does without blocking the running event loop."""
+        """Do what [`publish`][ssecast.Backend.publish] does without blocking the running loop."""
 
     def replay(
         self, after: str, until: str | None, channels: frozenset[str]
     ) -> list[Event] | Ahead | None:
-        """Return the events on ``channels`` after id ``after``, up to ``until`` included.
+        """Return the events on `channels` after id `after`, up to `until` included.
 
         The broadcaster asks only for ids that fell out of its own ring of recent events.
         It must not block for long: a slow answer holds up a subscriber, and a thread.
 
-        :param until: the last id already delivered to this process; ``None`` means the
-            point at which :meth:`listen` began delivering.
-        :returns: an :class:`Ahead` when ``after`` is in the history but newer than
-            ``until`` (another process delivered it first); ``None`` when it is unknown,
+        :param until: the last id already delivered to this process; `None` means the
+            point at which [`listen`][ssecast.Backend.listen] began delivering.
+        :returns: an [`Ahead`][ssecast.Ahead] when `after` is in the history but newer than
+            `until` (another process delivered it first); `None` when it is unknown,
             trimmed, or events after it may be lost: the broadcaster looks for it in its
             ring once more, and otherwise begins the stream with a gap.
         :raises BackendUnavailableError: the history could not be read.
         """
 
     def close(self) -> None:
-        """Stop delivering and release connections and threads; also during a ``listen``."""
+        """Stop delivering and release connections and threads; also during a `listen`."""
 
     async def aclose(self) -> None:
-        """Do what :meth:`close` does without blocking the running event loop."""
+        """Do what [`close`][ssecast.Backend.close] does without blocking the running event loop."""
 
 
 class MemoryBackend:
     """Ids and delivery within one process; the default backend.
 
-    It keeps no history of its own: the broadcaster's ring of ``history`` recent
+    It keeps no history of its own: the broadcaster's ring of `history` recent
     events is all there is, so older ids resume with a gap. Ids carry a prefix drawn
     for each process, so that an id from another process (a sibling worker forked from
     the same parent), an earlier run, or another broadcaster is never taken for one of
@@ -157,18 +158,18 @@ class MemoryBackend:
         return event
 
     async def apublish(self, draft: Draft) -> Event:
-        """Do what :meth:`publish` does; it never waits, so it never blocks the loop."""
+        """Do what [`publish`][ssecast.MemoryBackend.publish] does, which never blocks the loop."""
         return self.publish(draft)
 
     def replay(self, after: str, until: str | None, channels: frozenset[str]) -> list[Event] | None:
-        """Return ``None``: beyond the broadcaster's ring there is no history."""
+        """Return `None`: beyond the broadcaster's ring there is no history."""
         return None
 
     def close(self) -> None:
         """Release nothing: there is no connection or thread."""
 
     async def aclose(self) -> None:
-        """Do what :meth:`close` does."""
+        """Do what [`close`][ssecast.MemoryBackend.close] does."""
         self.close()
 
     def _renew_prefix(self) -> None:

@@ -2,26 +2,28 @@
 
 Every lock ssecast makes, what it guards, and the order they are taken in: a thread that
 holds one takes only locks of a higher order, never a leaf's. None is held while code that
-is not ssecast's runs (a serializer, a logging handler, backend I/O, an ASGI ``send``, a
+is not ssecast's runs (a serializer, a logging handler, backend I/O, an ASGI `send`, a
 user's callback) or while anything blocks; evictions found while a backend holds its lock
 are logged once the publishing call has released every lock.
 
-=====  ==============================================  =======================================
-order  lock (module)                                   guards
-=====  ==============================================  =======================================
-1      ``_registry_lock`` (``_fork``)                  the locks held across ``os.fork()``;
-                                                       the fork hooks then take 2 to 4
-2      ``MemoryBackend._lock`` (``_backend``)          its id counter; held across
-                                                       ``deliver`` so ids arrive in order
-3      ``Broadcaster._lock`` (here)                    audiences, every feed (frames, waiter,
-                                                       end), history, counters, flags
-4      ``RedisBackend._lock`` (``redis``)              a leaf: its callbacks, reader, closed
-4      ``Connections._lock`` (``_redis_connections``)  a leaf: closed or not, and the
-                                                       commands running on the shared client
-4      ``PostgresBackend._lock`` (``postgres``)        a leaf: its callbacks, listener, closed
-4      ``Connections._lock``                           a leaf: closed or not, the idle
-       (``_postgres_connections``)                     connections and how many are lent
-=====  ==============================================  =======================================
+```text
+=====  ======================================  ======================================
+order  lock (module)                           guards
+=====  ======================================  ======================================
+1      _registry_lock (_fork)                  the locks held across os.fork();
+                                               the fork hooks then take 2 to 4
+2      MemoryBackend._lock (_backend)          its id counter; held across
+                                               deliver so ids arrive in order
+3      Broadcaster._lock (here)                audiences, every feed (frames, waiter,
+                                               end), history, counters, flags
+4      RedisBackend._lock (redis)              a leaf: its callbacks, reader, closed
+4      Connections._lock (_redis_connections)  a leaf: closed or not, and the
+                                               commands running on the shared client
+4      PostgresBackend._lock (postgres)        a leaf: its callbacks, listener, closed
+4      Connections._lock                       a leaf: closed or not, the idle
+       (_postgres_connections)                 connections and how many are lent
+=====  ======================================  ======================================
+```
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ __all__ = ["DEFAULT_CHANNEL", "Broadcaster", "Stats"]
 logger = logging.getLogger("ssecast")
 
 DEFAULT_CHANNEL = "default"
-"""The channel ``publish`` and ``subscribe`` use when given none."""
+"""The channel `publish` and `subscribe` use when given none."""
 _DEFAULT_CHANNELS = frozenset((DEFAULT_CHANNEL,))
 
 # While a publish call runs its backend's publish, the evictions its delivery causes,
@@ -66,16 +68,16 @@ _evicted_here: contextvars.ContextVar[list[Feed] | None] = contextvars.ContextVa
 
 
 class Stats(NamedTuple):
-    """Counters of one broadcaster, read at once by :meth:`Broadcaster.stats`."""
+    """A broadcaster's counters, read at once by [`stats`][ssecast.Broadcaster.stats]."""
 
     subscribers: int
     """Subscriptions open now."""
     published: int
-    """Events this process accepted in ``publish`` or ``apublish``."""
+    """Events this process accepted in `publish` or `apublish`."""
     delivered: int
     """Event frames handed to subscribers: one per event per subscriber."""
     evicted: int
-    """Subscriptions ended because they fell more than ``queue_size`` behind."""
+    """Subscriptions ended because they fell more than `queue_size` behind."""
     rejected: int
     """Publishes refused by validation."""
 
@@ -83,27 +85,28 @@ class Stats(NamedTuple):
 class Broadcaster:
     """Broadcast events from any thread or event loop to many SSE subscribers.
 
-    ``publish`` validates an event, serializes and encodes it once, and appends the
+    `publish` validates an event, serializes and encodes it once, and appends the
     same immutable bytes to every subscriber of its channel. A subscriber that falls
-    more than ``queue_size`` frames behind is evicted rather than buffered without bound,
-    so memory stays under ``max_subscribers x queue_size x max_payload_bytes``.
+    more than `queue_size` frames behind is evicted rather than buffered without bound,
+    so memory stays under `max_subscribers x queue_size x max_payload_bytes`.
 
     It may be made at import time, before a server forks its workers: each worker then
     hands out ids of its own and serves only its own subscribers.
 
-    :param event_types: the event types ``publish`` accepts; ``None`` accepts any valid one.
+    :param event_types: the event types `publish` accepts; `None` accepts any valid one.
     :param max_payload_bytes: the largest serialized data, in UTF-8 bytes.
     :param queue_size: frames a subscriber may have pending; one more evicts it.
-    :param history: recent events kept for ``Last-Event-ID`` resume; 0 keeps none.
+    :param history: recent events kept for `Last-Event-ID` resume; 0 keeps none.
     :param heartbeat: seconds of silence before a subscription yields a keep-alive
-        comment; ``None`` sends none.
+        comment; `None` sends none.
     :param retry: milliseconds a client should wait before reconnecting; when set,
-        every stream begins with a ``retry:`` field.
-    :param max_subscribers: the most subscriptions open at once; ``None`` is no limit.
-    :param serializer: turns data into ``str`` or UTF-8 ``bytes``; the default is
-        compact ``json.dumps`` that refuses NaN and infinities.
-    :param backend: assigns ids, keeps history and carries events between processes;
-        the default is a :class:`MemoryBackend`. One backend serves one broadcaster.
+        every stream begins with a `retry:` field.
+    :param max_subscribers: the most subscriptions open at once; `None` is no limit.
+    :param serializer: turns data into `str` or UTF-8 `bytes`; the default is
+        compact `json.dumps` that refuses NaN and infinities.
+    :param backend: assigns ids, keeps history and carries events between processes; the
+        default is a [`MemoryBackend`][ssecast.MemoryBackend]. One backend serves one
+        broadcaster.
     :raises ConfigurationError: an argument is out of range.
     """
 
@@ -161,15 +164,15 @@ class Broadcaster:
     def publish(
         self, event_type: str, data: Payload, *, channel: str = DEFAULT_CHANNEL, raw: bool = False
     ) -> Event:
-        """Send an event to every subscriber of ``channel``; return it, with its id.
+        """Send an event to every subscriber of `channel`; return it, with its id.
 
         Never blocks on a subscriber; safe from any thread and inside an event loop
         (with the in-memory backend it does no I/O at all).
 
-        :param event_type: the SSE event type, matched by ``addEventListener``.
-        :param data: any value the serializer takes; with ``raw=True``, a ``str`` sent as is.
+        :param event_type: the SSE event type, matched by `addEventListener`.
+        :param data: any value the serializer takes; with `raw=True`, a `str` sent as is.
         :param channel: which subscribers get it.
-        :param raw: send ``data`` (a ``str``, such as an HTML fragment) without serializing.
+        :param raw: send `data` (a `str`, such as an HTML fragment) without serializing.
         :raises PublishError: the event is invalid (see its subclasses); nothing was sent.
         :raises BroadcasterClosedError: the broadcaster was closed.
         :raises BackendUnavailableError: the backend could not be reached; nothing was sent.
@@ -187,7 +190,10 @@ class Broadcaster:
     async def apublish(
         self, event_type: str, data: Payload, *, channel: str = DEFAULT_CHANNEL, raw: bool = False
     ) -> Event:
-        """Do what :meth:`publish` does; a backend's I/O does not block the running loop."""
+        """Do what [`publish`][ssecast.Broadcaster.publish] does, from a coroutine.
+
+        A backend's I/O does not block the running loop.
+        """
         draft = self._draft(event_type, data, channel, raw)
         deferring = _evicted_here.set([])
         try:
@@ -199,7 +205,7 @@ class Broadcaster:
         return event
 
     def _draft(self, event_type: str, data: Payload, channel: str, raw: bool) -> Draft:
-        """Validate and encode an event: everything ``publish`` does before the backend."""
+        """Validate and encode an event: everything `publish` does before the backend."""
         if self._closed:
             raise BroadcasterClosedError("the broadcaster is closed; create a new one to publish")
         try:
@@ -219,7 +225,7 @@ class Broadcaster:
     def _deliver(self, event: Event) -> None:
         """Append one event's frame to its channel's subscribers.
 
-        :raises BroadcasterClosedError: it was closed (even while ``publish`` was running).
+        :raises BroadcasterClosedError: it was closed (even while `publish` was running).
         """
         woken: list[Waiter | None] = []
         evicted: list[Feed] = []
@@ -267,7 +273,7 @@ class Broadcaster:
         self._evicted += len(evicted)
 
     def _join_before(self, event_id: str) -> None:
-        """Let in the held feeds whose awaited event was lost: ``event_id`` comes after it."""
+        """Let in the held feeds whose awaited event was lost: `event_id` comes after it."""
         # Precondition: self._lock is held.
         passed = [
             awaited
@@ -279,7 +285,7 @@ class Broadcaster:
                 self._join(feed)
 
     def _join_after(self, event_id: str) -> None:
-        """Let the feeds that waited for ``event_id`` in: the next event is theirs."""
+        """Let the feeds that waited for `event_id` in: the next event is theirs."""
         # Precondition: self._lock is held.
         if event_id in self._held:
             for feed in self._held.pop(event_id)[1]:
@@ -290,24 +296,25 @@ class Broadcaster:
     def subscribe(
         self, *channels: str, last_event_id: str | None = None, queue_size: int | None = None
     ) -> Subscription:
-        """Open a subscription to ``channels`` (``"default"`` if none); it is live on return.
+        """Open a subscription to `channels` (`"default"` if none); it is live on return.
 
-        With ``last_event_id``, the subscription first replays every event on its
+        With `last_event_id`, the subscription first replays every event on its
         channels published after that id, then goes on live with no gap and no
         duplicate. When those events are no longer known, it begins with an
-        ``ssecast.gap`` event instead, so the client can reload its state.
+        `ssecast.gap` event instead, so the client can reload its state.
 
         The first subscription starts the backend's listening, and resuming from an id
-        older than the ``history`` ring asks the backend; either may do I/O (Redis), so
-        from a coroutine use :meth:`asubscribe`, which does that off the loop.
+        older than the `history` ring asks the backend; either may do I/O (Redis), so from
+        a coroutine use [`asubscribe`][ssecast.Broadcaster.asubscribe], which does that
+        off the loop.
 
         :param channels: the channels to receive.
         :param last_event_id: the id of the last event the client saw (the
-            ``Last-Event-ID`` header); ``None`` or ``""`` starts live.
+            `Last-Event-ID` header); `None` or `""` starts live.
         :param queue_size: this subscriber's limit of pending frames, instead of the
             broadcaster's.
         :raises InvalidFieldError: a channel name is invalid.
-        :raises TooManySubscribersError: ``max_subscribers`` are open already.
+        :raises TooManySubscribersError: `max_subscribers` are open already.
         :raises BroadcasterClosedError: the broadcaster was closed.
         :raises BackendUnavailableError: the backend is unreachable.
         """
@@ -322,7 +329,10 @@ class Broadcaster:
     async def asubscribe(
         self, *channels: str, last_event_id: str | None = None, queue_size: int | None = None
     ) -> Subscription:
-        """Do what :meth:`subscribe` does; a backend's I/O does not block the running loop."""
+        """Do what [`subscribe`][ssecast.Broadcaster.subscribe] does, from a coroutine.
+
+        A backend's I/O does not block the running loop.
+        """
         request = self._request(channels, last_event_id, queue_size)
         if not self._listening:
             await asyncio.to_thread(self._listen)
@@ -353,7 +363,7 @@ class Broadcaster:
     def _listen(self) -> None:
         """Have the backend deliver every process's events, before the first subscription.
 
-        The backend's ``listen`` runs with no lock held. Callers that come while it runs
+        The backend's `listen` runs with no lock held. Callers that come while it runs
         wait for it, and share its failure rather than each trying again in turn.
         """
         while not self._listening:
@@ -430,7 +440,7 @@ class Broadcaster:
         return Subscription(feed, self._release)
 
     def _hold(self, request: _Request, awaited: str, ahead: Ahead) -> Subscription:
-        """Subscribe, but deliver only what comes after ``awaited`` is delivered here."""
+        """Subscribe, but deliver only what comes after `awaited` is delivered here."""
         # Precondition: self._lock is held.
         feed = self._feed(request, self._prelude.copy())
         feed.held_for = awaited
@@ -453,14 +463,14 @@ class Broadcaster:
         feed.join(tuple(self._audience(name) for name in feed.channels))
 
     def _release(self, feed: Feed) -> None:
-        """Close ``feed`` for its consumer: forget it and wake its reader."""
+        """Close `feed` for its consumer: forget it and wake its reader."""
         with self._lock:
             self._forget(feed)
             waiter = feed.end(CloseReason.UNSUBSCRIBED)
         wake((waiter,))
 
     def _forget(self, feed: Feed) -> None:
-        """Remove ``feed`` from every channel it is registered on, if it still is."""
+        """Remove `feed` from every channel it is registered on, if it still is."""
         # Precondition: self._lock is held.
         if feed.closed:
             return  # already forgotten when it ended
@@ -514,14 +524,15 @@ class Broadcaster:
     def close(self) -> None:
         """End every subscription (after its pending frames) and stop the backend.
 
-        Later ``publish`` and ``subscribe`` calls raise :class:`BroadcasterClosedError`.
-        Safe to call twice. From a coroutine, :meth:`aclose` does not block the loop.
+        Later `publish` and `subscribe` calls raise
+        [`BroadcasterClosedError`][ssecast.BroadcasterClosedError]. Safe to call twice.
+        From a coroutine, [`aclose`][ssecast.Broadcaster.aclose] does not block the loop.
         """
         if self._shut_down():
             self._backend.close()
 
     async def aclose(self) -> None:
-        """Do what :meth:`close` does, closing the backend without blocking the loop."""
+        """Do what [`close`][ssecast.Broadcaster.close] does, closing the backend off the loop."""
         if self._shut_down():
             await self._backend.aclose()
 
@@ -599,7 +610,7 @@ class _Resume(NamedTuple):
 
 
 class _Attempt:
-    """A call of the backend's ``listen`` in progress, which other callers wait for."""
+    """A call of the backend's `listen` in progress, which other callers wait for."""
 
     __slots__ = ("_done", "_error")
 
@@ -625,7 +636,7 @@ class _Attempt:
 
 
 def _log_deferred_evictions(deferring: contextvars.Token[list[Feed] | None]) -> None:
-    """Log the evictions deferred since ``deferring`` was set, and stop deferring them."""
+    """Log the evictions deferred since `deferring` was set, and stop deferring them."""
     evicted = _evicted_here.get()
     _evicted_here.reset(deferring)
     if evicted:
@@ -633,7 +644,7 @@ def _log_deferred_evictions(deferring: contextvars.Token[list[Feed] | None]) -> 
 
 
 def _report_evictions(evicted: list[Feed]) -> None:
-    """Log ``evicted`` now, or when the publish call that caused it is done with its locks."""
+    """Log `evicted` now, or when the publish call that caused it is done with its locks."""
     deferred = _evicted_here.get()
     if deferred is None:
         _log_evictions(evicted)

@@ -1,4 +1,4 @@
-"""Turn what ``publish()`` is given into a :class:`Draft`: validate, serialize once, encode."""
+"""Turn what `publish()` gets into a [`Draft`][ssecast.Draft]: validate, serialize once, encode."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from ssecast._exceptions import (
 __all__ = ["GAP_EVENT_TYPE", "Encoder", "Payload", "Serializer"]
 
 Payload: TypeAlias = Any
-"""What ``publish`` takes as data: JSON values by default, anything the serializer takes."""
+"""What `publish` takes as data: JSON values by default, anything the serializer takes."""
 
 Serializer = Callable[[Payload], str | bytes]
-"""Turns published data into text: ``str``, or ``bytes`` holding UTF-8."""
+"""Turns published data into text: `str`, or `bytes` holding UTF-8."""
 
 GAP_EVENT_TYPE = "ssecast.gap"
 """Begins a resumed stream whose missed events are no longer known."""
@@ -35,12 +35,12 @@ _CACHE_LIMIT = 1024
 
 
 class Encoder:
-    """The validation and encoding half of ``publish``; safe to share between threads.
+    """The validation and encoding half of `publish`; safe to share between threads.
 
-    :param event_types: the allowlist, or ``None`` for any valid type.
+    :param event_types: the allowlist, or `None` for any valid type.
     :param max_payload_bytes: the largest serialized data, in UTF-8 bytes.
-    :param serializer: turns data into text; ``None`` is compact JSON.
-    :raises ConfigurationError: ``event_types`` is a bare ``str`` or holds an invalid type.
+    :param serializer: turns data into text; `None` is compact JSON.
+    :raises ConfigurationError: `event_types` is a bare `str` or holds an invalid type.
     """
 
     def __init__(
@@ -138,7 +138,7 @@ class Encoder:
 
 
 def _checked_type(event_type: object) -> str:
-    """Return ``event_type`` if it is a valid type of the user's; raise otherwise."""
+    """Return `event_type` if it is a valid type of the user's; raise otherwise."""
     name = check_field("event type", event_type)
     if name.startswith(_RESERVED_PREFIX):
         raise InvalidFieldError(
@@ -152,7 +152,7 @@ def _refuse(value: object) -> object:
 
 
 def _make_compact_json() -> Serializer:
-    """Return compact ``json.dumps`` that refuses NaN and infinities; C-accelerated if it can."""
+    """Return compact `json.dumps` that refuses NaN and infinities; C-accelerated if it can."""
     c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
     if c_make_encoder is None:  # pragma: no cover  (only Pythons without the _json module)
         return json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode

@@ -12,9 +12,9 @@ __all__ = ["Draft", "Event", "check_field"]
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A published event, computed once by ``publish()`` and shared by every subscriber.
+    """A published event, computed once by `publish()` and shared by every subscriber.
 
-    :ivar type: the SSE event type (``event:`` field).
+    :ivar type: the SSE event type (`event:` field).
     :ivar id: the opaque id the backend gave it, unique per broadcaster.
     :ivar channel: the channel it was published on.
     :ivar data: the serialized data, as sent.
@@ -32,12 +32,13 @@ class Event:
 class Draft:
     """A validated, encoded event that has no id yet: what a backend is given to publish.
 
-    A backend assigns the id and calls :meth:`stamp`; it never serializes anything again.
+    A backend assigns the id and calls [`stamp`][ssecast.Draft.stamp]; it never serializes
+    anything again.
 
     :ivar type: the SSE event type.
     :ivar channel: the channel it is published on.
     :ivar data: the serialized data.
-    :ivar body: the frame without its ``id:`` line.
+    :ivar body: the frame without its `id:` line.
     """
 
     type: str
@@ -46,7 +47,7 @@ class Draft:
     body: bytes
 
     def stamp(self, event_id: str) -> Event:
-        """Return the :class:`Event` this draft becomes under ``event_id``.
+        """Return the [`Event`][ssecast.Event] this draft becomes under `event_id`.
 
         :param event_id: the id the backend assigned; it must hold no CR, LF or NUL.
         """
@@ -54,11 +55,11 @@ class Draft:
 
 
 def check_field(field: str, value: object) -> str:
-    """Return ``value`` if it can stand in an SSE field line, else raise.
+    """Return `value` if it can stand in an SSE field line, else raise.
 
     :param field: what the value is, for the error message.
     :param value: the candidate.
-    :raises InvalidFieldError: the value is not a non-empty ``str`` free of CR, LF and NUL.
+    :raises InvalidFieldError: the value is not a non-empty `str` free of CR, LF and NUL.
     """
     if not isinstance(value, str):
         raise InvalidFieldError(field, value, f"expected a str, got {type(value).__name__}")

@@ -1,18 +1,20 @@
 """Every error ssecast raises on purpose, in one tree.
 
-Each error also derives from the builtin it means, so ``except ValueError`` keeps
-working for code that does not know ssecast::
+Each error also derives from the builtin it means, so `except ValueError` keeps
+working for code that does not know ssecast:
 
-    SsecastError
-    ├── PublishError (ValueError)            publish() refused the event; nothing was sent
-    │   ├── UnknownEventTypeError            the type is not in the allowlist
-    │   ├── PayloadTooLargeError             the serialized data is over max_payload_bytes
-    │   ├── NotSerializableError (TypeError) the serializer could not encode the data
-    │   └── InvalidFieldError                a type or channel is empty or holds CR, LF or NUL
-    ├── ConfigurationError (ValueError)      an argument is out of range
-    ├── BroadcasterClosedError (RuntimeError) the broadcaster was closed
-    ├── TooManySubscribersError (RuntimeError) max_subscribers is reached
-    └── BackendUnavailableError (ConnectionError) the backend (e.g. Redis) cannot be reached
+```text
+SsecastError
+├── PublishError (ValueError)            publish() refused the event; nothing was sent
+│   ├── UnknownEventTypeError            the type is not in the allowlist
+│   ├── PayloadTooLargeError             the serialized data is over max_payload_bytes
+│   ├── NotSerializableError (TypeError) the serializer could not encode the data
+│   └── InvalidFieldError                a type or channel is empty or holds CR, LF or NUL
+├── ConfigurationError (ValueError)      an argument is out of range
+├── BroadcasterClosedError (RuntimeError) the broadcaster was closed
+├── TooManySubscribersError (RuntimeError) max_subscribers is reached
+└── BackendUnavailableError (ConnectionError) the backend (e.g. Redis) cannot be reached
+```
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ class SsecastError(Exception):
 
 
 class PublishError(SsecastError, ValueError):
-    """``publish()`` refused an event before any subscriber saw it."""
+    """`publish()` refused an event before any subscriber saw it."""
 
 
 class UnknownEventTypeError(PublishError):
-    """The event type is not in the broadcaster's ``event_types`` allowlist.
+    """The event type is not in the broadcaster's `event_types` allowlist.
 
     :ivar event_type: the type that was refused.
     :ivar allowed: the allowlist in force.
@@ -57,10 +59,10 @@ class UnknownEventTypeError(PublishError):
 
 
 class PayloadTooLargeError(PublishError):
-    """The serialized data is larger than ``max_payload_bytes``.
+    """The serialized data is larger than `max_payload_bytes`.
 
     :ivar size: the size of the serialized data, in UTF-8 bytes.
-    :ivar limit: the broadcaster's ``max_payload_bytes``.
+    :ivar limit: the broadcaster's `max_payload_bytes`.
     """
 
     def __init__(self, size: int, limit: int) -> None:
@@ -73,16 +75,16 @@ class PayloadTooLargeError(PublishError):
 
 
 class NotSerializableError(PublishError, TypeError):
-    """The serializer could not turn the data into text (also a ``TypeError``)."""
+    """The serializer could not turn the data into text (also a `TypeError`)."""
 
 
 class InvalidFieldError(PublishError):
-    """An event type, channel or id is empty, not a ``str``, or holds CR, LF or NUL.
+    """An event type, channel or id is empty, not a `str`, or holds CR, LF or NUL.
 
     A line break in a field would let the value inject its own SSE fields into the
     stream, so such values are refused rather than escaped.
 
-    :ivar field: which field was refused (``"event type"``, ``"channel"``, ...).
+    :ivar field: which field was refused (`"event type"`, `"channel"`, ...).
     :ivar value: the value that was refused.
     """
 
@@ -93,7 +95,7 @@ class InvalidFieldError(PublishError):
 
 
 class ConfigurationError(SsecastError, ValueError):
-    """An argument to ``Broadcaster()`` or ``subscribe()`` is out of range."""
+    """An argument to `Broadcaster()` or `subscribe()` is out of range."""
 
 
 class BroadcasterClosedError(SsecastError, RuntimeError):
@@ -101,9 +103,9 @@ class BroadcasterClosedError(SsecastError, RuntimeError):
 
 
 class TooManySubscribersError(SsecastError, RuntimeError):
-    """``subscribe()`` would go over ``max_subscribers``.
+    """`subscribe()` would go over `max_subscribers`.
 
-    :ivar limit: the broadcaster's ``max_subscribers``.
+    :ivar limit: the broadcaster's `max_subscribers`.
     """
 
     def __init__(self, limit: int) -> None:

@@ -1,9 +1,9 @@
-"""Keep ssecast's locks and per-process state sound across ``os.fork()``.
+"""Keep ssecast's locks and per-process state sound across `os.fork()`.
 
 A lock that another thread holds when the process forks stays held for good in the
 child, where that thread does not exist. So before a fork the forking thread takes every
 lock registered here, in the order they were registered, and releases them on both sides
-afterwards; then, in the child only, each owner's ``in_child`` function runs (a new id
+afterwards; then, in the child only, each owner's `in_child` function runs (a new id
 prefix, no subscriptions or reader thread of the parent's).
 
 Registration order is the lock order: a backend is made (and registered) before the
@@ -35,11 +35,11 @@ _hooked = False
 
 
 def guard(owner: _Owner, lock: threading.Lock, in_child: Callable[[_Owner], None]) -> None:
-    """Hold ``lock`` across every fork while ``owner`` lives; then run ``in_child(owner)``.
+    """Hold `lock` across every fork while `owner` lives; then run `in_child(owner)`.
 
     :param owner: the object the lock belongs to; it is held weakly.
     :param lock: a lock taken only by ssecast's code, never across a blocking call.
-    :param in_child: resets ``owner`` for the child process, after the locks are released.
+    :param in_child: resets `owner` for the child process, after the locks are released.
     """
     global _hooked
     with _registry_lock:

@@ -1,4 +1,4 @@
-"""A bounded ring of recent events, for ``Last-Event-ID`` resume without I/O."""
+"""A bounded ring of recent events, for `Last-Event-ID` resume without I/O."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ __all__ = ["History"]
 
 
 class History:
-    """The last ``size`` events, in delivery order, found by id in constant time.
+    """The last `size` events, in delivery order, found by id in constant time.
 
     Not thread-safe: the broadcaster calls it under its lock.
     """
@@ -37,13 +37,13 @@ class History:
         # The mark at the last forget(): events may be missing right after it.
         self._forgotten_at = -1
         self.last_id: str | None = None
-        """The id of the newest event appended, kept even when ``size`` is 0 or forgotten."""
+        """The id of the newest event appended, kept even when `size` is 0 or forgotten."""
         # The id a client may hold to be told it missed nothing: the newest, unless events
         # were lost after it.
         self._caught_up: str | None = None
 
     def append(self, event: Event) -> None:
-        """Remember ``event``, forgetting the oldest one when full."""
+        """Remember `event`, forgetting the oldest one when full."""
         events = self._events
         if events.maxlen:
             if len(events) == events.maxlen:
@@ -65,7 +65,7 @@ class History:
     def forget(self) -> None:
         """Forget every event: some after them were lost, so no client may resume from them.
 
-        :meth:`since` answers ``None`` for a bookmark taken before.
+        `since` answers `None` for a bookmark taken before.
         """
         self._forgotten_at = self._total
         self._events.clear()
@@ -75,13 +75,13 @@ class History:
 
     @property
     def mark(self) -> int:
-        """A bookmark for :meth:`since`: how many events were ever appended."""
+        """A bookmark for `since`: how many events were ever appended."""
         return self._total
 
     def since(self, mark: int, channels: frozenset[str]) -> list[Event] | None:
-        """Return the events on ``channels`` appended after ``mark``, oldest first.
+        """Return the events on `channels` appended after `mark`, oldest first.
 
-        :returns: ``None`` when some of them are no longer kept, or were lost.
+        :returns: `None` when some of them are no longer kept, or were lost.
         """
         start = len(self._events) - (self._total - mark)
         if start < 0 or mark <= self._forgotten_at:
@@ -89,9 +89,9 @@ class History:
         return [event for event in islice(self._events, start, None) if event.channel in channels]
 
     def after(self, event_id: str, channels: frozenset[str]) -> list[Event] | None:
-        """Return the events after ``event_id`` on ``channels``, oldest first.
+        """Return the events after `event_id` on `channels`, oldest first.
 
-        :returns: ``None`` when some event after ``event_id`` is no longer kept, or the id
+        :returns: `None` when some event after `event_id` is no longer kept, or the id
             was never seen, so the caller cannot know what the client missed.
         """
         if event_id == self._caught_up:

@@ -13,6 +13,7 @@ from ssecast._exceptions import (
 from ssecast._wire import HEARTBEAT
 
 __all__ = [
+    "CLOSED_REASON",
     "OPENING",
     "RETRY_AFTER_SECONDS",
     "STREAM_HEADERS",
@@ -35,6 +36,9 @@ OPENING = HEARTBEAT
 # What subscribe() raises when the client should come back later: a 503 with Retry-After.
 UNAVAILABLE = (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError)
 
+CLOSED_REASON = "the broadcaster is closed (the server is stopping, or a lifespan closed it)"
+"""What a 503 says when the broadcaster was closed, however subscribe() worded it."""
+
 # Seconds a client refused for lack of room (503) is asked to wait.
 RETRY_AFTER_SECONDS = 5
 
@@ -43,10 +47,10 @@ RESUME_QUERY_PARAMETER = "lastEventId"
 
 
 def resume_id(header: str | None, query_string: str) -> str | None:
-    """Return the id to resume after: the ``Last-Event-ID`` header, else the query parameter.
+    """Return the id to resume after: the `Last-Event-ID` header, else the query parameter.
 
-    :param header: the ``Last-Event-ID`` header's value, if any.
-    :param query_string: the raw query string, without the ``?``.
+    :param header: the `Last-Event-ID` header's value, if any.
+    :param query_string: the raw query string, without the `?`.
     """
     if header:
         return header
@@ -57,7 +61,9 @@ def resume_id(header: str | None, query_string: str) -> str | None:
 
 
 def unavailable_reason(error: SsecastError) -> str:
-    """Return what a 503 tells the client about ``error``: never the backend's address."""
+    """Return what a 503 tells the client about `error`: never the backend's address."""
     if isinstance(error, BackendUnavailableError):
         return "the event backend is unavailable; retry later"
+    if isinstance(error, BroadcasterClosedError):
+        return CLOSED_REASON
     return str(error)

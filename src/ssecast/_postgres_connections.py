@@ -1,9 +1,9 @@
 """The PostgreSQL connections of one backend, and the one place psycopg errors become ssecast's.
 
 Publishing and replaying borrow connections from a small pool, which grows to the number
-of threads using it at once; ``apublish`` uses it from a worker thread, so nothing is kept
-per event loop. The listener has a connection of its own (see ``_postgres_reader.py``).
-Every connection carries an ``application_name`` that begins with ``ssecast``.
+of threads using it at once; `apublish` uses it from a worker thread, so nothing is kept
+per event loop. The listener has a connection of its own (see `_postgres_reader.py`).
+Every connection carries an `application_name` that begins with `ssecast`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def unavailable(doing: str) -> Iterator[None]:
     privilege): to the caller each means that what it asked for was not done. The message
     names no host or password; the error's own text is kept.
 
-    :param doing: what failed, such as ``"could not publish"``.
+    :param doing: what failed, such as `"could not publish"`.
     """
     try:
         yield
@@ -50,7 +50,7 @@ def unavailable(doing: str) -> Iterator[None]:
 
 
 def connect(conninfo: str, application_name: str) -> Connection:
-    """Open a connection in autocommit mode, named ``application_name``.
+    """Open a connection in autocommit mode, named `application_name`.
 
     :raises psycopg.Error: it could not connect.
     """

@@ -6,12 +6,12 @@ waits for a notification (or a second at most) and reads again. A notification c
 only an id; the rows are read from the table, so what was published while the listener
 was away is read all the same when it is back.
 
-When rows may have been lost, it calls ``report_gap`` before the next event it delivers,
-so that every subscriber learns of the hole (an ``ssecast.gap`` event) instead of
+When rows may have been lost, it calls `report_gap` before the next event it delivers,
+so that every subscriber learns of the hole (an `ssecast.gap` event) instead of
 skipping it:
 
-- a number missing in the rows' ``seq``: while this process was paused, or its connection
-  down, others published more than ``maxlen`` events and the table was trimmed past what
+- a number missing in the rows' `seq`: while this process was paused, or its connection
+  down, others published more than `maxlen` events and the table was trimmed past what
   it had read;
 - another table (dropped and created again: its oid changed; it then reads the new one
   from its start) or another token (its comment was changed: ids mean something else).
@@ -61,11 +61,11 @@ class Position(NamedTuple):
     id: int
     """The id of the last row read; reading goes on after it."""
     seq: int | None
-    """That row's number, which the next one follows; ``None`` when unknown."""
+    """That row's number, which the next one follows; `None` when unknown."""
 
 
 class Reader:
-    """Delivers every row after ``start`` to ``deliver``, in a thread of its own.
+    """Delivers every row after `start` to `deliver`, in a thread of its own.
 
     :param conn: a connection of its own, listening already; the thread closes it.
     :param connect: opens a new connection, after this one is lost.
@@ -170,7 +170,7 @@ class Reader:
                 _drained(conn)
 
     def _take(self, page: Page, token: str) -> int:
-        """Deliver the rows of ``page``, after a gap if some may be missing; return how many.
+        """Deliver the rows of `page`, after a gap if some may be missing; return how many.
 
         A page of another table, or of another token, is not delivered: the position
         moves to the start of the new table (or stays, for a new token), after a gap.
@@ -237,6 +237,6 @@ def _drained(conn: Connection) -> bool:
 
 
 def _backoff(failures: int) -> float:
-    """Seconds to wait after ``failures`` attempts in a row: doubling, capped, jittered."""
+    """Seconds to wait after `failures` attempts in a row: doubling, capped, jittered."""
     ceiling = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** min(failures - 1, 16))
     return random.uniform(ceiling / 2, ceiling)

@@ -1,17 +1,17 @@
 """The events table: its schema, the statements ssecast runs on it, and the ids it gives.
 
-A row holds ``id`` (a bigint identity: never handed out twice, even after ``TRUNCATE``),
-``seq``, ``type``, ``channel``, ``data`` and ``body`` (the encoded SSE frame without its
-``id:`` line). Its primary key makes every read a range scan over ``id``.
+A row holds `id` (a bigint identity: never handed out twice, even after `TRUNCATE`),
+`seq`, `type`, `channel`, `data` and `body` (the encoded SSE frame without its
+`id:` line). Its primary key makes every read a range scan over `id`.
 
-``seq`` counts the rows without a hole: each publish takes a transaction-level advisory
-lock on the table, then writes the newest row's ``seq`` plus one. So a reader that finds a
+`seq` counts the rows without a hole: each publish takes a transaction-level advisory
+lock on the table, then writes the newest row's `seq` plus one. So a reader that finds a
 number missing knows that rows were trimmed before it read them. The same lock makes rows
 commit in id order: a row becomes visible before the next id is drawn, so a reader that
 reads "after the last id it delivered" never skips a row that commits late.
 
-The table's comment holds its *token*, ``ssecast <12 hex digits>``, drawn when ssecast
-creates the table (or finds it without one). An event id is ``<token>-<id>``: an id from a
+The table's comment holds its *token*, `ssecast <12 hex digits>`, drawn when ssecast
+creates the table (or finds it without one). An event id is `<token>-<id>`: an id from a
 dropped and recreated table, another database, or another backend carries another token,
 so it is foreign (a gap), never replayed from the wrong rows. A dump restored elsewhere
 keeps its comment and identity, so its ids stay good.
@@ -58,7 +58,7 @@ class Page(NamedTuple):
     oid: int
     """The table's oid: it changes when the table is dropped and created again."""
     token: str | None
-    """The token in its comment; ``None`` when it has none (someone removed it)."""
+    """The token in its comment; `None` when it has none (someone removed it)."""
     rows: list[Row]
 
 
@@ -67,7 +67,7 @@ class Newest(NamedTuple):
 
     oid: int
     token: str | None
-    """The table's token; ``None`` when it has none (someone removed it)."""
+    """The table's token; `None` when it has none (someone removed it)."""
     id: int
     """Its id; 0 for an empty table."""
     seq: int
@@ -77,7 +77,7 @@ class Newest(NamedTuple):
 class Table:
     """The statements for one events table, built once.
 
-    :param name: the table, ``name`` or ``schema.name``: letters, digits and underscores.
+    :param name: the table, `name` or `schema.name`: letters, digits and underscores.
     :param maxlen: about how many rows to keep.
     :raises ConfigurationError: the name is not one.
     """
@@ -163,13 +163,13 @@ class Table:
             return token
 
     def insert(self, conn: Connection[TupleRow], draft: Draft) -> Event:
-        """Append ``draft`` in one transaction and notify its id; return its event.
+        """Append `draft` in one transaction and notify its id; return its event.
 
         The lock, the row, the trimming and the notification are sent at once (a
         pipeline), so a publish costs one round trip and the commit.
 
         :raises NoTokenError: the table has no token; nothing was written.
-        :raises psycopg.Error: the database refused (a missing table is ``UndefinedTable``).
+        :raises psycopg.Error: the database refused (a missing table is `UndefinedTable`).
         """
         with conn.pipeline(), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
@@ -195,9 +195,9 @@ class Table:
         return draft.stamp(format_id(token, row[0]))
 
     def read(self, conn: Connection[TupleRow], first: int, last: int, limit: int) -> Page:
-        """Return the rows with ids from ``first`` to ``last``, at most ``limit`` of them.
+        """Return the rows with ids from `first` to `last`, at most `limit` of them.
 
-        :raises psycopg.Error: the database refused (a missing table is ``UndefinedTable``).
+        :raises psycopg.Error: the database refused (a missing table is `UndefinedTable`).
         """
         cursor = conn.execute(self._read, (self._regclass, self._regclass, first, last, limit))
         found = cursor.fetchall()
@@ -212,7 +212,7 @@ class Table:
     def newest(self, conn: Connection[TupleRow]) -> Newest:
         """Return the newest row now.
 
-        :raises psycopg.Error: the database refused (a missing table is ``UndefinedTable``).
+        :raises psycopg.Error: the database refused (a missing table is `UndefinedTable`).
         """
         cursor = conn.execute(self._newest, (self._regclass, self._regclass))
         found = cursor.fetchone()
@@ -220,13 +220,13 @@ class Table:
         return Newest(found[0], self._token(found[1]), found[2] or 0, found[3] or 0)
 
     def listen(self, conn: Connection[TupleRow]) -> None:
-        """Have ``conn`` receive the notifications of publishes (it must be in autocommit)."""
+        """Have `conn` receive the notifications of publishes (it must be in autocommit)."""
         conn.execute(self._listen)
 
     # -- helpers -------------------------------------------------------------------------
 
     def _value(self, conn: Connection[TupleRow], query: LiteralString) -> object:
-        """Return the one value ``query`` gives for this table's name."""
+        """Return the one value `query` gives for this table's name."""
         cursor = conn.execute(query, (self._regclass,))
         found = cursor.fetchone()
         assert found is not None  # a SELECT without FROM gives one row
@@ -245,12 +245,12 @@ class NoTokenError(Exception):
 
 
 def format_id(token: str, number: int) -> str:
-    """Return the event id of row ``number`` in the table whose token is ``token``."""
+    """Return the event id of row `number` in the table whose token is `token`."""
     return f"{token}-{number}"
 
 
 def parse_id(event_id: str) -> tuple[str, int] | None:
-    """Return the token and row id of an event id; ``None`` if it is not one."""
+    """Return the token and row id of an event id; `None` if it is not one."""
     match = _EVENT_ID.fullmatch(event_id)
     if match is None:
         return None

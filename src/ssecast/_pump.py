@@ -1,24 +1,24 @@
 """Write a subscription to an ASGI connection from its event loop's callbacks.
 
-An ``async for`` reader costs a task wake-up per chunk: the future it waits on is
+An `async for` reader costs a task wake-up per chunk: the future it waits on is
 resolved, the loop schedules the task, and the task resumes through every coroutine
 frame between the server and the reader (server, middleware, application). With a
 thousand clients on a loop and an event every few milliseconds, that is most of the
-CPU a delivery costs in Python. A :class:`Pump` skips it: it parks itself as the
+CPU a delivery costs in Python. A `Pump` skips it: it parks itself as the
 subscription's waiter, and the loop's wake-up callback writes the chunk at once.
 
-Each write is an ASGI ``send`` of one body message: a coroutine that nearly always
+Each write is an ASGI `send` of one body message: a coroutine that nearly always
 completes without waiting. The pump starts it by hand; when it does wait (the client
 reads slowly and the server applies back-pressure), the pump hands the rest of it to
 the stream's own task, which finishes it and pumps on. Each write runs in a copy of
 the task's context: context variables set before the stream began are seen, and ones a
-``send`` wrapper sets stay in the copy.
+`send` wrapper sets stay in the copy.
 
-Some ``send`` wrappers only work inside a task: Starlette's ``BaseHTTPMiddleware`` (and
-FastAPI's ``@app.middleware("http")``), anything using ``asyncio.timeout`` or anyio
-around ``send``. So the pump first sends an empty body message from a callback, which
+Some `send` wrappers only work inside a task: Starlette's `BaseHTTPMiddleware` (and
+FastAPI's `@app.middleware("http")`), anything using `asyncio.timeout` or anyio
+around `send`. So the pump first sends an empty body message from a callback, which
 writes nothing; if that raises, or any later send made from a callback raises anything
-but ``OSError``, the task takes over: it sends that chunk, and every later one, itself.
+but `OSError`, the task takes over: it sends that chunk, and every later one, itself.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class _Ended(enum.Enum):
 
 
 class _Refused(NamedTuple):
-    """A chunk that ``send`` would not take from a callback: the task must send it."""
+    """A chunk that `send` would not take from a callback: the task must send it."""
 
     body: bytes
 
@@ -55,7 +55,7 @@ _Outcome: TypeAlias = "_Waiting | _Refused | _Ended | None"
 class Pump:
     """Sends a subscription's chunks as ASGI body messages as they come, until it ends.
 
-    Create it and await :meth:`run` in the task that serves the connection, once the
+    Create it and await `run` in the task that serves the connection, once the
     response has started.
     """
 
@@ -79,8 +79,8 @@ class Pump:
         """Send every chunk until the subscription ends.
 
         Chunks go out from loop callbacks, the first being an empty body message. When a
-        send made that way raises anything but ``OSError``, ``send`` needs its task: this
-        task then sends that chunk and every later one itself, as ``async for`` would.
+        send made that way raises anything but `OSError`, `send` needs its task: this
+        task then sends that chunk and every later one itself, as `async for` would.
 
         :raises OSError: a write found the client gone (ASGI 2.4 servers raise it).
         """
@@ -96,7 +96,7 @@ class Pump:
             await self._send(_body(chunk))
 
     async def _pump(self) -> bytes | None:
-        """Write from callbacks until the end (``None``), or a chunk ``send`` refused there."""
+        """Write from callbacks until the end (`None`), or a chunk `send` refused there."""
         loop = self._loop
         loop.call_soon(self._probe)
         outcome = await self._outcome
@@ -132,7 +132,7 @@ class Pump:
         self.ready(HEARTBEAT)
 
     def ready(self, when_idle: bytes | None = None) -> None:
-        """Write what is pending, else ``when_idle`` if given; the end ends :meth:`run`.
+        """Write what is pending, else `when_idle` if given; the end ends `run`.
 
         The poll leaves the pump parked, so what arrives during the write wakes it again.
         """
@@ -159,7 +159,7 @@ class Pump:
             when_idle = None
 
     def _write(self, body: bytes) -> bool:
-        """Send ``body`` from this callback; return False if the task must take over."""
+        """Send `body` from this callback; return False if the task must take over."""
         try:
             waiting = self._start(body)
         except (OSError, asyncio.CancelledError) as error:
@@ -176,7 +176,7 @@ class Pump:
         return True
 
     def _start(self, body: bytes) -> _Waiting | None:
-        """Send ``body`` by hand; return the rest of the send if it has to wait."""
+        """Send `body` by hand; return the rest of the send if it has to wait."""
         sending = self._send(_body(body))
         # A coroutine steps itself; any other awaitable through its iterator.
         steps = sending if type(sending) is CoroutineType else sending.__await__()

@@ -1,10 +1,10 @@
 """The Redis connections of one backend, and the one place Redis errors become ssecast's.
 
 Publishing and replaying share one synchronous client, whose pool grows to the number
-of threads using it at once; ``apublish`` and ``aclose`` use it from a worker thread,
-so nothing is kept per event loop, and every connection is closed by ``close()``
+of threads using it at once; `apublish` and `aclose` use it from a worker thread,
+so nothing is kept per event loop, and every connection is closed by `close()`
 whatever happened to the loops that used them. A reader has a client of its own, with
-one connection (see ``_redis_reader.py``).
+one connection (see `_redis_reader.py`).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ _PROTOCOL: Final = 2
 
 @contextlib.contextmanager
 def unavailable(doing: str) -> Iterator[None]:
-    """Raise :class:`~ssecast.BackendUnavailableError` for any Redis error in the block.
+    """Raise [`BackendUnavailableError`][ssecast.BackendUnavailableError] for a Redis error inside.
 
     Unreachable, timed out, or refused (READONLY after a failover, OOM, NOPERM, a key of
     the wrong type): to the caller each means that what it asked for was not done. The
     message names no host or password; the Redis error's own text is kept.
 
-    :param doing: what failed, such as ``"could not publish"``.
+    :param doing: what failed, such as `"could not publish"`.
     """
     try:
         yield
@@ -54,10 +54,10 @@ def unavailable(doing: str) -> Iterator[None]:
 
 
 class Connections:
-    """The clients of one backend; :meth:`close` closes them all.
+    """The clients of one backend; `close` closes them all.
 
     :param url: where Redis is.
-    :param client_name: the name every connection carries in ``CLIENT LIST``.
+    :param client_name: the name every connection carries in `CLIENT LIST`.
     """
 
     def __init__(self, url: str, client_name: str) -> None:
@@ -89,7 +89,7 @@ class Connections:
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[tuple[redis.Redis, Script]]:
-        """Lend the shared client and its publish script; :meth:`close` waits for it back.
+        """Lend the shared client and its publish script; `close` waits for it back.
 
         :raises BackendUnavailableError: the connections are closed.
         """

@@ -1,15 +1,15 @@
 """How an event is stored in the Redis Stream, and read back without serializing again.
 
-An entry holds the fields ``seq``, ``type``, ``channel``, ``data`` and ``body`` (the
-encoded SSE frame without its ``id:`` line); the stream id Redis assigns is the event
-id. ``seq`` counts the entries of the stream: a Lua script reads the newest entry's and
+An entry holds the fields `seq`, `type`, `channel`, `data` and `body` (the
+encoded SSE frame without its `id:` line); the stream id Redis assigns is the event
+id. `seq` counts the entries of the stream: a Lua script reads the newest entry's and
 appends the next in one atomic step, so a reader that finds a number missing knows that
 an entry was trimmed away before it could read it.
 
-Each entry also holds ``run``, the ``run_id`` of the server that wrote it. When the
+Each entry also holds `run`, the `run_id` of the server that wrote it. When the
 script finds the newest entry written by another run, the server restarted since, and
 what was published just before may be gone (an append-only file not yet synced, a
-snapshot minutes old): it appends a *gap marker*, an entry of type ``ssecast.gap``,
+snapshot minutes old): it appends a *gap marker*, an entry of type `ssecast.gap`,
 before the event. No client receives a marker as such: every reader that reads one gives
 its subscribers a gap, and no replay crosses one. It takes no process listening across
 the restart, since the first publish after it writes the marker.
@@ -85,9 +85,9 @@ class Entry(NamedTuple):
 
     id: str
     seq: int | None
-    """Its number in the stream; ``None`` if it has none (written by ssecast 0.1)."""
+    """Its number in the stream; `None` if it has none (written by ssecast 0.1)."""
     event: Event | None
-    """The event it holds; ``None`` for a gap marker or an entry ssecast did not write."""
+    """The event it holds; `None` for a gap marker or an entry ssecast did not write."""
     gap: bool = False
     """Whether it is a gap marker."""
 
@@ -118,18 +118,18 @@ class Entry(NamedTuple):
 
 
 def publish_args(maxlen: int, draft: Draft) -> list[str | bytes | int]:
-    """Return the ``ARGV`` of :data:`PUBLISH_SCRIPT` for ``draft``."""
+    """Return the `ARGV` of `PUBLISH_SCRIPT` for `draft`."""
     return [maxlen, draft.type, draft.channel, draft.data, draft.body, GAP_EVENT_TYPE]
 
 
 def read_reply(reply: object) -> list[Entry]:
-    """Return the entries of an XREAD reply (RESP2: ``[[key, [entry, ...]]]``)."""
+    """Return the entries of an XREAD reply (RESP2: `[[key, [entry, ...]]]`)."""
     streams = cast("list[tuple[bytes, list[_Raw]]]", reply)
     return [Entry.parse(raw) for _key, raws in streams for raw in raws]
 
 
 def parse_id(value: str) -> tuple[int, int] | None:
-    """Return a stream id as a comparable pair, or ``None`` if it is not one."""
+    """Return a stream id as a comparable pair, or `None` if it is not one."""
     match = _STREAM_ID.fullmatch(value)
     if match is None:
         return None

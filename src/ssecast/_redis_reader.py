@@ -1,19 +1,19 @@
 """The thread that reads a backend's Redis Stream and delivers its events, in order.
 
 A process that serves subscribers runs one reader, with one connection, however many
-clients it serves. It loops on ``XREAD BLOCK`` after its cursor (the last id it read)
+clients it serves. It loops on `XREAD BLOCK` after its cursor (the last id it read)
 and hands each event to the broadcaster, in stream order.
 
-When events may have been lost, it calls ``report_gap`` before the next event it
-delivers, so that every subscriber learns of the hole (an ``ssecast.gap`` event) instead
+When events may have been lost, it calls `report_gap` before the next event it
+delivers, so that every subscriber learns of the hole (an `ssecast.gap` event) instead
 of skipping it:
 
-- a number missing in the entries' ``seq``: while this process was paused (SIGSTOP, a
-  long collection, a starved CPU), others published more than ``maxlen`` events and the
+- a number missing in the entries' `seq`: while this process was paused (SIGSTOP, a
+  long collection, a starved CPU), others published more than `maxlen` events and the
   stream trimmed some it had not read yet;
 - a gap marker, which the first publish after a Redis restart writes (see
-  ``_redis_entries.py``), or, after a lost connection, a server that restarted (its
-  ``run_id`` changed): what was published just before may be gone;
+  `_redis_entries.py`), or, after a lost connection, a server that restarted (its
+  `run_id` changed): what was published just before may be gone;
 - after a lost connection, a stream that no longer holds the cursor's entry (reset,
   rolled back to an older snapshot, or trimmed while the reader was away).
 
@@ -62,17 +62,17 @@ class Position(NamedTuple):
     cursor: str
     """The id of the last entry read; reading goes on after it."""
     seq: int | None
-    """That entry's number, which the next one follows; ``None`` when unknown."""
+    """That entry's number, which the next one follows; `None` when unknown."""
     run_id: str | None
-    """The server's ``run_id`` then; ``None`` when Redis does not say (INFO refused)."""
+    """The server's `run_id` then; `None` when Redis does not say (INFO refused)."""
 
 
 class Reader:
-    """Delivers every event after ``start`` to ``deliver``, in a thread of its own.
+    """Delivers every event after `start` to `deliver`, in a thread of its own.
 
-    :param client: a client of its own, with one connection, which :meth:`stop` shuts.
+    :param client: a client of its own, with one connection, which `stop` shuts.
     :param key: the stream.
-    :param start: where to begin (see :func:`locate`).
+    :param start: where to begin (see `locate`).
     """
 
     def __init__(
@@ -98,7 +98,7 @@ class Reader:
         )
 
     def start(self) -> None:
-        """Start reading; after :meth:`stop`, the thread ends at once."""
+        """Start reading; after `stop`, the thread ends at once."""
         self._thread.start()
 
     def stop(self) -> None:
@@ -154,7 +154,7 @@ class Reader:
                 self._take(entry)
 
     def _take(self, entry: Entry) -> None:
-        """Deliver ``entry``, after a gap if events may be missing before it."""
+        """Deliver `entry`, after a gap if events may be missing before it."""
         seq = self._position.seq
         if self._skip_through is not None:
             if (parse_id(entry.id) or (0, 0)) <= self._skip_through:
@@ -231,7 +231,7 @@ class Reader:
 
 
 def locate(client: redis.Redis, key: str) -> Position:
-    """Return the position after the newest entry of ``key``, on the server now.
+    """Return the position after the newest entry of `key`, on the server now.
 
     :raises redis.exceptions.RedisError: Redis could not be reached, or refused.
     """
@@ -253,6 +253,6 @@ def _run_id(client: redis.Redis) -> str | None:
 
 
 def _backoff(failures: int) -> float:
-    """Seconds to wait after ``failures`` attempts in a row: doubling, capped, jittered."""
+    """Seconds to wait after `failures` attempts in a row: doubling, capped, jittered."""
     ceiling = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** min(failures - 1, 16))
     return random.uniform(ceiling / 2, ceiling)

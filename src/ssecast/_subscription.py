@@ -1,15 +1,15 @@
 """One client's subscription: its pending frames, how it is read, and the audience that feeds it.
 
-The broadcaster appends frames to a :class:`Feed` under its lock; a reader takes
+The broadcaster appends frames to a `Feed` under its lock; a reader takes
 everything pending in one chunk (one socket write however far it fell behind). Every
-reader does that through one operation, :meth:`Feed.poll`, which takes what is pending
+reader does that through one operation, `Feed.poll`, which takes what is pending
 and parks a *waiter* to be woken when more comes:
 
-- a ``threading.Event`` for a thread (``for chunk in sub``), which it waits on;
-- a :class:`Callback` for an event loop: the loop calls its ``ready()`` when frames or
-  the end arrive, and a :class:`Heartbeat` calls its ``heartbeat_due()`` once the reader
-  has been quiet for a heartbeat. A task (``async for``) parks one that resolves the
-  future it awaits; the ASGI pump (``_pump.py``) is one, and writes from the callback.
+- a `threading.Event` for a thread (`for chunk in sub`), which it waits on;
+- a `Callback` for an event loop: the loop calls its `ready()` when frames or
+  the end arrive, and a `Heartbeat` calls its `heartbeat_due()` once the reader
+  has been quiet for a heartbeat. A task (`async for`) parks one that resolves the
+  future it awaits; the ASGI pump (`_pump.py`) is one, and writes from the callback.
 
 Publishers collect the waiters to wake under the lock and wake them after releasing it,
 with one callback per event loop rather than one per subscriber.
@@ -60,7 +60,7 @@ Waiter = threading.Event | Callback
 
 
 class Status(enum.Enum):
-    """What :meth:`Feed.poll` found when it found no frames."""
+    """What `Feed.poll` found when it found no frames."""
 
     IDLE = "nothing pending; the waiter is parked"
     ENDED = "the subscription ended, and every frame left was read"
@@ -70,9 +70,9 @@ class CloseReason(enum.StrEnum):
     """Why a subscription ended."""
 
     UNSUBSCRIBED = "unsubscribed"
-    """The consumer closed it, or left its ``with`` block."""
+    """The consumer closed it, or left its `with` block."""
     EVICTED = "evicted"
-    """It fell more than ``queue_size`` frames behind; its pending frames were dropped."""
+    """It fell more than `queue_size` frames behind; its pending frames were dropped."""
     SHUTDOWN = "shutdown"
     """The broadcaster was closed; frames already pending are still read out."""
 
@@ -85,8 +85,8 @@ class Feed:
 
     :ivar channels: the channels it receives.
     :ivar capacity: the most frames it may have pending.
-    :ivar heartbeat: seconds of silence before its reader sends a heartbeat, or ``None``.
-    :ivar close_reason: ``None`` while open, then why it ended.
+    :ivar heartbeat: seconds of silence before its reader sends a heartbeat, or `None`.
+    :ivar close_reason: `None` while open, then why it ended.
     """
 
     __slots__ = (
@@ -116,7 +116,7 @@ class Feed:
         self.heartbeat = heartbeat
         self.close_reason: CloseReason | None = None
         self.held_for: str | None = None
-        """The id it waits for before it joins its audiences; see ``Broadcaster._hold``."""
+        """The id it waits for before it joins its audiences; see `Broadcaster._hold`."""
         self._lock = lock
         # Frames written before the live ones (retry, replay, gap); they do not count
         # against the capacity, and are the very objects the history holds, not copies.
@@ -137,15 +137,15 @@ class Feed:
         return self._waiter is not None
 
     def poll(self, waiter: Waiter | None) -> list[bytes] | Status:
-        """Take what is pending, and leave ``waiter`` parked unless the feed has ended.
+        """Take what is pending, and leave `waiter` parked unless the feed has ended.
 
         Whatever waiter was parked before is taken back first (a subscription has one
-        reader at a time); ``None`` parks nothing. The frames come back as a list for the
+        reader at a time); `None` parks nothing. The frames come back as a list for the
         caller to join after the lock is released: a reader far behind must not hold up
         publishers while it copies megabytes.
 
-        :returns: the frames, oldest first; else :attr:`Status.IDLE` (``waiter`` will be
-            woken when more come) or :attr:`Status.ENDED`.
+        :returns: the frames, oldest first; else `Status.IDLE` (`waiter` will be
+            woken when more come) or `Status.ENDED`.
         """
         with self._lock:
             pending = self._pending
@@ -168,13 +168,13 @@ class Feed:
         return Status.IDLE if frames is None else frames
 
     def withdraw(self, waiter: Waiter) -> None:
-        """Take back ``waiter`` if it is the one parked (its reader stopped waiting)."""
+        """Take back `waiter` if it is the one parked (its reader stopped waiting)."""
         with self._lock:
             if self._waiter is waiter:
                 self._unpark()
 
     def parked_on(self, loop: asyncio.AbstractEventLoop) -> Callback | None:
-        """Return the waiter parked by a reader on ``loop``, if there is one."""
+        """Return the waiter parked by a reader on `loop`, if there is one."""
         with self._lock:
             waiter = self._waiter
         if waiter is None or isinstance(waiter, threading.Event) or waiter.get_loop() is not loop:
@@ -182,7 +182,7 @@ class Feed:
         return waiter
 
     def join(self, audiences: tuple[Audience, ...]) -> None:
-        """Become a member of ``audiences``, one per channel. The caller holds the lock."""
+        """Become a member of `audiences`, one per channel. The caller holds the lock."""
         self._audiences = audiences
         for audience in audiences:
             audience.add(self)
@@ -190,7 +190,7 @@ class Feed:
                 audience.parked[self] = None
 
     def push(self, frame: bytes, woken: list[Waiter | None]) -> bool:
-        """Append ``frame``; collect the waiter to wake; return whether it overflowed.
+        """Append `frame`; collect the waiter to wake; return whether it overflowed.
 
         The caller holds the lock.
         """
@@ -238,17 +238,17 @@ class Audience:
 
     def __init__(self) -> None:
         self.feeds: dict[Feed, list[bytes]] = {}
-        """Each member's pending list, iterated by :meth:`deliver`."""
+        """Each member's pending list, iterated by `deliver`."""
         self.parked: dict[Feed, None] = {}
         """Members whose reader waits for a frame."""
         self.capacity: int | None = None
-        """The capacity every member shares, or ``None`` once two members differ."""
+        """The capacity every member shares, or `None` once two members differ."""
 
     def __len__(self) -> int:
         return len(self.feeds)
 
     def add(self, feed: Feed) -> None:
-        """Make ``feed`` a member (see :meth:`Feed.join`)."""
+        """Make `feed` a member (see `Feed.join`)."""
         if not self.feeds:
             self.capacity = feed.capacity
         elif self.capacity != feed.capacity:
@@ -256,11 +256,11 @@ class Audience:
         self.feeds[feed] = feed._pending
 
     def remove(self, feed: Feed) -> None:
-        """Stop delivering to ``feed``; :meth:`Feed.end` takes back its waiter."""
+        """Stop delivering to `feed`; `Feed.end` takes back its waiter."""
         del self.feeds[feed]
 
     def deliver(self, frame: bytes, woken: list[Waiter | None], evicted: list[Feed]) -> None:
-        """Append ``frame`` for every member; collect the waiters to wake and the overflowed.
+        """Append `frame` for every member; collect the waiters to wake and the overflowed.
 
         An overflowed member is collected, not removed, because the loop is iterating over
         the dict that holds it; removing inside the loop would skip the next one.
@@ -289,7 +289,7 @@ class Audience:
 
 
 class Heartbeat:
-    """Calls ``heartbeat_due()`` on the waiter of a reader on ``loop`` that has been quiet.
+    """Calls `heartbeat_due()` on the waiter of a reader on `loop` that has been quiet.
 
     One timer per reader, re-armed when it fires, rather than one per wait: a reader that
     gets a chunk every few milliseconds would otherwise make and cancel a timer each time.
@@ -343,10 +343,11 @@ class Heartbeat:
 class Subscription:
     """A live feed of SSE frames for one client, from one or more channels.
 
-    Iterate it (``for`` in a thread, ``async for`` in a task) to get ``bytes`` ready for
-    the socket; use it as a context manager (``with`` or ``async with``) so it is
-    closed when the client goes. Made by :meth:`Broadcaster.subscribe`, not directly.
-    One reader at a time: two threads iterating the same subscription take turns badly.
+    Iterate it (`for` in a thread, `async for` in a task) to get `bytes` ready for the
+    socket; use it as a context manager (`with` or `async with`) so it is closed when the
+    client goes. Made by [`Broadcaster.subscribe`][ssecast.Broadcaster.subscribe], not
+    directly. One reader at a time: two threads iterating the same subscription take turns
+    badly.
 
     :ivar channels: the channels it receives.
     """
@@ -378,12 +379,12 @@ class Subscription:
 
     @property
     def close_reason(self) -> CloseReason | None:
-        """``None`` while open, then why it ended."""
+        """`None` while open, then why it ended."""
         return self._feed.close_reason
 
     @property
     def closed(self) -> bool:
-        """Whether it has ended (see :attr:`close_reason`)."""
+        """Whether it has ended (see [`close_reason`][ssecast.Subscription.close_reason])."""
         return self._feed.closed
 
     def close(self) -> None:
@@ -393,7 +394,7 @@ class Subscription:
             self._beat.stop()
 
     def read_nowait(self) -> bytes:
-        """Return every pending frame as one chunk, or ``b""`` if there is none; never wait."""
+        """Return every pending frame as one chunk, or `b""` if there is none; never wait."""
         frames = self._feed.poll(None)
         return b"".join(frames) if type(frames) is list else b""
 
@@ -509,7 +510,7 @@ class _TaskWaiter:
 
 
 def feed_of(sub: Subscription) -> Feed:
-    """Return the feed behind ``sub``, for readers outside this module (the pump)."""
+    """Return the feed behind `sub`, for readers outside this module (the pump)."""
     return sub._feed
 
 

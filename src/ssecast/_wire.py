@@ -1,8 +1,8 @@
 """SSE framing: the only module that knows how events look on the wire.
 
-It follows the WHATWG HTML specification's ``text/event-stream`` format: UTF-8,
-``field: value`` lines, one ``data:`` line per line of the data, a blank line to end
-an event, and lines starting with ``:`` as comments.
+It follows the WHATWG HTML specification's `text/event-stream` format: UTF-8,
+`field: value` lines, one `data:` line per line of the data, a blank line to end
+an event, and lines starting with `:` as comments.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ HEARTBEAT = b":\n\n"
 
 
 def encode_body(prefix: bytes, data: bytes) -> bytes:
-    """Return an event's frame without its ``id:`` line.
+    """Return an event's frame without its `id:` line.
 
-    :param prefix: the ``event:`` line, made once per type by :func:`event_prefix`.
-    :param data: the UTF-8 data; each of its lines becomes a ``data:`` line.
+    :param prefix: the `event:` line, made once per type by `event_prefix`.
+    :param data: the UTF-8 data; each of its lines becomes a `data:` line.
     """
     if b"\r" in data or b"\n" in data:
         data = b"\ndata: ".join(_LINE_BREAK.split(data))
@@ -31,12 +31,12 @@ def encode_body(prefix: bytes, data: bytes) -> bytes:
 
 
 def event_prefix(event_type: str) -> bytes:
-    """Return the ``event:`` line for a type the caller has already validated."""
+    """Return the `event:` line for a type the caller has already validated."""
     return b"event: " + event_type.encode() + b"\n"
 
 
 def stamp(event_id: str, body: bytes) -> bytes:
-    """Return the complete frame: the ``id:`` line, then the body from :func:`encode_body`."""
+    """Return the complete frame: the `id:` line, then the body from `encode_body`."""
     return b"id: " + event_id.encode() + b"\n" + body
 
 

@@ -14,16 +14,20 @@ from ssecast._http import OPENING
 from ssecast._subscription import Subscription
 from ssecast._wire import HEARTBEAT
 
-__all__ = ["WSGIStream", "close_on_sigterm"]
+__all__ = ["DISCONNECT_KEY", "WSGIStream", "close_on_sigterm"]
 
 # Where WSGI servers put the client's socket; a heartbeat checks it for a closed peer.
 _SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
+
+# ssecast.testing's environ extension: a callable taking a callable to call when the client
+# goes. A WSGI app otherwise learns of a disconnect only at its next write (a heartbeat).
+DISCONNECT_KEY = "ssecast.on_disconnect"
 
 
 class WSGIStream:
     """A WSGI response body: the opening comment, then the subscription's chunks.
 
-    A class rather than a generator because the server calls ``close()`` even on a
+    A class rather than a generator because the server calls `close()` even on a
     body it never iterated (a HEAD request, an error after the view), and the
     subscription must end then too; a generator never started runs no cleanup.
     """
@@ -34,6 +38,9 @@ class WSGIStream:
         self._subscription = subscription
         self._opened = False
         self._socket = _client_socket(environ)
+        on_disconnect = environ.get(DISCONNECT_KEY)
+        if callable(on_disconnect):
+            on_disconnect(self.close)
 
     def __iter__(self) -> Self:
         return self
@@ -54,12 +61,12 @@ class WSGIStream:
 
 
 def close_on_sigterm(broadcaster: Broadcaster) -> None:
-    """Close ``broadcaster`` on SIGTERM, then let the server's own handler stop the server.
+    """Close `broadcaster` on SIGTERM, then let the server's own handler stop the server.
 
     A WSGI server waits for open responses before it exits, and an event stream never
     ends by itself; closing the broadcaster ends them all, cleanly. Call it once the
     server has installed its handler, in each worker: for gunicorn, from the
-    ``post_worker_init`` hook of its config file. Nothing is installed at import time.
+    `post_worker_init` hook of its config file. Nothing is installed at import time.
 
     :param broadcaster: the broadcaster whose streams must end.
     :raises RuntimeError: SIGTERM has no Python handler to hand the signal on to.

@@ -1,30 +1,32 @@
-"""The ASGI adapter: serve a broadcaster's events to ``EventSource`` clients over any ASGI server.
+"""The ASGI adapter: serve a broadcaster's events to `EventSource` clients over any ASGI server.
 
-Install it with ``pip install 'ssecast[asgi]'``; the extra adds nothing, because this
-module uses only the standard library. :class:`EventStream` is a plain ASGI application,
-so it mounts in Starlette, FastAPI, Litestar or Quart, or runs on its own::
+Install it with `pip install 'ssecast[asgi]'`; the extra adds nothing, because this module
+uses only the standard library. [`EventStream`][ssecast.asgi.EventStream] is a plain ASGI
+application, so it mounts in Starlette, FastAPI, Litestar or Quart, or runs on its own:
 
-    import contextlib
+```python
+import contextlib
 
-    from starlette.applications import Starlette
-    from starlette.routing import Route
+from starlette.applications import Starlette
+from starlette.routing import Route
 
-    from ssecast import Broadcaster
-    from ssecast.asgi import EventStream, close_on_signal
+from ssecast import Broadcaster
+from ssecast.asgi import EventStream, close_on_signal
 
-    broadcaster = Broadcaster()
+broadcaster = Broadcaster()
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        async with close_on_signal(broadcaster):
-            yield
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    async with close_on_signal(broadcaster):
+        yield
 
-    app = Starlette(
-        routes=[Route("/events", EventStream(broadcaster, ["prices"]))],
-        lifespan=lifespan,
-    )
+app = Starlette(
+    routes=[Route("/events", EventStream(broadcaster, ["prices"]))],
+    lifespan=lifespan,
+)
+```
 
-(FastAPI: ``app.mount("/events", EventStream(...))``, read at ``/events/``; with a
+(FastAPI: `app.mount("/events", EventStream(...))`, read at `/events/`; with a
 channels callable, the part of the path after the mount point can name the channel.)
 
 Shutdown. A server stops only when its open responses have ended, and an event stream
@@ -32,18 +34,20 @@ never ends by itself, so a plain SSE endpoint hangs shutdown. uvicorn, on SIGTER
 Ctrl+C, stops accepting, waits for open responses, and only *then* runs the lifespan
 shutdown, so closing the broadcaster there comes too late. The setup this module gives:
 
-1. Enter :func:`close_on_signal` in the application's lifespan (as above). On SIGINT
-   or SIGTERM it closes the broadcaster, which ends every stream with a clean end of
-   response, and then hands the signal on to the server's own handler. Nothing is
-   installed at import time.
+1. Enter [`close_on_signal`][ssecast.asgi.close_on_signal] in the application's lifespan
+   (as above). On SIGINT or SIGTERM it closes the broadcaster, which ends every stream
+   with a clean end of response, and then hands the signal on to the server's own
+   handler. Nothing is installed at import time.
 2. Run uvicorn with a graceful-shutdown timeout, as a backstop for a stream blocked
-   writing to a client that stopped reading, which cannot end by itself::
+   writing to a client that stopped reading, which cannot end by itself:
 
-       uvicorn myapp:app --timeout-graceful-shutdown 1
+    ```sh
+    uvicorn myapp:app --timeout-graceful-shutdown 1
+    ```
 
-   When that timeout cancels a stream, :class:`EventStream` ends the response cleanly
-   instead of letting the server log a traceback; uvicorn logs one line saying how many
-   tasks it cancelled.
+    When that timeout cancels a stream, [`EventStream`][ssecast.asgi.EventStream] ends the
+    response cleanly instead of letting the server log a traceback; uvicorn logs one
+    line saying how many tasks it cancelled.
 
 With both, SIGTERM with a thousand open streams stops uvicorn in well under two seconds.
 """
@@ -98,7 +102,7 @@ Send: TypeAlias = Callable[[Message], Awaitable[None]]
 """The awaitable callable that sends an event to the client."""
 
 ChannelsFactory: TypeAlias = Callable[[Scope], Sequence[str]]
-"""Picks the channels of one request from its scope; raises ``LookupError`` for none."""
+"""Picks the channels of one request from its scope; raises `LookupError` for none."""
 Authorize: TypeAlias = Callable[[Scope, Sequence[str]], bool | Awaitable[bool]]
 """Decides, sync or async, whether the request may receive these channels."""
 
@@ -111,41 +115,41 @@ _FINAL_WRITE_SECONDS = 0.5
 class EventStream:
     """An ASGI application that streams a broadcaster's events to each client that GETs it.
 
-    Each GET subscribes to the channels, answers ``200`` with ``text/event-stream``
+    Each GET subscribes to the channels, answers `200` with `text/event-stream`
     headers and a first comment at once (so proxies and browsers see the stream open),
-    then writes each chunk of events as it comes. It resumes after the ``Last-Event-ID``
-    header, or a ``lastEventId`` query parameter for clients that cannot set headers.
+    then writes each chunk of events as it comes. It resumes after the `Last-Event-ID`
+    header, or a `lastEventId` query parameter for clients that cannot set headers.
     When the client disconnects, its subscription is closed at once; when the broadcaster
     closes, or evicts the client for falling behind, the response ends cleanly.
 
     Chunks are written from the event loop's wake-up callback rather than by waking the
     request's task for each one, which saves most of the Python work of a delivery. The
-    ``send`` runs in a copy of the request's context (context variables set before the
-    stream began are seen; ones a middleware sets inside ``send`` stay there). Middleware
-    whose ``send`` works only inside its task, such as Starlette's ``BaseHTTPMiddleware``,
+    `send` runs in a copy of the request's context (context variables set before the
+    stream began are seen; ones a middleware sets inside `send` stay there). Middleware
+    whose `send` works only inside its task, such as Starlette's `BaseHTTPMiddleware`,
     is detected when such a write raises (on the first, empty, chunk or any later one),
     and the request's task then does the writing, beginning with the refused chunk. (A
     wrapper that passes the message on and only then raises gets that chunk twice: no
     chunk is lost, and which of the two happened cannot be told from outside.)
 
-    Refusals are short ``text/plain`` answers: ``405`` (with ``Allow``) for a method
-    other than GET, ``404`` when the ``channels`` callable raises ``LookupError``, ``400``
-    for an invalid channel name, ``403`` when ``authorize`` says no (nothing is
-    subscribed), and ``503`` with ``Retry-After`` when ``max_subscribers`` are open or
+    Refusals are short `text/plain` answers: `405` (with `Allow`) for a method
+    other than GET, `404` when the `channels` callable raises `LookupError`, `400`
+    for an invalid channel name, `403` when `authorize` says no (nothing is
+    subscribed), and `503` with `Retry-After` when `max_subscribers` are open or
     the broadcaster is closed or its backend is unavailable. Exceptions raised by
-    ``channels`` or ``authorize`` for other reasons propagate to the server as bugs.
+    `channels` or `authorize` for other reasons propagate to the server as bugs.
 
     :param broadcaster: where the events come from.
     :param channels: the channels every request receives, or a callable taking the ASGI
         scope and returning them (from the path or query, say); it raises
-        ``LookupError`` for a channel that does not exist.
-    :param authorize: called as ``authorize(scope, channels)`` before subscribing; a
-        plain or ``async`` function returning a bool.
+        `LookupError` for a channel that does not exist.
+    :param authorize: called as `authorize(scope, channels)` before subscribing; a
+        plain or `async` function returning a bool.
     :param headers: extra response headers for the stream; a name given here replaces
         the default header of that name.
-    :raises ConfigurationError: ``channels`` is a bare ``str`` or empty, or a header
+    :raises ConfigurationError: `channels` is a bare `str` or empty, or a header
         holds CR, LF or NUL.
-    :raises InvalidFieldError: a channel name in a fixed ``channels`` is invalid.
+    :raises InvalidFieldError: a channel name in a fixed `channels` is invalid.
     """
 
     def __init__(
@@ -208,7 +212,7 @@ class EventStream:
         await self._stream(sub, receive, send)
 
     async def _stream(self, sub: Subscription, receive: Receive, send: Send) -> None:
-        """Write ``sub`` to the client until either of them ends."""
+        """Write `sub` to the client until either of them ends."""
         listener = asyncio.get_running_loop().create_task(_close_on_disconnect(receive, sub))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
@@ -253,7 +257,7 @@ def _end() -> Message:
 
 
 async def _close_on_disconnect(receive: Receive, sub: Subscription) -> None:
-    """Close ``sub`` as soon as the server reports that the client has gone."""
+    """Close `sub` as soon as the server reports that the client has gone."""
     try:
         while (await receive())["type"] != "http.disconnect":
             pass  # the (empty) request body of the GET
@@ -322,11 +326,11 @@ async def close_on_signal(
     broadcaster: Broadcaster,
     signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM),
 ) -> AsyncIterator[Broadcaster]:
-    """Close ``broadcaster`` when the process gets a stop signal, so that servers can stop.
+    """Close `broadcaster` when the process gets a stop signal, so that servers can stop.
 
     Enter it in the application's lifespan, which runs in the server's event loop. For
-    each of ``signals`` whose handler is a Python function (uvicorn's, hypercorn's), it
-    installs a handler that schedules ``broadcaster.aclose()`` on the loop and then calls
+    each of `signals` whose handler is a Python function (uvicorn's, hypercorn's), it
+    installs a handler that schedules `broadcaster.aclose()` on the loop and then calls
     the handler it replaced, so the server goes on to shut down as usual, now with every
     event stream ending at once. Signals left at their default or ignored are not
     touched, and outside the main thread (where Python takes no signal handlers) nothing
@@ -335,7 +339,7 @@ async def close_on_signal(
 
     :param broadcaster: the broadcaster to close.
     :param signals: the signals that mean "stop"; SIGINT and SIGTERM by default.
-    :returns: an async context manager that yields ``broadcaster``.
+    :returns: an async context manager that yields `broadcaster`.
     """
     loop = asyncio.get_running_loop()
     closing: set[asyncio.Task[None]] = set()

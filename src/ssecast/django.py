@@ -1,11 +1,11 @@
 """Django adapter: answer a view with a subscription streamed as Server-Sent Events.
 
-Call :func:`stream` from a view, after the view's own checks, or route
-:class:`EventStreamView` in a URLconf. Under ASGI (uvicorn, daphne) the stream is an
-async iterator read on the event loop, so an open stream holds no thread; under WSGI
-(gunicorn, runserver) it is a plain iterator and holds one server thread, so run
-gunicorn with ``--worker-class gthread --threads N`` where N is more than the streams
-you expect.
+Call [`stream`][ssecast.django.stream] from a view, after the view's own checks, or route
+[`EventStreamView`][ssecast.django.EventStreamView] in a URLconf. Under ASGI (uvicorn,
+daphne) the stream is an async iterator read on the event loop, so an open stream holds no
+thread; under WSGI (gunicorn, runserver) it is a plain iterator and holds one server
+thread, so run gunicorn with `--worker-class gthread --threads N` where N is more than the
+streams you expect.
 """
 
 from __future__ import annotations
@@ -52,17 +52,17 @@ __all__ = ["EventStreamView", "close_on_sigterm", "get_asgi_application", "strea
 
 
 def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> HttpResponseBase:
-    """Subscribe ``request`` to ``channels`` and return the streaming response.
+    """Subscribe `request` to `channels` and return the streaming response.
 
-    The client resumes where it left off with the ``Last-Event-ID`` header or, for
-    clients that cannot set headers, a ``lastEventId`` query parameter. Refusals come
+    The client resumes where it left off with the `Last-Event-ID` header or, for
+    clients that cannot set headers, a `lastEventId` query parameter. Refusals come
     back as ordinary responses rather than exceptions: 400 for an invalid channel name,
-    503 with ``Retry-After`` when the broadcaster is full (``max_subscribers``) or closed,
+    503 with `Retry-After` when the broadcaster is full (`max_subscribers`) or closed,
     or its backend is unreachable.
 
-    :param request: the request being answered; an ``ASGIRequest`` gets an async stream.
+    :param request: the request being answered; an `ASGIRequest` gets an async stream.
     :param broadcaster: where the events come from.
-    :param channels: the channels to receive (``"default"`` if none).
+    :param channels: the channels to receive (`"default"` if none).
     """
     if request.method == "HEAD":
         # A HEAD response has no body, so a subscription would only hold a thread.
@@ -97,15 +97,18 @@ def _with_stream_headers(response: HttpResponseBase) -> HttpResponseBase:
 class EventStreamView(View):
     """A class-based view that streams a broadcaster's channels to every GET.
 
-    Configure it in the URLconf, and wrap it for authorization as any view::
+    Configure it in the URLconf, and wrap it for authorization as any view:
 
-        path("prices/", login_required(EventStreamView.as_view(broadcaster=b, channels=["prices"])))
+    ```python
+    path("prices/", login_required(EventStreamView.as_view(broadcaster=b, channels=["prices"])))
+    ```
 
-    Override :meth:`get_channels` to pick channels per request (from ``self.kwargs``, the
-    user, ...); raise ``PermissionDenied`` there to answer 403 before subscribing.
+    Override [`get_channels`][ssecast.django.EventStreamView.get_channels] to pick
+    channels per request (from `self.kwargs`, the user, ...); raise `PermissionDenied`
+    there to answer 403 before subscribing.
 
     :cvar broadcaster: where the events come from; required.
-    :cvar channels: the channels to receive (``"default"`` if empty).
+    :cvar channels: the channels to receive (`"default"` if empty).
     """
 
     broadcaster: Broadcaster | None = None
@@ -114,9 +117,9 @@ class EventStreamView(View):
     http_method_names = ["get", "options"]  # noqa: RUF012 - View declares a plain list
 
     def get_channels(self) -> Sequence[str]:
-        """Return the channels this request receives; by default :attr:`channels`.
+        """Return the channels this request receives; by default `channels`.
 
-        :raises ImproperlyConfigured: ``channels`` is a single ``str``.
+        :raises ImproperlyConfigured: `channels` is a single `str`.
         """
         if isinstance(self.channels, str):
             raise ImproperlyConfigured(
@@ -126,9 +129,9 @@ class EventStreamView(View):
         return self.channels
 
     def get(self, request: HttpRequest, *args: object, **kwargs: object) -> HttpResponseBase:
-        """Answer the GET with the stream (see :func:`stream`).
+        """Answer the GET with the stream (see [`stream`][ssecast.django.stream]).
 
-        :raises ImproperlyConfigured: no broadcaster was given to ``as_view``.
+        :raises ImproperlyConfigured: no broadcaster was given to `as_view`.
         """
         if self.broadcaster is None:
             raise ImproperlyConfigured(
@@ -167,17 +170,19 @@ async def _frames(subscription: Subscription) -> AsyncIterator[bytes]:
 def get_asgi_application(
     broadcaster: Broadcaster,
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """Return Django's ASGI application, made to close ``broadcaster`` on SIGTERM and SIGINT.
+    """Return Django's ASGI application, made to close `broadcaster` on SIGTERM and SIGINT.
 
-    Use it in place of Django's own ``get_asgi_application()`` in ``asgi.py``::
+    Use it in place of Django's own `get_asgi_application()` in `asgi.py`:
 
-        application = ssecast.django.get_asgi_application(broadcaster)
+    ```python
+    application = ssecast.django.get_asgi_application(broadcaster)
+    ```
 
-    A server waits for open responses before it stops, and an event stream never ends
-    by itself. Django answers no ASGI lifespan, so this adds one that enters
-    :func:`ssecast.asgi.close_on_signal` once the server (uvicorn) has installed its
-    signal handlers: a stop signal then closes the broadcaster first and every stream
-    ends at once.
+    A server waits for open responses before it stops, and an event stream never ends by
+    itself. Django answers no ASGI lifespan, so this adds one that enters
+    [`ssecast.asgi.close_on_signal`][ssecast.asgi.close_on_signal] once the server
+    (uvicorn) has installed its signal handlers: a stop signal then closes the broadcaster
+    first and every stream ends at once.
 
     :param broadcaster: the broadcaster whose streams must end on a stop signal.
     """

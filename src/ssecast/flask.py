@@ -1,17 +1,19 @@
 """Flask adapter: answer a view with a subscription streamed as Server-Sent Events.
 
-Call :func:`stream` inside a view, so the app's own decorators (login, permissions)
-decide first who may listen::
+Call [`stream`][ssecast.flask.stream] inside a view, so the app's own decorators (login,
+permissions) decide first who may listen:
 
-    @app.get("/events")
-    @login_required
-    def events():
-        return ssecast.flask.stream(broadcaster, "prices")
+```python
+@app.get("/events")
+@login_required
+def events():
+    return ssecast.flask.stream(broadcaster, "prices")
+```
 
 Each open stream holds one server thread for as long as the client listens, so run it
 under a server with many threads: werkzeug's threaded dev server, or gunicorn with
-``--worker-class gthread --threads N`` where N is more than the streams you expect (the
-``sync`` worker has one thread and would serve one client at a time).
+`--worker-class gthread --threads N` where N is more than the streams you expect (the
+`sync` worker has one thread and would serve one client at a time).
 """
 
 from __future__ import annotations
@@ -44,18 +46,18 @@ __all__ = ["close_on_sigterm", "stream"]
 
 
 def stream(broadcaster: Broadcaster, *channels: str) -> flask.Response:
-    """Subscribe the current request to ``channels`` and return the streaming response.
+    """Subscribe the current request to `channels` and return the streaming response.
 
-    The client resumes where it left off with the ``Last-Event-ID`` header or, for
-    clients that cannot set headers, a ``lastEventId`` query parameter. Refusals are
-    raised as werkzeug HTTP exceptions, so the app's ``errorhandler`` renders them.
+    The client resumes where it left off with the `Last-Event-ID` header or, for
+    clients that cannot set headers, a `lastEventId` query parameter. Refusals are
+    raised as werkzeug HTTP exceptions, so the app's `errorhandler` renders them.
 
     :param broadcaster: where the events come from.
-    :param channels: the channels to receive (``"default"`` if none).
+    :param channels: the channels to receive (`"default"` if none).
     :raises werkzeug.exceptions.BadRequest: a channel name is invalid (400).
     :raises werkzeug.exceptions.ServiceUnavailable: the broadcaster is full
-        (``max_subscribers``) or closed, or its backend is unreachable (503, with
-        ``Retry-After``).
+        (`max_subscribers`) or closed, or its backend is unreachable (503, with
+        `Retry-After`).
     """
     request = flask.request
     if request.method == "HEAD":

@@ -2,30 +2,30 @@
 
 Design
 ------
-Every backend with the same database and ``table`` shares the events in that table
-(see ``_postgres_table.py`` for its columns, ids and trimming):
+Every backend with the same database and `table` shares the events in that table
+(see `_postgres_table.py` for its columns, ids and trimming):
 
-- ``publish`` appends the event in one transaction, under a transaction-level advisory
+- `publish` appends the event in one transaction, under a transaction-level advisory
   lock, so rows commit in id order; the transaction also trims old rows and sends
-  ``NOTIFY`` with the row's id, never its payload, so any payload up to
-  ``max_payload_bytes`` fits. ``apublish`` does the same from a worker thread.
-- ``listen`` creates the table if it is missing, runs ``LISTEN``, notes the newest row and
-  starts ONE listener thread (``_postgres_reader.py``), which reads the rows after the
+  `NOTIFY` with the row's id, never its payload, so any payload up to
+  `max_payload_bytes` fits. `apublish` does the same from a worker thread.
+- `listen` creates the table if it is missing, runs `LISTEN`, notes the newest row and
+  starts ONE listener thread (`_postgres_reader.py`), which reads the rows after the
   last one it delivered whenever a notification comes, and delivers them in id order.
   A process therefore holds one listening connection however many SSE clients it serves.
-- ``replay`` reads a range of ids by the primary key, and checks that no row of it was
+- `replay` reads a range of ids by the primary key, and checks that no row of it was
   trimmed (its numbering) and that the id is this table's (its token).
 
 Faults
 ------
-- ``publish``, ``apublish`` and ``replay`` raise
+- `publish`, `apublish` and `replay` raise
   [`BackendUnavailableError`][ssecast.BackendUnavailableError] when PostgreSQL cannot be
   reached or refuses the statement. Statements are never retried behind the caller's
   back, except once after creating a missing table. When the connection is lost during
   the commit, the event may still have been published.
 - The listener reconnects with backoff and reads what was published meanwhile from the
   table; where rows were trimmed before it read them, or the table was replaced, every
-  subscriber of the process gets an ``ssecast.gap`` event: never a silent hole.
+  subscriber of the process gets an `ssecast.gap` event: never a silent hole.
 """
 
 from __future__ import annotations
@@ -66,16 +66,16 @@ class PostgresBackend:
     """Carry events between processes through one PostgreSQL table; keep history there.
 
     Pass it to [`Broadcaster`][ssecast.Broadcaster] in every process that publishes or
-    serves subscribers; backends on the same database and ``table`` act as one
+    serves subscribers; backends on the same database and `table` act as one
     broadcaster. It connects on first use, never in the constructor, so a broadcaster made
     at import time survives a pre-forking server. One backend serves one broadcaster.
 
-    :param dsn: where PostgreSQL is, as libpq takes it: ``postgresql://user@host/db`` or
-        ``host=... dbname=...``. Every connection's ``application_name`` is set to
-        ``ssecast <table>`` (the `application_name` attribute), whatever the DSN says.
-    :param table: the table that holds the events, ``name`` or ``schema.name`` (letters,
+    :param dsn: where PostgreSQL is, as libpq takes it: `postgresql://user@host/db` or
+        `host=... dbname=...`. Every connection's `application_name` is set to
+        `ssecast <table>` (the `application_name` attribute), whatever the DSN says.
+    :param table: the table that holds the events, `name` or `schema.name` (letters,
         digits and underscores, at most 55 characters); created if missing.
-    :param maxlen: about how many events the table keeps for ``Last-Event-ID`` resume
+    :param maxlen: about how many events the table keeps for `Last-Event-ID` resume
         (trimmed every few publishes, so up to a tenth more, at most 99, may stay).
     :raises ConfigurationError: an argument is out of range.
     """
@@ -93,7 +93,7 @@ class PostgresBackend:
             raise ConfigurationError(f"table must be a str, got {table!r}")
         self._table = Table(table, maxlen)
         self.application_name: Final = "ssecast " + table
-        """The ``application_name`` of this backend's connections, in ``pg_stat_activity``."""
+        """The `application_name` of this backend's connections, in `pg_stat_activity`."""
         self._connections = Connections(dsn, self.application_name)
 
         # A leaf lock (see the table in _broadcaster.py) for the state below; never held
@@ -113,13 +113,13 @@ class PostgresBackend:
 
     @classmethod
     def from_django(cls, using: str = "default", **options: object) -> PostgresBackend:
-        """Return a backend on the database of Django's ``DATABASES[using]``.
+        """Return a backend on the database of Django's `DATABASES[using]`.
 
-        Its name, user, password, host, port and ``OPTIONS`` (the libpq ones) are used;
+        Its name, user, password, host, port and `OPTIONS` (the libpq ones) are used;
         the connections are ssecast's own, never Django's.
 
         :param using: the alias of a PostgreSQL database in Django's settings.
-        :param options: ``table`` and ``maxlen``, as for the constructor.
+        :param options: `table` and `maxlen`, as for the constructor.
         :raises ConfigurationError: there is no such alias, or it is not PostgreSQL.
         """
         from django.db import connections
@@ -173,10 +173,10 @@ class PostgresBackend:
             self._deliver, self._report_gap = deliver, report_gap
 
     def listen(self) -> None:
-        """Create the table if need be, ``LISTEN``, and start the thread that delivers.
+        """Create the table if need be, `LISTEN`, and start the thread that delivers.
 
         Every event published after this call returns, by any process, is passed to the
-        ``deliver`` given to `start`, in id order, from the listener thread.
+        `deliver` given to `start`, in id order, from the listener thread.
 
         :raises BackendUnavailableError: PostgreSQL could not be reached, or the backend
             was closed meanwhile; call again to retry.
@@ -223,7 +223,7 @@ class PostgresBackend:
     # -- publishing --------------------------------------------------------------------
 
     def publish(self, draft: Draft) -> Event:
-        """Append ``draft`` to the table and notify listeners; return the event it became.
+        """Append `draft` to the table and notify listeners; return the event it became.
 
         :param draft: the validated, encoded event.
         :raises BackendUnavailableError: PostgreSQL could not be reached or refused.
@@ -248,16 +248,16 @@ class PostgresBackend:
     def replay(
         self, after: str, until: str | None, channels: frozenset[str]
     ) -> list[Event] | Ahead | None:
-        """Return the events on ``channels`` after id ``after``, up to ``until`` included.
+        """Return the events on `channels` after id `after`, up to `until` included.
 
         :param after: the id the client saw last.
-        :param until: the last id already delivered to this process; ``None`` means the
+        :param until: the last id already delivered to this process; `None` means the
             newest row when `listen` ran.
         :param channels: the channels to keep.
-        :returns: an [`Ahead`][ssecast.Ahead] when ``after`` is in the table but newer
-            than ``until``; ``None`` when it is not an id of this table (malformed, from
+        :returns: an [`Ahead`][ssecast.Ahead] when `after` is in the table but newer
+            than `until`; `None` when it is not an id of this table (malformed, from
             another table or database), is not in it (trimmed), or events after it may
-            be lost (a number missing in ``seq``).
+            be lost (a number missing in `seq`).
         :raises BackendUnavailableError: PostgreSQL could not be reached or refused.
         """
         wanted = parse_id(after)
@@ -284,7 +284,7 @@ class PostgresBackend:
     def _range(
         self, conn: Connection, token: str, first: int, end: int, channels: frozenset[str]
     ) -> list[Event] | None:
-        """Read ids (``first``, ``end``] page by page; ``None`` where events may be missing."""
+        """Read ids (`first`, `end`] page by page; `None` where events may be missing."""
         events: list[Event] = []
         cursor = first
         while True:

@@ -2,45 +2,46 @@
 
 Design
 ------
-Every backend with the same Redis database and ``prefix`` shares one Redis Stream,
-whose key is ``prefix + "events"``:
+Every backend with the same Redis database and `prefix` shares one Redis Stream,
+whose key is `prefix + "events"`:
 
-- ``publish`` appends the event with one Lua script that also numbers it (``XADD <key>
-  MAXLEN ~ <maxlen> *``; see ``_redis_entries.py`` for the fields). The stream id Redis
+- `publish` appends the event with one Lua script that also numbers it (`XADD <key>
+  MAXLEN ~ <maxlen> *`; see `_redis_entries.py` for the fields). The stream id Redis
   assigns is the event id. Validation and serialization happen once, in the publishing
   process; every other process rebuilds the event from the encoded frame, without
-  serializing again. ``apublish`` does the same from a worker thread, so it never blocks
+  serializing again. `apublish` does the same from a worker thread, so it never blocks
   the loop and keeps nothing per event loop.
-- ``listen`` (the broadcaster calls it before its first subscription; a process that
+- `listen` (the broadcaster calls it before its first subscription; a process that
   only publishes never does) notes the newest entry and starts ONE reader thread per
-  backend (``_redis_reader.py``), which delivers every later event in stream order. A
+  backend (`_redis_reader.py`), which delivers every later event in stream order. A
   process therefore holds one reading connection however many SSE clients it serves,
   and every subscriber, in every process, sees a channel's events in the stream's order.
   A process that publishes and subscribes gets its own events through its reader too.
-- ``replay`` reads the history with ``XRANGE`` (exclusive start, so Redis >= 6.2) and
+- `replay` reads the history with `XRANGE` (exclusive start, so Redis >= 6.2) and
   keeps the events of the wanted channels. An id that is malformed, trimmed away by
-  ``MAXLEN`` or absent from the stream gives ``None``: the client gets a gap event.
+  `MAXLEN` or absent from the stream gives `None`: the client gets a gap event.
   So does an id newer than the last one this process delivered (the client saw it
   through a faster process); the broadcaster then looks for it among the events that
   arrive meanwhile.
 
 Faults
 ------
-- ``publish``, ``apublish`` and ``replay`` raise :class:`~ssecast.BackendUnavailableError`
-  when Redis cannot be reached, does not answer in time, or refuses the command.
-  Commands are never retried behind the caller's back: a retried ``XADD`` could publish
-  an event twice. When the error comes from a timeout, Redis may still have appended the
-  event; ``publish`` raising means only that the event was not acknowledged. Likewise,
-  an ``apublish`` cancelled while its worker thread waits for Redis may still publish.
+- `publish`, `apublish` and `replay` raise
+  [`BackendUnavailableError`][ssecast.BackendUnavailableError] when Redis cannot be
+  reached, does not answer in time, or refuses the command. Commands are never retried
+  behind the caller's back: a retried `XADD` could publish an event twice. When the error
+  comes from a timeout, Redis may still have appended the event; `publish` raising means
+  only that the event was not acknowledged. Likewise, an `apublish` cancelled while its
+  worker thread waits for Redis may still publish.
 - The reader reconnects with backoff and goes on after the last id it read, so events
   published while it was away are delivered once Redis is back, and subscribers stay
   connected throughout. Where events may have been lost instead (the reader fell more
-  than ``maxlen`` behind, Redis restarted, the stream was reset), every subscriber of
-  the process gets an ``ssecast.gap`` event before the next one: never a silent hole.
+  than `maxlen` behind, Redis restarted, the stream was reset), every subscriber of
+  the process gets an `ssecast.gap` event before the next one: never a silent hole.
   After a restart, the first publish also writes a gap marker into the stream, so that
   every process learns of it, and no client resumes across it without a gap.
 
-Connections carry the client name ``ssecast:<prefix>`` (``CLIENT LIST`` shows them):
+Connections carry the client name `ssecast:<prefix>` (`CLIENT LIST` shows them):
 one for the reader, in a process that subscribes, and a pool for publishing and replay
 that grows to the number of threads doing so at once. A worker that only serves streams
 holds one, and so does a process that only publishes from one thread or one loop.
@@ -81,17 +82,18 @@ _SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
 class RedisBackend:
     """Carry events between processes through one Redis Stream; keep history there.
 
-    Pass it to :class:`~ssecast.Broadcaster` in every process that publishes or serves
-    subscribers; backends with the same database and ``prefix`` act as one broadcaster.
-    It connects on first use, never in the constructor, so a broadcaster created at
-    import time survives a pre-forking server. One backend serves one broadcaster.
+    Pass it to [`Broadcaster`][ssecast.Broadcaster] in every process that publishes or
+    serves subscribers; backends with the same database and `prefix` act as one
+    broadcaster. It connects on first use, never in the constructor, so a broadcaster
+    created at import time survives a pre-forking server. One backend serves one
+    broadcaster.
 
-    :param url: where Redis is, e.g. ``redis://127.0.0.1:6379/0`` (``rediss://`` and
-        ``unix://`` work too). Redis 6.2 or later.
+    :param url: where Redis is, e.g. `redis://127.0.0.1:6379/0` (`rediss://` and
+        `unix://` work too). Redis 6.2 or later.
     :param prefix: the start of every key this backend uses; backends that share it
         share their events.
-    :param maxlen: about how many events the stream keeps for ``Last-Event-ID`` resume
-        (trimmed with ``MAXLEN ~``, so a little more may stay).
+    :param maxlen: about how many events the stream keeps for `Last-Event-ID` resume
+        (trimmed with `MAXLEN ~`, so a little more may stay).
     :raises ConfigurationError: an argument is out of range.
     """
 
@@ -117,7 +119,7 @@ class RedisBackend:
         self.client_name: Final = "ssecast:" + "".join(
             char if "!" <= char <= "~" else "_" for char in prefix
         )
-        """The name this backend's connections carry in ``CLIENT LIST``."""
+        """The name this backend's connections carry in `CLIENT LIST`."""
         self._connections = Connections(url, self.client_name)
 
         # A leaf lock (see the table in _broadcaster.py) for the state below; never held
@@ -145,7 +147,9 @@ class RedisBackend:
     # -- delivery --------------------------------------------------------------------
 
     def start(self, deliver: Deliver, report_gap: ReportGap) -> None:
-        """Remember where :meth:`listen` will deliver; connect to nothing yet.
+        """Remember where to deliver events and report gaps; connect to nothing yet.
+
+        [`listen`][ssecast.redis.RedisBackend.listen] begins the delivery.
 
         :param deliver: called with each event, one call at a time.
         :param report_gap: called when events may have been lost before the next one.
@@ -160,7 +164,8 @@ class RedisBackend:
         """Note the newest entry of the stream and start the thread that delivers what follows.
 
         Every event appended after this call returns, by any process, is passed to the
-        ``deliver`` given to :meth:`start`, in stream order, from the reader thread.
+        `deliver` given to [`start`][ssecast.redis.RedisBackend.start], in stream order,
+        from the reader thread.
 
         :raises BackendUnavailableError: Redis could not be reached, or the backend was
             closed meanwhile; call again to retry.
@@ -199,7 +204,7 @@ class RedisBackend:
     # -- publishing ------------------------------------------------------------------
 
     def publish(self, draft: Draft) -> Event:
-        """Append ``draft`` to the stream; return it as the event it became.
+        """Append `draft` to the stream; return it as the event it became.
 
         :param draft: the validated, encoded event.
         :raises BackendUnavailableError: Redis could not be reached or did not answer.
@@ -211,7 +216,7 @@ class RedisBackend:
         return draft.stamp(cast("bytes", stream_id).decode())
 
     async def apublish(self, draft: Draft) -> Event:
-        """Do what :meth:`publish` does in a worker thread, leaving the loop free.
+        """Do what [`publish`][ssecast.redis.RedisBackend.publish] does, in a worker thread.
 
         :param draft: the validated, encoded event.
         :raises BackendUnavailableError: Redis could not be reached or did not answer.
@@ -223,16 +228,16 @@ class RedisBackend:
     def replay(
         self, after: str, until: str | None, channels: frozenset[str]
     ) -> list[Event] | Ahead | None:
-        """Return the events on ``channels`` after id ``after``, up to ``until`` included.
+        """Return the events on `channels` after id `after`, up to `until` included.
 
         :param after: the id the client saw last.
-        :param until: the last id already delivered to this process; ``None`` means the
-            newest id in the stream when :meth:`listen` ran.
+        :param until: the last id already delivered to this process; `None` means the
+            newest id in the stream when [`listen`][ssecast.redis.RedisBackend.listen] ran.
         :param channels: the channels to keep.
-        :returns: an :class:`~ssecast.Ahead` when ``after`` is in the stream but newer
-            than ``until``; ``None`` when it is not a stream id, is not in the stream
+        :returns: an [`Ahead`][ssecast.Ahead] when `after` is in the stream but newer
+            than `until`; `None` when it is not a stream id, is not in the stream
             (never was, or trimmed away), or events after it may be lost (a gap marker,
-            or a number missing in ``seq``).
+            or a number missing in `seq`).
         :raises BackendUnavailableError: Redis could not be reached or did not answer.
         """
         start = parse_id(after)
@@ -250,7 +255,7 @@ class RedisBackend:
     def _range(
         self, client: redis.Redis, after: str, end: str, channels: frozenset[str]
     ) -> list[Event] | None:
-        """Read (``after``, ``end``] page by page; ``None`` where events may be missing."""
+        """Read (`after`, `end`] page by page; `None` where events may be missing."""
         events: list[Event] = []
         cursor, seq = after, None
         while True:
@@ -277,8 +282,8 @@ class RedisBackend:
     def close(self) -> None:
         """Stop the reader thread and close every connection. Safe to call twice.
 
-        It may wait a few seconds for a command in flight; :meth:`aclose` waits in a
-        worker thread.
+        It may wait a few seconds for a command in flight;
+        [`aclose`][ssecast.redis.RedisBackend.aclose] waits in a worker thread.
         """
         with self._lock:
             self._closed = True
@@ -292,7 +297,7 @@ class RedisBackend:
         self._connections.close()
 
     async def aclose(self) -> None:
-        """Do what :meth:`close` does without blocking the running event loop."""
+        """Do what [`close`][ssecast.redis.RedisBackend.close] does, in a worker thread."""
         await asyncio.to_thread(self.close)
 
     def _in_child(self) -> None:

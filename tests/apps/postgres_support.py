@@ -9,7 +9,7 @@ from ssecast.postgres import PostgresBackend
 
 
 def broadcaster_from_env() -> Broadcaster:
-    """A broadcaster on ``SSECAST_TEST_POSTGRES_DSN``, table ``SSECAST_TEST_POSTGRES_TABLE``."""
+    """A broadcaster on `SSECAST_TEST_POSTGRES_DSN`, table `SSECAST_TEST_POSTGRES_TABLE`."""
     backend = PostgresBackend(
         os.environ["SSECAST_TEST_POSTGRES_DSN"], table=os.environ["SSECAST_TEST_POSTGRES_TABLE"]
     )
