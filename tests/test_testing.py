@@ -176,6 +176,15 @@ def test_parse_takes_bytes_or_any_iterable_of_chunks() -> None:
     assert parse([bytearray(body)]) == expected
 
 
+def test_a_long_line_in_many_chunks_is_read_in_linear_time() -> None:
+    """A 4 MB data line cut into 4 KB chunks is read at once, not searched again at each chunk."""
+    body = b"data: " + b"x" * (4 << 20) + b"\n\n"
+    chunks = [body[i : i + 4096] for i in range(0, len(body), 4096)]
+    started = time.monotonic()
+    assert parse(chunks) == [ReceivedEvent("", M, "x" * (4 << 20))]
+    assert time.monotonic() - started < GRACE  # it took 20 s when every chunk rescanned the line
+
+
 @given(event_stream_chunks())
 def test_any_chunking_gives_the_events_of_one_chunk(case: tuple[bytes, list[bytes]]) -> None:
     """However a stream is cut into chunks (inside CRLF, inside a character), nothing changes."""
