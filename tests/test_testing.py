@@ -477,6 +477,34 @@ def test_only_an_sse_response_is_parsed_and_headers_join() -> None:
             s.next_event(timeout=SHORT)
 
 
+async def _asgi_echo_url(scope: Any, receive: Any, send: Any) -> None:
+    """Answer, as an event, the path and query it was asked for."""
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    url = [scope["path"], scope["raw_path"].decode(), scope["query_string"].decode()]
+    body = "data: " + " ".join(url) + "\n\n"
+    await send({"type": "http.response.body", "body": body.encode(), "more_body": True})
+    await receive()
+    await receive()
+
+
+def _wsgi_echo_url(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/event-stream")])
+    path = environ["PATH_INFO"].encode("latin-1").decode()  # PEP 3333: bytes as latin-1
+    return [f"data: {path} {environ['QUERY_STRING']}\n\n".encode()]
+
+
+def test_a_non_ascii_url_is_percent_encoded_as_a_browser_does() -> None:
+    """A path and query with non-ASCII characters reach the app percent-encoded as UTF-8."""
+    url = "/événements/a%20b?q=日本 x&r=%C3%A9"
+    with stream(_asgi_echo_url, url, timeout=HANG) as s:
+        assert s.next_event().data == (
+            "/événements/a b /%C3%A9v%C3%A9nements/a%20b q=%E6%97%A5%E6%9C%AC%20x&r=%C3%A9"
+        )
+    with stream(_wsgi_echo_url, url, timeout=HANG) as s:
+        assert s.next_event().data == "/événements/a b q=%E6%97%A5%E6%9C%AC%20x&r=%C3%A9"
+
+
 async def _asgi_raises(scope: Any, receive: Any, send: Any) -> None:
     await send(
         {

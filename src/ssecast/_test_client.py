@@ -18,8 +18,9 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
+from string import punctuation
 from typing import Any, TypeAlias
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 from ssecast._sse_parser import EventStreamParser, ReceivedEvent
 from ssecast._wsgi import DISCONNECT_KEY
@@ -188,7 +189,9 @@ class Exchange:
 
     def __init__(self, app: App, path: str, headers: Mapping[str, str], timeout: float) -> None:
         self.app = app
-        self.path, _, self.query = path.partition("?")
+        # As a browser's URL parser does: non-ASCII characters (as UTF-8), spaces and
+        # controls are percent-encoded; the escapes already there are kept.
+        self.path, _, self.query = quote(path, safe=punctuation).partition("?")
         self.headers = list(headers.items())
         self.timeout = timeout
         self.inbox = Inbox()
