@@ -494,6 +494,19 @@ def _wsgi_echo_url(environ: dict[str, Any], start_response: Callable[..., Any]) 
     return [f"data: {path} {environ['QUERY_STRING']}\n\n".encode()]
 
 
+def _wsgi_echo_headers(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/event-stream")])
+    keys = ("CONTENT_TYPE", "CONTENT_LENGTH", "HTTP_X_A", "HTTP_CONTENT_TYPE")
+    return [f"data: {[environ.get(key) for key in keys]}\n\n".encode()]
+
+
+def test_a_wsgi_app_gets_content_type_and_length_where_pep_3333_puts_them() -> None:
+    """Content-Type and Content-Length are CONTENT_TYPE and CONTENT_LENGTH, not HTTP_..."""
+    headers = {"Content-Type": "application/json", "Content-Length": "0", "X-A": "1"}
+    with stream(_wsgi_echo_headers, headers=headers, timeout=HANG) as s:
+        assert s.next_event().data == "['application/json', '0', '1', None]"
+
+
 def test_a_non_ascii_url_is_percent_encoded_as_a_browser_does() -> None:
     """A path and query with non-ASCII characters reach the app percent-encoded as UTF-8."""
     url = "/événements/a%20b?q=日本 x&r=%C3%A9"

@@ -426,7 +426,9 @@ class WSGIExchange(Exchange):
             DISCONNECT_KEY: self._on_disconnect,
         }
         for name, value in self.headers:
-            environ["HTTP_" + name.upper().replace("-", "_")] = value
+            key = name.upper().replace("-", "_")
+            # PEP 3333 (from CGI): these two have no HTTP_ prefix.
+            environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = value
         return environ
 
     def _start_response(
