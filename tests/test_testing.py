@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
 import threading
 import time
 import uuid
@@ -751,6 +752,33 @@ def test_a_wsgi_app_that_never_yields_again_is_reported_on_close() -> None:
         if thread.name == "ssecast-testing":
             thread.join(HANG)
     assert _new_threads(threads) == []
+
+
+async def test_astream_over_a_stuck_wsgi_app_never_blocks_the_loop() -> None:
+    """Closing a WSGI response that never yields again reports it, the loop running all along."""
+    released = threading.Event()
+
+    def mute(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        released.wait(HANG)
+        yield b""
+
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(SHORT / 4)
+
+    ticker = asyncio.create_task(tick())
+    with pytest.raises(TimeoutError, match="did not end"):
+        async with astream(mute, timeout=GRACE):
+            pass
+    await asyncio.sleep(SHORT)  # a tick after the close, to time it
+    ticker.cancel()
+    released.set()
+    # The stream's timeout is GRACE; a blocking join of the stuck thread stalled that long.
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < GRACE / 2
 
 
 async def test_astream_over_wsgi_reports_its_errors() -> None:

@@ -123,7 +123,8 @@ class TestStream(_Stream):
         self._exchange.disconnect()
         with contextlib.suppress(TimeoutError):
             self._inbox.wait(lambda: self._inbox.finished, self._closing_timeout(), "")
-        self._runner.join(self._timeout)
+        if self._inbox.finished:  # else a stuck WSGI thread: a join would only wait longer
+            self._runner.join(self._timeout)
         self._left()
 
 
@@ -185,7 +186,8 @@ class AsyncTestStream(_Stream):
         with contextlib.suppress(TimeoutError):
             await self._inbox.await_(lambda: self._inbox.finished, self._closing_timeout(), "")
         if isinstance(self._runner, threading.Thread):
-            self._runner.join(self._timeout)  # it has finished, or is a stuck WSGI thread
+            if self._inbox.finished:  # else a stuck WSGI thread: a join would block the loop
+                self._runner.join(self._timeout)
         else:
             await asyncio.wait([self._runner], timeout=self._timeout)
         self._left()
