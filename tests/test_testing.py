@@ -439,6 +439,18 @@ async def test_astream_reads_resumes_and_cleans_up(async_target: Target) -> None
     assert len(asyncio.all_tasks()) == tasks
 
 
+async def test_waits_that_time_out_leave_nothing_behind() -> None:
+    """Polling a quiet stream with short timeouts keeps no waiter per poll."""
+    with Broadcaster() as broadcaster:
+        async with astream(EventStream(broadcaster), timeout=HANG) as s:
+            for _ in range(100):
+                with pytest.raises(TimeoutError):
+                    await s.anext_event(timeout=0)
+            assert s._inbox._wakers == []
+            sent = broadcaster.publish("tick", 1)
+            assert (await s.anext_event()).id == sent.id
+
+
 def test_apps_are_told_asgi_or_wsgi(django_targets: tuple[Target, Target]) -> None:
     """Coroutine functions and objects with an async ``__call__`` are ASGI; the rest WSGI."""
     from ssecast._test_client import is_asgi

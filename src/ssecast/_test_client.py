@@ -144,7 +144,11 @@ class Inbox:
                             return
                         waker = loop.create_future()
                         self._wakers.append((loop, waker))
-                    await waker
+                    try:
+                        await waker
+                    finally:  # a wait that timed out must not leave its waker behind
+                        with self._lock, contextlib.suppress(ValueError):  # or woken: gone
+                            self._wakers.remove((loop, waker))
         except TimeoutError:
             raise TimeoutError(f"{what} within {seconds} s") from None
 
