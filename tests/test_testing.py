@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import itertools
+import math
 import threading
 import time
 import uuid
@@ -385,6 +386,19 @@ def test_a_starlette_streaming_response_is_disconnected_too() -> None:
         started = time.monotonic()
         s.close()
         assert time.monotonic() - started < HANG
+
+
+def test_an_infinite_timeout_waits_without_bound() -> None:
+    """timeout=math.inf, for the stream or one read, waits as long as it takes, no OverflowError."""
+    with Broadcaster() as broadcaster, stream(EventStream(broadcaster), timeout=math.inf) as s:
+        timer = threading.Timer(SHORT, broadcaster.publish, ("tick", 1))
+        timer.start()
+        assert s.next_event().data == "1"
+        timer = threading.Timer(SHORT, broadcaster.publish, ("tick", 2))
+        timer.start()
+        assert s.next_event(timeout=math.inf).data == "2"
+        s.close()
+        assert broadcaster.stats().subscribers == 0
 
 
 def test_an_unknown_resume_id_gets_a_gap_event() -> None:

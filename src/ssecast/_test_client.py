@@ -130,7 +130,8 @@ class Inbox:
     def wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         """Block until `ready()`; raise `TimeoutError` after `timeout` seconds."""
         with self._lock:
-            if not self._changed.wait_for(ready, timeout):
+            # threading's waits overflow past TIMEOUT_MAX (292 years): math.inf is "no bound".
+            if not self._changed.wait_for(ready, min(timeout, threading.TIMEOUT_MAX)):
                 raise TimeoutError(f"{what} within {timeout} s")
 
     async def await_(self, ready: Callable[[], bool], seconds: float, what: str) -> None:

@@ -124,7 +124,7 @@ class TestStream(_Stream):
         with contextlib.suppress(TimeoutError):
             self._inbox.wait(lambda: self._inbox.finished, self._closing_timeout(), "")
         if self._inbox.finished:  # else a stuck WSGI thread: a join would only wait longer
-            self._runner.join(self._timeout)
+            self._runner.join(min(self._timeout, threading.TIMEOUT_MAX))
         self._left()
 
 
@@ -187,7 +187,7 @@ class AsyncTestStream(_Stream):
             await self._inbox.await_(lambda: self._inbox.finished, self._closing_timeout(), "")
         if isinstance(self._runner, threading.Thread):
             if self._inbox.finished:  # else a stuck WSGI thread: a join would block the loop
-                self._runner.join(self._timeout)
+                self._runner.join(min(self._timeout, threading.TIMEOUT_MAX))
         else:
             await asyncio.wait([self._runner], timeout=self._timeout)
         self._left()
