@@ -675,6 +675,28 @@ def test_a_lifespan_that_does_not_start_fails_the_block(
         pass  # pragma: no cover - not reached
 
 
+async def _lifespan_mute_at_shutdown(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await asyncio.sleep(HANG * 10)  # never answers the shutdown
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize(
+    ("app", "step"), [(_lifespan_silent, "startup"), (_lifespan_mute_at_shutdown, "shutdown")]
+)
+async def test_astream_cancels_a_lifespan_that_does_not_answer(app: Any, step: str) -> None:
+    """A lifespan silent at its startup or shutdown fails astream and runs no more after it."""
+    tasks = len(asyncio.all_tasks())
+    with pytest.raises(RuntimeError, match=f"{step} did not complete"):
+        async with astream(app, lifespan=True, timeout=SHORT):
+            pass  # pragma: no cover - not reached
+    assert len(asyncio.all_tasks()) == tasks
+
+
 def test_lifespan_is_for_asgi_apps_only() -> None:
     """lifespan=True with a WSGI app is a configuration error."""
     with pytest.raises(ConfigurationError), stream(_wsgi_list, lifespan=True):

@@ -357,13 +357,27 @@ class _Lifespan:
     async def start(cls, app: App, state: dict[str, Any], seconds: float) -> _Lifespan:
         """Run the startup; raise what the application answered if it was not complete."""
         lifespan = cls(app, state, seconds)
-        await lifespan._step("startup")
+        try:
+            await lifespan._step("startup")
+        except Exception:
+            await lifespan._end()
+            raise
         return lifespan
 
     async def stop(self) -> None:
         """Run the shutdown, and wait for the lifespan coroutine to return."""
-        await self._step("shutdown")
-        await asyncio.wait([self._task], timeout=self._timeout)
+        try:
+            await self._step("shutdown")
+            await asyncio.wait([self._task], timeout=self._timeout)
+        finally:
+            await self._end()
+
+    async def _end(self) -> None:
+        # A lifespan still running past its bound is cancelled: on the test's own loop
+        # (astream), nothing the stream started may outlive it.
+        if not self._task.done():
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=self._timeout)
 
     async def _step(self, step: str) -> None:
         await self._to_app.put({"type": f"lifespan.{step}"})
