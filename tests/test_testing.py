@@ -465,6 +465,48 @@ async def test_waits_that_time_out_leave_nothing_behind() -> None:
             assert (await s.anext_event()).id == sent.id
 
 
+async def test_a_reader_cancelled_as_an_event_comes_is_cancelled_cleanly() -> None:
+    """A read cancelled in the very step that brings its event ends cancelled, the event kept."""
+    go = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await go.wait()
+        await send({"type": "http.response.body", "body": b"data: a\n\n", "more_body": True})
+        await receive()
+        await receive()
+
+    async with astream(app, timeout=HANG) as s:
+        reader = asyncio.create_task(s.anext_event())
+        await asyncio.sleep(0)  # it waits
+        go.set()  # the app sends next, before the reader learns it is cancelled
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        assert (await s.anext_event()).data == "a"
+
+
+def test_a_task_the_app_left_running_is_cancelled_on_close() -> None:
+    """A background task an ASGI app started and never awaited runs no more after the block."""
+    cancelled = threading.Event()
+
+    async def linger() -> None:
+        try:
+            await asyncio.sleep(HANG * 10)
+        finally:
+            cancelled.set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        app.task = asyncio.get_running_loop().create_task(linger())  # type: ignore[attr-defined]
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with stream(app, timeout=HANG) as s:
+        assert s.status == 204
+    assert cancelled.is_set()
+
+
 def test_apps_are_told_asgi_or_wsgi(django_targets: tuple[Target, Target]) -> None:
     """Coroutine functions and objects with an async ``__call__`` are ASGI; the rest WSGI."""
     from ssecast._test_client import is_asgi
