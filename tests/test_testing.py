@@ -576,6 +576,25 @@ def test_a_wsgi_app_gets_content_type_and_length_where_pep_3333_puts_them() -> N
         assert s.next_event().data == "['application/json', '0', '1', None]"
 
 
+async def _asgi_echo_last_event_id(scope: Any, receive: Any, send: Any) -> None:
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    sent = dict(scope["headers"]).get(b"last-event-id", b"none").decode()
+    body = f"data: {sent}\n\n".encode()
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await receive()
+    await receive()
+
+
+@pytest.mark.parametrize(("last_event_id", "header"), [("7", "7"), ("", "none"), (None, "none")])
+def test_last_event_id_is_sent_as_an_event_source_sends_it(
+    last_event_id: str | None, header: str
+) -> None:
+    """Last-Event-ID carries the id given; the empty id, as an EventSource's, sends no header."""
+    with stream(_asgi_echo_last_event_id, last_event_id=last_event_id, timeout=HANG) as s:
+        assert s.next_event().data == header
+
+
 def test_a_non_ascii_url_is_percent_encoded_as_a_browser_does() -> None:
     """A path and query with non-ASCII characters reach the app percent-encoded as UTF-8."""
     url = "/événements/a%20b?q=日本 x&r=%C3%A9"

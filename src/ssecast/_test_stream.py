@@ -211,7 +211,7 @@ def _exchange(
     loop: asyncio.AbstractEventLoop | None,
 ) -> Exchange:
     merged = {"host": "localhost", "accept": "text/event-stream", "cache-control": "no-cache"}
-    if last_event_id is not None:
+    if last_event_id:  # an EventSource whose last event id is "" sends no header
         merged["last-event-id"] = last_event_id
     for name, value in (headers or {}).items():
         merged[name.lower()] = value
@@ -245,7 +245,8 @@ def stream(
     :param path: the path, with a query string if any, e.g. `"/events?channel=prices"`.
     :param headers: request headers, added to (or replacing) an `EventSource`'s
         `Accept: text/event-stream`, `Cache-Control: no-cache` and `Host: localhost`.
-    :param last_event_id: sent as `Last-Event-ID`, as a reconnecting `EventSource` does.
+    :param last_event_id: sent as `Last-Event-ID`, as a reconnecting `EventSource` does:
+        not at all when it is `""`, the id of events that came with none.
     :param timeout: the default number of seconds any wait of the stream may take.
     :param lifespan: run an ASGI application's lifespan startup before the request and
         its shutdown after it; off by default, since a lifespan that closes a shared
