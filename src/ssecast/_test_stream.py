@@ -114,7 +114,9 @@ class TestStream(_Stream):
         `OSError`; a WSGI application's response iterator is closed, as servers do.
         Calling it again does nothing.
 
-        :raises TimeoutError: the application did not end in time after the disconnect.
+        :raises TimeoutError: the application did not end in time after the disconnect:
+            an ASGI application is cancelled one `timeout` after it; a WSGI response,
+            which cannot be, is waited for up to five, then left running.
         :raises Exception: what the application raised, if no read raised it before.
         """
         if self._closed:
@@ -176,7 +178,9 @@ class AsyncTestStream(_Stream):
     async def aclose(self) -> None:
         """Disconnect, as a browser closing the tab, and await the end of the application.
 
-        :raises TimeoutError: the application did not end in time after the disconnect.
+        :raises TimeoutError: the application did not end in time after the disconnect:
+            an ASGI application is cancelled one `timeout` after it; a WSGI response,
+            which cannot be, is waited for up to five, then left running.
         :raises Exception: what the application raised, if no read raised it before.
         """
         if self._closed:
@@ -247,7 +251,9 @@ def stream(
         `Accept: text/event-stream`, `Cache-Control: no-cache` and `Host: localhost`.
     :param last_event_id: sent as `Last-Event-ID`, as a reconnecting `EventSource` does:
         not at all when it is `""`, the id of events that came with none.
-    :param timeout: the default number of seconds any wait of the stream may take.
+    :param timeout: the default number of seconds any read of the stream may wait, and
+        the wait for the response to start. Closing waits longer for an application
+        that ignores the disconnect: see [`close`][ssecast.testing.TestStream.close].
     :param lifespan: run an ASGI application's lifespan startup before the request and
         its shutdown after it; off by default, since a lifespan that closes a shared
         broadcaster closes it for every later test.
@@ -294,7 +300,10 @@ async def astream(
     :param path: the path, with a query string if any.
     :param headers: request headers, added to (or replacing) an `EventSource`'s.
     :param last_event_id: sent as `Last-Event-ID`.
-    :param timeout: the default number of seconds any wait of the stream may take.
+    :param timeout: the default number of seconds any read of the stream may wait, and
+        the wait for the response to start. Closing waits longer for an application
+        that ignores the disconnect: see
+        [`aclose`][ssecast.testing.AsyncTestStream.aclose].
     :param lifespan: run an ASGI application's lifespan around the request.
     :returns: an async context manager yielding the
         [`AsyncTestStream`][ssecast.testing.AsyncTestStream], once the status and headers
