@@ -631,6 +631,26 @@ async def _asgi_ignores_the_disconnect(scope: Any, receive: Any, send: Any) -> N
     await asyncio.sleep(HANG * 10)
 
 
+async def _asgi_body_first(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.body", "body": b"data: early\n\n", "more_body": True})
+
+
+async def _asgi_starts_twice(scope: Any, receive: Any, send: Any) -> None:
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.start", "status": 500, "headers": []})
+
+
+@pytest.mark.parametrize("app", [_asgi_body_first, _asgi_starts_twice])
+def test_an_asgi_message_out_of_order_fails_the_app_as_a_server_does(app: Any) -> None:
+    """A body before the start, or a second start, raises in the app, and so in the test."""
+    with (
+        pytest.raises(RuntimeError, match=r"before http\.response\.start|twice"),
+        stream(app, timeout=HANG) as s,
+    ):
+        s.next_event()
+
+
 def test_an_app_error_is_raised_after_the_events_before_it() -> None:
     """The events sent before an app raised are read first; then its error is raised."""
     with stream(_asgi_raises, timeout=HANG) as s:

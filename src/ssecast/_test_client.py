@@ -305,13 +305,19 @@ class ASGIExchange(Exchange):
         async def send(message: Message) -> None:
             if gone.is_set():
                 raise _Disconnected("the client has disconnected")  # what ASGI 2.4 says
+            # Out of order, a server refuses the message, as uvicorn does: the app raises.
+            started = self.inbox.status != 0
             if message["type"] == "http.response.start":
+                if started:
+                    raise RuntimeError("http.response.start sent twice")
                 headers = message.get("headers", [])
                 self.inbox.start(
                     int(message["status"]),
                     [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
                 )
             elif message["type"] == "http.response.body":
+                if not started:
+                    raise RuntimeError("http.response.body sent before http.response.start")
                 self.inbox.body(bytes(message.get("body", b"")))
                 if not message.get("more_body", False):
                     gone.set()
