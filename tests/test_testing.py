@@ -401,6 +401,30 @@ def test_an_infinite_timeout_waits_without_bound() -> None:
         assert broadcaster.stats().subscribers == 0
 
 
+def test_events_that_do_not_all_come_leave_the_ones_that_did_unread() -> None:
+    """A failed events(n), timed out or ended, consumes nothing: next_event still returns them."""
+    with Broadcaster() as broadcaster, stream(EventStream(broadcaster), timeout=HANG) as s:
+        first = broadcaster.publish("tick", 1)
+        second = broadcaster.publish("tick", 2)
+        with pytest.raises(TimeoutError):
+            s.events(3, timeout=SHORT)
+        assert [e.id for e in s.events(2)] == [first.id, second.id]
+    with stream(_wsgi_write, timeout=HANG) as s:
+        with pytest.raises(EOFError):
+            s.events(3)
+        assert [e.data for e in s.events(2)] == ["written", "returned"]
+
+
+async def test_aevents_that_do_not_all_come_leave_the_ones_that_did_unread() -> None:
+    """The same under astream."""
+    with Broadcaster() as broadcaster:
+        async with astream(EventStream(broadcaster), timeout=HANG) as s:
+            sent = broadcaster.publish("tick", 1)
+            with pytest.raises(TimeoutError):
+                await s.aevents(2, timeout=SHORT)
+            assert (await s.anext_event()).id == sent.id
+
+
 def test_an_unknown_resume_id_gets_a_gap_event() -> None:
     """Resuming from an id the history does not hold starts with ``ssecast.gap``."""
     with Broadcaster() as broadcaster:

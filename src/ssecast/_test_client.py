@@ -16,7 +16,7 @@ import io
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from string import punctuation
 from typing import Any, TypeAlias
@@ -163,6 +163,16 @@ class Inbox:
                 return self._events.popleft()
             self._raise_error()
             raise EOFError(f"the response ({self.status}) ended; no event is left")
+
+    @contextlib.contextmanager
+    def unread_on_error(self, taken: list[ReceivedEvent]) -> Iterator[None]:
+        """Put the events in `taken` back, first in line, if the block raises."""
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._events.extendleft(reversed(taken))
+            raise
 
     def take_body(self) -> bytes:
         """Return the whole body, once the response has ended."""

@@ -89,12 +89,18 @@ class TestStream(_Stream):
 
         :param n: how many events to read.
         :param timeout: seconds to wait for all of them; the stream's `timeout` when `None`.
-        :raises TimeoutError: they did not all come within the timeout.
-        :raises EOFError: the response ended before the `n`th event.
+        :raises TimeoutError: they did not all come within the timeout; those that did
+            are left unread.
+        :raises EOFError: the response ended before the `n`th event; the events before
+            it are left unread.
         """
         wait = self._timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
-        return [self.next_event(max(0.0, deadline - time.monotonic())) for _ in range(n)]
+        taken: list[ReceivedEvent] = []
+        with self._inbox.unread_on_error(taken):
+            for _ in range(n):
+                taken.append(self.next_event(max(0.0, deadline - time.monotonic())))
+        return taken
 
     def read(self, timeout: float | None = None) -> bytes:
         """Wait for the response to end, and return its whole body (a refusal's text, say).
@@ -158,12 +164,18 @@ class AsyncTestStream(_Stream):
 
         :param n: how many events to read.
         :param timeout: seconds to wait for all of them; the stream's `timeout` when `None`.
-        :raises TimeoutError: they did not all come within the timeout.
-        :raises EOFError: the response ended before the `n`th event.
+        :raises TimeoutError: they did not all come within the timeout; those that did
+            are left unread.
+        :raises EOFError: the response ended before the `n`th event; the events before
+            it are left unread.
         """
         wait = self._timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
-        return [await self.anext_event(max(0.0, deadline - time.monotonic())) for _ in range(n)]
+        taken: list[ReceivedEvent] = []
+        with self._inbox.unread_on_error(taken):
+            for _ in range(n):
+                taken.append(await self.anext_event(max(0.0, deadline - time.monotonic())))
+        return taken
 
     async def aread(self, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 - its twin's signature
         """Await the end of the response, and return its whole body (a refusal's text, say).
