@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
+import math
 import threading
 import time
 import uuid
@@ -174,6 +176,15 @@ def test_parse_takes_bytes_or_any_iterable_of_chunks() -> None:
     assert parse(body) == expected
     assert parse(bytes([b]) for b in body) == expected
     assert parse([bytearray(body)]) == expected
+
+
+def test_a_long_line_in_many_chunks_is_read_in_linear_time() -> None:
+    """A 4 MB data line cut into 4 KB chunks is read at once, not searched again at each chunk."""
+    body = b"data: " + b"x" * (4 << 20) + b"\n\n"
+    chunks = [body[i : i + 4096] for i in range(0, len(body), 4096)]
+    started = time.monotonic()
+    assert parse(chunks) == [ReceivedEvent("", M, "x" * (4 << 20))]
+    assert time.monotonic() - started < GRACE  # it took 20 s when every chunk rescanned the line
 
 
 @given(event_stream_chunks())
@@ -377,6 +388,43 @@ def test_a_starlette_streaming_response_is_disconnected_too() -> None:
         assert time.monotonic() - started < HANG
 
 
+def test_an_infinite_timeout_waits_without_bound() -> None:
+    """timeout=math.inf, for the stream or one read, waits as long as it takes, no OverflowError."""
+    with Broadcaster() as broadcaster, stream(EventStream(broadcaster), timeout=math.inf) as s:
+        timer = threading.Timer(SHORT, broadcaster.publish, ("tick", 1))
+        timer.start()
+        assert s.next_event().data == "1"
+        timer = threading.Timer(SHORT, broadcaster.publish, ("tick", 2))
+        timer.start()
+        assert s.next_event(timeout=math.inf).data == "2"
+        s.close()
+        assert broadcaster.stats().subscribers == 0
+
+
+def test_events_that_do_not_all_come_leave_the_ones_that_did_unread() -> None:
+    """A failed events(n), timed out or ended, consumes nothing: next_event still returns them."""
+    with Broadcaster() as broadcaster, stream(EventStream(broadcaster), timeout=HANG) as s:
+        first = broadcaster.publish("tick", 1)
+        second = broadcaster.publish("tick", 2)
+        with pytest.raises(TimeoutError):
+            s.events(3, timeout=SHORT)
+        assert [e.id for e in s.events(2)] == [first.id, second.id]
+    with stream(_wsgi_write, timeout=HANG) as s:
+        with pytest.raises(EOFError):
+            s.events(3)
+        assert [e.data for e in s.events(2)] == ["written", "returned"]
+
+
+async def test_aevents_that_do_not_all_come_leave_the_ones_that_did_unread() -> None:
+    """The same under astream."""
+    with Broadcaster() as broadcaster:
+        async with astream(EventStream(broadcaster), timeout=HANG) as s:
+            sent = broadcaster.publish("tick", 1)
+            with pytest.raises(TimeoutError):
+                await s.aevents(2, timeout=SHORT)
+            assert (await s.anext_event()).id == sent.id
+
+
 def test_an_unknown_resume_id_gets_a_gap_event() -> None:
     """Resuming from an id the history does not hold starts with ``ssecast.gap``."""
     with Broadcaster() as broadcaster:
@@ -429,6 +477,60 @@ async def test_astream_reads_resumes_and_cleans_up(async_target: Target) -> None
     assert len(asyncio.all_tasks()) == tasks
 
 
+async def test_waits_that_time_out_leave_nothing_behind() -> None:
+    """Polling a quiet stream with short timeouts keeps no waiter per poll."""
+    with Broadcaster() as broadcaster:
+        async with astream(EventStream(broadcaster), timeout=HANG) as s:
+            for _ in range(100):
+                with pytest.raises(TimeoutError):
+                    await s.anext_event(timeout=0)
+            assert s._inbox._wakers == []
+            sent = broadcaster.publish("tick", 1)
+            assert (await s.anext_event()).id == sent.id
+
+
+async def test_a_reader_cancelled_as_an_event_comes_is_cancelled_cleanly() -> None:
+    """A read cancelled in the very step that brings its event ends cancelled, the event kept."""
+    go = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await go.wait()
+        await send({"type": "http.response.body", "body": b"data: a\n\n", "more_body": True})
+        await receive()
+        await receive()
+
+    async with astream(app, timeout=HANG) as s:
+        reader = asyncio.create_task(s.anext_event())
+        await asyncio.sleep(0)  # it waits
+        go.set()  # the app sends next, before the reader learns it is cancelled
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        assert (await s.anext_event()).data == "a"
+
+
+def test_a_task_the_app_left_running_is_cancelled_on_close() -> None:
+    """A background task an ASGI app started and never awaited runs no more after the block."""
+    cancelled = threading.Event()
+
+    async def linger() -> None:
+        try:
+            await asyncio.sleep(HANG * 10)
+        finally:
+            cancelled.set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        app.task = asyncio.get_running_loop().create_task(linger())  # type: ignore[attr-defined]
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with stream(app, timeout=HANG) as s:
+        assert s.status == 204
+    assert cancelled.is_set()
+
+
 def test_apps_are_told_asgi_or_wsgi(django_targets: tuple[Target, Target]) -> None:
     """Coroutine functions and objects with an async ``__call__`` are ASGI; the rest WSGI."""
     from ssecast._test_client import is_asgi
@@ -468,6 +570,66 @@ def test_only_an_sse_response_is_parsed_and_headers_join() -> None:
             s.next_event(timeout=SHORT)
 
 
+async def _asgi_echo_url(scope: Any, receive: Any, send: Any) -> None:
+    """Answer, as an event, the path and query it was asked for."""
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    url = [scope["path"], scope["raw_path"].decode(), scope["query_string"].decode()]
+    body = "data: " + " ".join(url) + "\n\n"
+    await send({"type": "http.response.body", "body": body.encode(), "more_body": True})
+    await receive()
+    await receive()
+
+
+def _wsgi_echo_url(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/event-stream")])
+    path = environ["PATH_INFO"].encode("latin-1").decode()  # PEP 3333: bytes as latin-1
+    return [f"data: {path} {environ['QUERY_STRING']}\n\n".encode()]
+
+
+def _wsgi_echo_headers(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/event-stream")])
+    keys = ("CONTENT_TYPE", "CONTENT_LENGTH", "HTTP_X_A", "HTTP_CONTENT_TYPE")
+    return [f"data: {[environ.get(key) for key in keys]}\n\n".encode()]
+
+
+def test_a_wsgi_app_gets_content_type_and_length_where_pep_3333_puts_them() -> None:
+    """Content-Type and Content-Length are CONTENT_TYPE and CONTENT_LENGTH, not HTTP_..."""
+    headers = {"Content-Type": "application/json", "Content-Length": "0", "X-A": "1"}
+    with stream(_wsgi_echo_headers, headers=headers, timeout=HANG) as s:
+        assert s.next_event().data == "['application/json', '0', '1', None]"
+
+
+async def _asgi_echo_last_event_id(scope: Any, receive: Any, send: Any) -> None:
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    sent = dict(scope["headers"]).get(b"last-event-id", b"none").decode()
+    body = f"data: {sent}\n\n".encode()
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await receive()
+    await receive()
+
+
+@pytest.mark.parametrize(("last_event_id", "header"), [("7", "7"), ("", "none"), (None, "none")])
+def test_last_event_id_is_sent_as_an_event_source_sends_it(
+    last_event_id: str | None, header: str
+) -> None:
+    """Last-Event-ID carries the id given; the empty id, as an EventSource's, sends no header."""
+    with stream(_asgi_echo_last_event_id, last_event_id=last_event_id, timeout=HANG) as s:
+        assert s.next_event().data == header
+
+
+def test_a_non_ascii_url_is_percent_encoded_as_a_browser_does() -> None:
+    """A path and query with non-ASCII characters reach the app percent-encoded as UTF-8."""
+    url = "/événements/a%20b?q=日本 x&r=%C3%A9"
+    with stream(_asgi_echo_url, url, timeout=HANG) as s:
+        assert s.next_event().data == (
+            "/événements/a b /%C3%A9v%C3%A9nements/a%20b q=%E6%97%A5%E6%9C%AC%20x&r=%C3%A9"
+        )
+    with stream(_wsgi_echo_url, url, timeout=HANG) as s:
+        assert s.next_event().data == "/événements/a b q=%E6%97%A5%E6%9C%AC%20x&r=%C3%A9"
+
+
 async def _asgi_raises(scope: Any, receive: Any, send: Any) -> None:
     await send(
         {
@@ -491,6 +653,26 @@ async def _asgi_answers_nothing(scope: Any, receive: Any, send: Any) -> None:
 async def _asgi_ignores_the_disconnect(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await asyncio.sleep(HANG * 10)
+
+
+async def _asgi_body_first(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.body", "body": b"data: early\n\n", "more_body": True})
+
+
+async def _asgi_starts_twice(scope: Any, receive: Any, send: Any) -> None:
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.start", "status": 500, "headers": []})
+
+
+@pytest.mark.parametrize("app", [_asgi_body_first, _asgi_starts_twice])
+def test_an_asgi_message_out_of_order_fails_the_app_as_a_server_does(app: Any) -> None:
+    """A body before the start, or a second start, raises in the app, and so in the test."""
+    with (
+        pytest.raises(RuntimeError, match=r"before http\.response\.start|twice"),
+        stream(app, timeout=HANG) as s,
+    ):
+        s.next_event()
 
 
 def test_an_app_error_is_raised_after_the_events_before_it() -> None:
@@ -598,6 +780,28 @@ def test_a_lifespan_that_does_not_start_fails_the_block(
         pass  # pragma: no cover - not reached
 
 
+async def _lifespan_mute_at_shutdown(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await asyncio.sleep(HANG * 10)  # never answers the shutdown
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize(
+    ("app", "step"), [(_lifespan_silent, "startup"), (_lifespan_mute_at_shutdown, "shutdown")]
+)
+async def test_astream_cancels_a_lifespan_that_does_not_answer(app: Any, step: str) -> None:
+    """A lifespan silent at its startup or shutdown fails astream and runs no more after it."""
+    tasks = len(asyncio.all_tasks())
+    with pytest.raises(RuntimeError, match=f"{step} did not complete"):
+        async with astream(app, lifespan=True, timeout=SHORT):
+            pass  # pragma: no cover - not reached
+    assert len(asyncio.all_tasks()) == tasks
+
+
 def test_lifespan_is_for_asgi_apps_only() -> None:
     """lifespan=True with a WSGI app is a configuration error."""
     with pytest.raises(ConfigurationError), stream(_wsgi_list, lifespan=True):
@@ -701,6 +905,33 @@ def test_a_wsgi_app_that_never_yields_again_is_reported_on_close() -> None:
         if thread.name == "ssecast-testing":
             thread.join(HANG)
     assert _new_threads(threads) == []
+
+
+async def test_astream_over_a_stuck_wsgi_app_never_blocks_the_loop() -> None:
+    """Closing a WSGI response that never yields again reports it, the loop running all along."""
+    released = threading.Event()
+
+    def mute(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        released.wait(HANG)
+        yield b""
+
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(SHORT / 4)
+
+    ticker = asyncio.create_task(tick())
+    with pytest.raises(TimeoutError, match="did not end"):
+        async with astream(mute, timeout=GRACE):
+            pass
+    await asyncio.sleep(SHORT)  # a tick after the close, to time it
+    ticker.cancel()
+    released.set()
+    # The stream's timeout is GRACE; a blocking join of the stuck thread stalled that long.
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < GRACE / 2
 
 
 async def test_astream_over_wsgi_reports_its_errors() -> None:

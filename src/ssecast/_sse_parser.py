@@ -69,7 +69,7 @@ class EventStreamParser:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._started = False  # whether the first character (a BOM, maybe) has been seen
         self._after_cr = False  # the text so far ends with a CR: a LF next ends no line
-        self._line = ""  # the start of a line whose end has not come yet
+        self._line: list[str] = []  # the start of a line whose end has not come yet
         self._data: list[str] = []
         self._event_type = ""
         self._id_buffer = ""
@@ -89,7 +89,14 @@ class EventStreamParser:
         if self._after_cr and text.startswith("\n"):
             text = text[1:]
         self._after_cr = text.endswith("\r")
-        *lines, self._line = _LINE_END.split(self._line + text)
+        # Only the new text is searched for line ends, so that a long line coming in many
+        # chunks is read in linear time: its start waits in pieces, joined once it ends.
+        *lines, rest = _LINE_END.split(text)
+        if lines:
+            lines[0] = "".join([*self._line, lines[0]])
+            self._line = []
+        if rest:
+            self._line.append(rest)
         events: list[ReceivedEvent] = []
         for line in lines:
             event = self._line_read(line)

@@ -16,10 +16,11 @@ import io
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
+from string import punctuation
 from typing import Any, TypeAlias
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 from ssecast._sse_parser import EventStreamParser, ReceivedEvent
 from ssecast._wsgi import DISCONNECT_KEY
@@ -129,7 +130,8 @@ class Inbox:
     def wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         """Block until `ready()`; raise `TimeoutError` after `timeout` seconds."""
         with self._lock:
-            if not self._changed.wait_for(ready, timeout):
+            # threading's waits overflow past TIMEOUT_MAX (292 years): math.inf is "no bound".
+            if not self._changed.wait_for(ready, min(timeout, threading.TIMEOUT_MAX)):
                 raise TimeoutError(f"{what} within {timeout} s")
 
     async def await_(self, ready: Callable[[], bool], seconds: float, what: str) -> None:
@@ -143,7 +145,11 @@ class Inbox:
                             return
                         waker = loop.create_future()
                         self._wakers.append((loop, waker))
-                    await waker
+                    try:
+                        await waker
+                    finally:  # a wait that timed out must not leave its waker behind
+                        with self._lock, contextlib.suppress(ValueError):  # or woken: gone
+                            self._wakers.remove((loop, waker))
         except TimeoutError:
             raise TimeoutError(f"{what} within {seconds} s") from None
 
@@ -157,6 +163,16 @@ class Inbox:
                 return self._events.popleft()
             self._raise_error()
             raise EOFError(f"the response ({self.status}) ended; no event is left")
+
+    @contextlib.contextmanager
+    def unread_on_error(self, taken: list[ReceivedEvent]) -> Iterator[None]:
+        """Put the events in `taken` back, first in line, if the block raises."""
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._events.extendleft(reversed(taken))
+            raise
 
     def take_body(self) -> bytes:
         """Return the whole body, once the response has ended."""
@@ -188,7 +204,9 @@ class Exchange:
 
     def __init__(self, app: App, path: str, headers: Mapping[str, str], timeout: float) -> None:
         self.app = app
-        self.path, _, self.query = path.partition("?")
+        # As a browser's URL parser does: non-ASCII characters (as UTF-8), spaces and
+        # controls are percent-encoded; the escapes already there are kept.
+        self.path, _, self.query = quote(path, safe=punctuation).partition("?")
         self.headers = list(headers.items())
         self.timeout = timeout
         self.inbox = Inbox()
@@ -297,13 +315,19 @@ class ASGIExchange(Exchange):
         async def send(message: Message) -> None:
             if gone.is_set():
                 raise _Disconnected("the client has disconnected")  # what ASGI 2.4 says
+            # Out of order, a server refuses the message, as uvicorn does: the app raises.
+            started = self.inbox.status != 0
             if message["type"] == "http.response.start":
+                if started:
+                    raise RuntimeError("http.response.start sent twice")
                 headers = message.get("headers", [])
                 self.inbox.start(
                     int(message["status"]),
                     [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
                 )
             elif message["type"] == "http.response.body":
+                if not started:
+                    raise RuntimeError("http.response.body sent before http.response.start")
                 self.inbox.body(bytes(message.get("body", b"")))
                 if not message.get("more_body", False):
                     gone.set()
@@ -349,13 +373,27 @@ class _Lifespan:
     async def start(cls, app: App, state: dict[str, Any], seconds: float) -> _Lifespan:
         """Run the startup; raise what the application answered if it was not complete."""
         lifespan = cls(app, state, seconds)
-        await lifespan._step("startup")
+        try:
+            await lifespan._step("startup")
+        except Exception:
+            await lifespan._end()
+            raise
         return lifespan
 
     async def stop(self) -> None:
         """Run the shutdown, and wait for the lifespan coroutine to return."""
-        await self._step("shutdown")
-        await asyncio.wait([self._task], timeout=self._timeout)
+        try:
+            await self._step("shutdown")
+            await asyncio.wait([self._task], timeout=self._timeout)
+        finally:
+            await self._end()
+
+    async def _end(self) -> None:
+        # A lifespan still running past its bound is cancelled: on the test's own loop
+        # (astream), nothing the stream started may outlive it.
+        if not self._task.done():
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=self._timeout)
 
     async def _step(self, step: str) -> None:
         await self._to_app.put({"type": f"lifespan.{step}"})
@@ -423,7 +461,9 @@ class WSGIExchange(Exchange):
             DISCONNECT_KEY: self._on_disconnect,
         }
         for name, value in self.headers:
-            environ["HTTP_" + name.upper().replace("-", "_")] = value
+            key = name.upper().replace("-", "_")
+            # PEP 3333 (from CGI): these two have no HTTP_ prefix.
+            environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = value
         return environ
 
     def _start_response(

@@ -89,12 +89,18 @@ class TestStream(_Stream):
 
         :param n: how many events to read.
         :param timeout: seconds to wait for all of them; the stream's `timeout` when `None`.
-        :raises TimeoutError: they did not all come within the timeout.
-        :raises EOFError: the response ended before the `n`th event.
+        :raises TimeoutError: they did not all come within the timeout; those that did
+            are left unread.
+        :raises EOFError: the response ended before the `n`th event; the events before
+            it are left unread.
         """
         wait = self._timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
-        return [self.next_event(max(0.0, deadline - time.monotonic())) for _ in range(n)]
+        taken: list[ReceivedEvent] = []
+        with self._inbox.unread_on_error(taken):
+            for _ in range(n):
+                taken.append(self.next_event(max(0.0, deadline - time.monotonic())))
+        return taken
 
     def read(self, timeout: float | None = None) -> bytes:
         """Wait for the response to end, and return its whole body (a refusal's text, say).
@@ -114,7 +120,9 @@ class TestStream(_Stream):
         `OSError`; a WSGI application's response iterator is closed, as servers do.
         Calling it again does nothing.
 
-        :raises TimeoutError: the application did not end in time after the disconnect.
+        :raises TimeoutError: the application did not end in time after the disconnect:
+            an ASGI application is cancelled one `timeout` after it; a WSGI response,
+            which cannot be, is waited for up to five, then left running.
         :raises Exception: what the application raised, if no read raised it before.
         """
         if self._closed:
@@ -123,7 +131,8 @@ class TestStream(_Stream):
         self._exchange.disconnect()
         with contextlib.suppress(TimeoutError):
             self._inbox.wait(lambda: self._inbox.finished, self._closing_timeout(), "")
-        self._runner.join(self._timeout)
+        if self._inbox.finished:  # else a stuck WSGI thread: a join would only wait longer
+            self._runner.join(min(self._timeout, threading.TIMEOUT_MAX))
         self._left()
 
 
@@ -155,12 +164,18 @@ class AsyncTestStream(_Stream):
 
         :param n: how many events to read.
         :param timeout: seconds to wait for all of them; the stream's `timeout` when `None`.
-        :raises TimeoutError: they did not all come within the timeout.
-        :raises EOFError: the response ended before the `n`th event.
+        :raises TimeoutError: they did not all come within the timeout; those that did
+            are left unread.
+        :raises EOFError: the response ended before the `n`th event; the events before
+            it are left unread.
         """
         wait = self._timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
-        return [await self.anext_event(max(0.0, deadline - time.monotonic())) for _ in range(n)]
+        taken: list[ReceivedEvent] = []
+        with self._inbox.unread_on_error(taken):
+            for _ in range(n):
+                taken.append(await self.anext_event(max(0.0, deadline - time.monotonic())))
+        return taken
 
     async def aread(self, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 - its twin's signature
         """Await the end of the response, and return its whole body (a refusal's text, say).
@@ -175,7 +190,9 @@ class AsyncTestStream(_Stream):
     async def aclose(self) -> None:
         """Disconnect, as a browser closing the tab, and await the end of the application.
 
-        :raises TimeoutError: the application did not end in time after the disconnect.
+        :raises TimeoutError: the application did not end in time after the disconnect:
+            an ASGI application is cancelled one `timeout` after it; a WSGI response,
+            which cannot be, is waited for up to five, then left running.
         :raises Exception: what the application raised, if no read raised it before.
         """
         if self._closed:
@@ -185,7 +202,8 @@ class AsyncTestStream(_Stream):
         with contextlib.suppress(TimeoutError):
             await self._inbox.await_(lambda: self._inbox.finished, self._closing_timeout(), "")
         if isinstance(self._runner, threading.Thread):
-            self._runner.join(self._timeout)  # it has finished, or is a stuck WSGI thread
+            if self._inbox.finished:  # else a stuck WSGI thread: a join would block the loop
+                self._runner.join(min(self._timeout, threading.TIMEOUT_MAX))
         else:
             await asyncio.wait([self._runner], timeout=self._timeout)
         self._left()
@@ -209,7 +227,7 @@ def _exchange(
     loop: asyncio.AbstractEventLoop | None,
 ) -> Exchange:
     merged = {"host": "localhost", "accept": "text/event-stream", "cache-control": "no-cache"}
-    if last_event_id is not None:
+    if last_event_id:  # an EventSource whose last event id is "" sends no header
         merged["last-event-id"] = last_event_id
     for name, value in (headers or {}).items():
         merged[name.lower()] = value
@@ -243,8 +261,11 @@ def stream(
     :param path: the path, with a query string if any, e.g. `"/events?channel=prices"`.
     :param headers: request headers, added to (or replacing) an `EventSource`'s
         `Accept: text/event-stream`, `Cache-Control: no-cache` and `Host: localhost`.
-    :param last_event_id: sent as `Last-Event-ID`, as a reconnecting `EventSource` does.
-    :param timeout: the default number of seconds any wait of the stream may take.
+    :param last_event_id: sent as `Last-Event-ID`, as a reconnecting `EventSource` does:
+        not at all when it is `""`, the id of events that came with none.
+    :param timeout: the default number of seconds any read of the stream may wait, and
+        the wait for the response to start. Closing waits longer for an application
+        that ignores the disconnect: see [`close`][ssecast.testing.TestStream.close].
     :param lifespan: run an ASGI application's lifespan startup before the request and
         its shutdown after it; off by default, since a lifespan that closes a shared
         broadcaster closes it for every later test.
@@ -291,7 +312,10 @@ async def astream(
     :param path: the path, with a query string if any.
     :param headers: request headers, added to (or replacing) an `EventSource`'s.
     :param last_event_id: sent as `Last-Event-ID`.
-    :param timeout: the default number of seconds any wait of the stream may take.
+    :param timeout: the default number of seconds any read of the stream may wait, and
+        the wait for the response to start. Closing waits longer for an application
+        that ignores the disconnect: see
+        [`aclose`][ssecast.testing.AsyncTestStream.aclose].
     :param lifespan: run an ASGI application's lifespan around the request.
     :returns: an async context manager yielding the
         [`AsyncTestStream`][ssecast.testing.AsyncTestStream], once the status and headers
