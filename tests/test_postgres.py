@@ -460,6 +460,34 @@ def test_unreachable_database_raises_backend_unavailable(table: str) -> None:
         assert b.stats().published == 0
 
 
+@pytest.mark.parametrize("adapter", ["asgi", "flask"])
+def test_adapters_answer_503_with_retry_after_while_the_database_is_unreachable(
+    table: str, adapter: str
+) -> None:
+    """A client asking for a stream while the database is down is told to retry later."""
+    import flask
+
+    import ssecast.flask
+    from ssecast.asgi import EventStream
+    from ssecast.testing import stream
+
+    port = free_port()
+    with pg_broadcaster(table, dsn=postgres_dsn(port)) as b:
+        app: Any
+        if adapter == "asgi":
+            app = EventStream(b)
+        else:
+            app = flask.Flask(__name__)
+            app.add_url_rule("/", view_func=lambda: ssecast.flask.stream(b))
+        with stream(app, headers={"Accept": "*/*"}, timeout=30) as response:
+            assert response.status == 503
+            assert response.headers["retry-after"] == "5"
+            body = response.read().decode()
+    assert "unavailable" in body
+    assert str(port) not in body
+    assert "127.0.0.1" not in body
+
+
 def test_a_server_restart_mid_stream_loses_no_acknowledged_event(
     table: str, cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
