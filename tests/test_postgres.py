@@ -1087,3 +1087,37 @@ def test_the_module_says_what_it_needs() -> None:
     backend = PostgresBackend(POSTGRES_DSN, table="public.events")
     assert backend.application_name == "ssecast public.events"
     backend.close()
+
+
+def test_a_held_resume_is_let_in_when_the_tables_token_changes(table: str) -> None:
+    """A client held for an id not delivered yet gets a gap, then the events of a new token."""
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    with (
+        Broadcaster(backend=backend, heartbeat=0.1) as slow,
+        pg_broadcaster(table) as publisher,
+    ):
+        watcher = Client(slow.subscribe())
+        first = publisher.publish("n", 0)
+        watcher.until(first)
+        reading = threading.Event()
+        release = threading.Event()
+        real = backend._table.read
+
+        def held(*args: Any) -> Any:  # the listener lags behind the publisher
+            if threading.current_thread() is listener_thread(table):
+                reading.set()
+                release.wait(20)
+            return real(*args)
+
+        backend._table.read = held  # type: ignore[method-assign]
+        assert reading.wait(20)
+        awaited = publisher.publish("n", 1)
+        resumed = Client(slow.subscribe(last_event_id=awaited.id))  # held: not delivered yet
+        admin_execute(f"COMMENT ON TABLE {table} IS 'ssecast 00000000abcd'")
+        after = publisher.publish("n", "after")
+        assert after.id.startswith("00000000abcd-")
+        backend._table.read = real  # type: ignore[method-assign]
+        release.set()
+        got = resumed.until(after)
+    assert got[0].type == GAP_EVENT_TYPE
+    assert got[-1].data == '"after"'
