@@ -1121,3 +1121,33 @@ def test_a_held_resume_is_let_in_when_the_tables_token_changes(table: str) -> No
         got = resumed.until(after)
     assert got[0].type == GAP_EVENT_TYPE
     assert got[-1].data == '"after"'
+
+
+def test_concurrent_publishes_number_rows_without_repeats_under_a_stricter_default_isolation(
+    table: str,
+) -> None:
+    """A role whose transactions default to repeatable read still numbers every row once."""
+    role = f"ssecast_test_{uuid.uuid4().hex[:8]}"
+    with pg_broadcaster(table) as owner:
+        owner.publish("n", 0)  # the table exists now, with its token
+    admin_execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        admin_execute(f"ALTER ROLE {role} SET default_transaction_isolation = 'repeatable read'")
+        admin_execute(f"GRANT SELECT, INSERT, DELETE ON {table} TO {role}")
+        dsn = POSTGRES_DSN.replace("user=root", f"user={role}")
+        with pg_broadcaster(table, dsn=dsn) as b:
+
+            def publish_many() -> None:
+                for n in range(150):
+                    b.publish("n", n)
+
+            threads = [threading.Thread(target=publish_many) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        [(rows, numbers)] = admin_execute(f"SELECT count(*), count(DISTINCT seq) FROM {table}")
+        assert (rows, numbers) == (301, 301)
+    finally:
+        admin_execute(f"DROP OWNED BY {role}")
+        admin_execute(f"DROP ROLE {role}")

@@ -52,9 +52,13 @@ def unavailable(doing: str) -> Iterator[None]:
 def connect(conninfo: str, application_name: str) -> Connection:
     """Open a connection in autocommit mode, named `application_name`.
 
+    Its transactions are READ COMMITTED whatever the role's or database's default: a
+    publish reads the newest `seq` after taking the lock, which a REPEATABLE READ snapshot
+    taken before it would not see (numbers would repeat), and SERIALIZABLE would fail it.
+
     :raises psycopg.Error: it could not connect.
     """
-    return psycopg.connect(
+    conn = psycopg.connect(
         conninfo,
         autocommit=True,
         application_name=application_name,
@@ -66,6 +70,8 @@ def connect(conninfo: str, application_name: str) -> Connection:
         keepalives_interval=2,
         keepalives_count=3,
     )
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    return conn
 
 
 class Connections:
