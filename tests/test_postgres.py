@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import pwd
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import textwrap
@@ -1151,3 +1153,29 @@ def test_concurrent_publishes_number_rows_without_repeats_under_a_stricter_defau
     finally:
         admin_execute(f"DROP OWNED BY {role}")
         admin_execute(f"DROP ROLE {role}")
+
+
+def test_a_listener_whose_connection_has_a_descriptor_above_1024_waits_without_failing(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listener on a descriptor of 1024 or more waits for events and never reconnects."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip("the hard limit on open files is below 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    filler: list[socket.socket] = []
+    try:
+        while not filler or filler[-1].fileno() < 1100:
+            filler.append(socket.socket())
+        with pg_broadcaster(table) as b:
+            reader = Client(b.subscribe())
+            time.sleep(1.5)  # the listener waits for a notification at least once
+            event = b.publish("n", 1)
+            assert seen(reader.until(event)) == expected([event], "default")
+    finally:
+        for sock in filler:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "reconnect" not in caplog.text
+    assert "failed" not in caplog.text

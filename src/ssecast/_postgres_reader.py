@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import select
+import selectors
 import socket
 import threading
 from collections.abc import Callable
@@ -165,7 +165,11 @@ class Reader:
             # (psycopg took it in), and the socket shows nothing: read again at once.
             if _drained(conn):
                 return
-            select.select([conn.fileno(), self._wake.fileno()], [], [], BLOCK_SECONDS)
+            # A selector, not select.select: that fails on a descriptor of 1024 or more.
+            with selectors.DefaultSelector() as selector:
+                selector.register(conn.fileno(), selectors.EVENT_READ)
+                selector.register(self._wake, selectors.EVENT_READ)
+                selector.select(BLOCK_SECONDS)
             if not self._stopping.is_set():
                 _drained(conn)
 
