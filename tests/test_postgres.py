@@ -1179,3 +1179,28 @@ def test_a_listener_whose_connection_has_a_descriptor_above_1024_waits_without_f
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert "reconnect" not in caplog.text
     assert "failed" not in caplog.text
+
+
+def test_raw_data_holding_nul_is_published_live_and_replayed(table: str) -> None:
+    """Raw data holding NUL reaches live and resuming subscribers, as on the other backends."""
+    with pg_broadcaster(table, history=1) as b:
+        reader = Client(b.subscribe())
+        first = b.publish("n", "before")
+        event = b.publish("msg", "a\x00b", raw=True)
+        last = b.publish("n", "after")
+        assert event.data == "a\x00b"
+        live = reader.until(last)
+        with pg_broadcaster(table) as fresh:
+            replayed = Client(fresh.subscribe(last_event_id=first.id)).events(2)
+    assert seen(live[1:]) == seen(replayed) == expected([event, last], "default")
+
+
+def test_a_refused_statement_is_reported_as_refused_not_unreachable(table: str) -> None:
+    """A statement PostgreSQL refuses raises an error saying it refused it, with its reason."""
+    with pg_broadcaster(table) as b:
+        b.publish("n", 0)
+        admin_execute(f"ALTER TABLE {table} RENAME COLUMN body TO other")
+        with pytest.raises(BackendUnavailableError, match="refused the statement") as raised:
+            b.publish("n", 1)
+        assert "unreachable" not in str(raised.value)
+        assert "UndefinedColumn" in str(raised.value)

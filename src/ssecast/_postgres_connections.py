@@ -41,11 +41,17 @@ def unavailable(doing: str) -> Iterator[None]:
     """
     try:
         yield
+    except psycopg.OperationalError as error:
+        raise BackendUnavailableError(
+            f"{doing}: PostgreSQL is unreachable, did not answer in time, or ended the "
+            f"session ({type(error).__name__}: {str(error).strip()}); check that it runs "
+            "and that the DSN is right"
+        ) from error
     except psycopg.Error as error:
         raise BackendUnavailableError(
-            f"{doing}: PostgreSQL is unreachable, did not answer, or refused the statement "
-            f"({type(error).__name__}: {str(error).strip()}); check that it runs, that the "
-            "DSN is right and that the user may write the table"
+            f"{doing}: PostgreSQL refused the statement ({type(error).__name__}: "
+            f"{str(error).strip()}); check that the table is ssecast's and that the user "
+            "may write it"
         ) from error
 
 
