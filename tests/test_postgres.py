@@ -1204,3 +1204,18 @@ def test_a_refused_statement_is_reported_as_refused_not_unreachable(table: str) 
             b.publish("n", 1)
         assert "unreachable" not in str(raised.value)
         assert "UndefinedColumn" in str(raised.value)
+
+
+def test_listening_on_a_table_that_is_not_ssecasts_fails_without_writing_to_it(
+    table: str,
+) -> None:
+    """An existing table without ssecast's columns is refused clearly and its comment kept."""
+    admin_execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, name text)")
+    admin_execute(f"COMMENT ON TABLE {table} IS 'the application''s own'")
+    with pg_broadcaster(table) as b:
+        with pytest.raises(BackendUnavailableError, match="not ssecast's"):
+            b.subscribe()
+        with pytest.raises(BackendUnavailableError, match="ssecast's"):
+            b.publish("n", 0)
+    [(comment,)] = admin_execute(f"SELECT obj_description('{table}'::regclass)")
+    assert comment == "the application's own"

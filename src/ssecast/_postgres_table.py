@@ -33,7 +33,7 @@ from psycopg import Connection, sql
 from psycopg.rows import TupleRow
 
 from ssecast._event import Draft, Event
-from ssecast._exceptions import ConfigurationError
+from ssecast._exceptions import BackendUnavailableError, ConfigurationError
 
 __all__ = ["LAST_ID", "Newest", "NoTokenError", "Page", "Row", "Table", "format_id", "parse_id"]
 
@@ -45,6 +45,7 @@ _NAME = re.compile(rf"{_PART}(\.{_PART})?")
 _TOKEN = re.compile(r"[0-9a-f]{12}")
 _EVENT_ID = re.compile(r"([0-9a-f]{12})-([1-9][0-9]{0,18})")
 _COMMENT_PREFIX: Final = "ssecast "
+_COLUMNS: Final = frozenset({"id", "seq", "type", "channel", "data", "body"})
 # NOTIFY channel names are identifiers: at most 63 bytes, with "ssecast:" before the name.
 _MAX_NAME: Final = 55
 
@@ -149,6 +150,8 @@ class Table:
 
         Run under the publishers' lock, so that processes starting at once agree.
 
+        :raises BackendUnavailableError: the table exists without a token and lacks a
+            column of ssecast's: it is not ssecast's, and is left as it is.
         :raises psycopg.Error: the database refused or could not be reached.
         """
         with conn.transaction():
@@ -162,6 +165,18 @@ class Table:
             )
             if found is not None:
                 return found
+            # Another's table, which a comment must not overwrite: leave it as it is.
+            columns = self._value(
+                conn,
+                "SELECT array_agg(attname::text) FROM pg_attribute"
+                " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            )
+            missing = sorted(_COLUMNS - set(columns))  # type: ignore[call-overload]
+            if missing:
+                raise BackendUnavailableError(
+                    f"the table {self.name} is not ssecast's: it has no column "
+                    f"{', '.join(missing)}; nothing was written to it (choose another table)"
+                )
             token = secrets.token_hex(6)
             comment = sql.Literal(_COMMENT_PREFIX + token)
             conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(self._ident, comment))
