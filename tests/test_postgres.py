@@ -1219,3 +1219,23 @@ def test_listening_on_a_table_that_is_not_ssecasts_fails_without_writing_to_it(
             b.publish("n", 0)
     [(comment,)] = admin_execute(f"SELECT obj_description('{table}'::regclass)")
     assert comment == "the application's own"
+
+
+def test_a_publish_waiting_for_a_lock_held_elsewhere_fails_within_the_lock_timeout(
+    table: str,
+) -> None:
+    """Another session holding the publishers' lock makes publish fail in bounded time, not hang."""
+    dsn = POSTGRES_DSN + " options='-c work_mem=8MB'"  # the DSN's own options are kept
+    backend = PostgresBackend(dsn, table=table)
+    with Broadcaster(backend=backend) as b:
+        b.publish("n", 0)  # the table exists
+        with psycopg.connect(POSTGRES_DSN) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (backend._table._lock_key,))
+            began = time.monotonic()
+            with pytest.raises(BackendUnavailableError, match="LockNotAvailable"):
+                b.publish("n", 1)
+            assert time.monotonic() - began < 50  # 10 x the 5 s lock_timeout
+            holder.commit()
+        assert b.publish("n", 2).data == "2"
+        with backend._connections.borrow() as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
