@@ -1239,3 +1239,27 @@ def test_a_publish_waiting_for_a_lock_held_elsewhere_fails_within_the_lock_timeo
         assert b.publish("n", 2).data == "2"
         with backend._connections.borrow() as conn:
             assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
+
+
+def test_backends_spelling_the_table_differently_take_turns_and_lose_no_row(table: str) -> None:
+    """Publishers on `t` and `public.t` share one lock: every row is delivered, none in a gap."""
+    with pg_broadcaster(table) as a, pg_broadcaster(f"public.{table}") as qualified:
+        reader = Client(a.subscribe(queue_size=2000))
+        first = a.publish("n", "first")
+        reader.until(first)
+
+        def publish_many(b: Broadcaster) -> None:
+            for n in range(500):
+                b.publish("n", n)
+
+        threads = [threading.Thread(target=publish_many, args=(b,)) for b in (a, qualified)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        last = a.publish("n", "last")
+        got = reader.until(last)
+    assert GAP_EVENT_TYPE not in [e.type for e in got]
+    assert len(got) == 1002
+    [(rows, numbers)] = admin_execute(f"SELECT count(*), count(DISTINCT seq) FROM {table}")
+    assert (rows, numbers) == (1002, 1002)

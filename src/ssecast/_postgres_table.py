@@ -103,11 +103,9 @@ class Table:
         self._step = max(1, min(100, maxlen // 10))
         parts = name.split(".")
         self._regclass = ".".join(f'"{part}"' for part in parts)
-        self._lock_key = int.from_bytes(
-            hashlib.blake2b(f"ssecast {self._regclass}".encode(), digest_size=8).digest(),
-            "big",
-            signed=True,
-        )
+        # The publishers' lock is keyed on the schema-qualified name, resolved on first
+        # use: backends that spell the table differently (`x`, `public.x`) share it.
+        self._lock_key: int | None = None
         table = sql.Identifier(*parts)
         self._create = sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} ("
@@ -155,7 +153,7 @@ class Table:
         :raises psycopg.Error: the database refused or could not be reached.
         """
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._key(conn),))
             # CREATE TABLE IF NOT EXISTS would need CREATE on the schema even when the
             # table exists, which a user who may only write it lacks.
             if self._value(conn, "SELECT to_regclass(%s)") is None:
@@ -191,8 +189,9 @@ class Table:
         :raises NoTokenError: the table has no token; nothing was written.
         :raises psycopg.Error: the database refused (a missing table is `UndefinedTable`).
         """
+        key = self._key(conn)
         with conn.pipeline(), conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
             cursor = conn.execute(
                 self._insert,
                 (
@@ -243,6 +242,29 @@ class Table:
         conn.execute(self._listen)
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _key(self, conn: Connection[TupleRow]) -> int:
+        """Return the publishers' lock key: a hash of the table's schema-qualified name.
+
+        The name is the table's if it exists, else the one `CREATE TABLE` would give it.
+        """
+        if self._lock_key is None:
+            cursor = conn.execute(
+                "SELECT coalesce("
+                " (SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
+                "  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)),"
+                " (SELECT CASE WHEN cardinality(p) = 2 THEN format('%%I.%%I', p[1], p[2])"
+                "  ELSE format('%%I.%%I', current_schema(), p[1]) END FROM parse_ident(%s) p))",
+                (self._regclass, self._regclass),
+            )
+            found = cursor.fetchone()
+            assert found is not None  # a SELECT without FROM gives one row
+            self._lock_key = int.from_bytes(
+                hashlib.blake2b(f"ssecast {found[0]}".encode(), digest_size=8).digest(),
+                "big",
+                signed=True,
+            )
+        return self._lock_key
 
     def _value(self, conn: Connection[TupleRow], query: LiteralString) -> object:
         """Return the one value `query` gives for this table's name."""
