@@ -1263,3 +1263,23 @@ def test_backends_spelling_the_table_differently_take_turns_and_lose_no_row(tabl
     assert len(got) == 1002
     [(rows, numbers)] = admin_execute(f"SELECT count(*), count(DISTINCT seq) FROM {table}")
     assert (rows, numbers) == (1002, 1002)
+
+
+def test_a_listener_whose_table_restarted_its_ids_gives_a_gap_and_the_new_events(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TRUNCATE ... RESTART IDENTITY under a listener: a gap, then the new events, none skipped."""
+    with pg_broadcaster(table) as b:
+        reader = Client(b.subscribe())
+        before = [b.publish("n", n) for n in range(21)]
+        reader.until(before[-1])
+        admin_execute(f"TRUNCATE {table} RESTART IDENTITY")
+        deadline = time.monotonic() + 20  # the listener reads at least every second
+        while "numbering began again" not in caplog.text:
+            assert time.monotonic() < deadline, "the listener did not notice"
+            time.sleep(0.02)
+        after = [b.publish("n", n) for n in range(3)]
+        assert number(after[0].id) == 1
+        got = reader.until(after[-1])[21:]
+    assert [e.type for e in got] == [GAP_EVENT_TYPE, "n", "n", "n"]
+    assert seen(got[1:]) == expected(after, "default")

@@ -1,6 +1,7 @@
 """The events table: its schema, the statements ssecast runs on it, and the ids it gives.
 
-A row holds `id` (a bigint identity: never handed out twice, even after `TRUNCATE`),
+A row holds `id` (a bigint identity: never handed out twice, unless someone restarts it,
+as `TRUNCATE ... RESTART IDENTITY` does; see `_postgres_reader.py`),
 `seq`, `type`, `channel`, `data` and `body` (the encoded SSE frame without its
 `id:` line). Its primary key makes every read a range scan over `id`.
 
