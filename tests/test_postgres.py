@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import pwd
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import textwrap
@@ -1087,3 +1089,197 @@ def test_the_module_says_what_it_needs() -> None:
     backend = PostgresBackend(POSTGRES_DSN, table="public.events")
     assert backend.application_name == "ssecast public.events"
     backend.close()
+
+
+def test_a_held_resume_is_let_in_when_the_tables_token_changes(table: str) -> None:
+    """A client held for an id not delivered yet gets a gap, then the events of a new token."""
+    backend = PostgresBackend(POSTGRES_DSN, table=table)
+    with (
+        Broadcaster(backend=backend, heartbeat=0.1) as slow,
+        pg_broadcaster(table) as publisher,
+    ):
+        watcher = Client(slow.subscribe())
+        first = publisher.publish("n", 0)
+        watcher.until(first)
+        reading = threading.Event()
+        release = threading.Event()
+        real = backend._table.read
+
+        def held(*args: Any) -> Any:  # the listener lags behind the publisher
+            if threading.current_thread() is listener_thread(table):
+                reading.set()
+                release.wait(20)
+            return real(*args)
+
+        backend._table.read = held  # type: ignore[method-assign]
+        assert reading.wait(20)
+        awaited = publisher.publish("n", 1)
+        resumed = Client(slow.subscribe(last_event_id=awaited.id))  # held: not delivered yet
+        admin_execute(f"COMMENT ON TABLE {table} IS 'ssecast 00000000abcd'")
+        after = publisher.publish("n", "after")
+        assert after.id.startswith("00000000abcd-")
+        backend._table.read = real  # type: ignore[method-assign]
+        release.set()
+        got = resumed.until(after)
+    assert got[0].type == GAP_EVENT_TYPE
+    assert got[-1].data == '"after"'
+
+
+def test_concurrent_publishes_number_rows_without_repeats_under_a_stricter_default_isolation(
+    table: str,
+) -> None:
+    """A role whose transactions default to repeatable read still numbers every row once."""
+    role = f"ssecast_test_{uuid.uuid4().hex[:8]}"
+    with pg_broadcaster(table) as owner:
+        owner.publish("n", 0)  # the table exists now, with its token
+    admin_execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        admin_execute(f"ALTER ROLE {role} SET default_transaction_isolation = 'repeatable read'")
+        admin_execute(f"GRANT SELECT, INSERT, DELETE ON {table} TO {role}")
+        dsn = POSTGRES_DSN.replace("user=root", f"user={role}")
+        with pg_broadcaster(table, dsn=dsn) as b:
+
+            def publish_many() -> None:
+                for n in range(150):
+                    b.publish("n", n)
+
+            threads = [threading.Thread(target=publish_many) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        [(rows, numbers)] = admin_execute(f"SELECT count(*), count(DISTINCT seq) FROM {table}")
+        assert (rows, numbers) == (301, 301)
+    finally:
+        admin_execute(f"DROP OWNED BY {role}")
+        admin_execute(f"DROP ROLE {role}")
+
+
+def test_a_listener_whose_connection_has_a_descriptor_above_1024_waits_without_failing(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listener on a descriptor of 1024 or more waits for events and never reconnects."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip("the hard limit on open files is below 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    filler: list[socket.socket] = []
+    try:
+        while not filler or filler[-1].fileno() < 1100:
+            filler.append(socket.socket())
+        with pg_broadcaster(table) as b:
+            reader = Client(b.subscribe())
+            time.sleep(1.5)  # the listener waits for a notification at least once
+            event = b.publish("n", 1)
+            assert seen(reader.until(event)) == expected([event], "default")
+    finally:
+        for sock in filler:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "reconnect" not in caplog.text
+    assert "failed" not in caplog.text
+
+
+def test_raw_data_holding_nul_is_published_live_and_replayed(table: str) -> None:
+    """Raw data holding NUL reaches live and resuming subscribers, as on the other backends."""
+    with pg_broadcaster(table, history=1) as b:
+        reader = Client(b.subscribe())
+        first = b.publish("n", "before")
+        event = b.publish("msg", "a\x00b", raw=True)
+        last = b.publish("n", "after")
+        assert event.data == "a\x00b"
+        live = reader.until(last)
+        with pg_broadcaster(table) as fresh:
+            replayed = Client(fresh.subscribe(last_event_id=first.id)).events(2)
+    assert seen(live[1:]) == seen(replayed) == expected([event, last], "default")
+
+
+def test_a_refused_statement_is_reported_as_refused_not_unreachable(table: str) -> None:
+    """A statement PostgreSQL refuses raises an error saying it refused it, with its reason."""
+    with pg_broadcaster(table) as b:
+        b.publish("n", 0)
+        admin_execute(f"ALTER TABLE {table} RENAME COLUMN body TO other")
+        with pytest.raises(BackendUnavailableError, match="refused the statement") as raised:
+            b.publish("n", 1)
+        assert "unreachable" not in str(raised.value)
+        assert "UndefinedColumn" in str(raised.value)
+
+
+def test_listening_on_a_table_that_is_not_ssecasts_fails_without_writing_to_it(
+    table: str,
+) -> None:
+    """An existing table without ssecast's columns is refused clearly and its comment kept."""
+    admin_execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, name text)")
+    admin_execute(f"COMMENT ON TABLE {table} IS 'the application''s own'")
+    with pg_broadcaster(table) as b:
+        with pytest.raises(BackendUnavailableError, match="not ssecast's"):
+            b.subscribe()
+        with pytest.raises(BackendUnavailableError, match="ssecast's"):
+            b.publish("n", 0)
+    [(comment,)] = admin_execute(f"SELECT obj_description('{table}'::regclass)")
+    assert comment == "the application's own"
+
+
+def test_a_publish_waiting_for_a_lock_held_elsewhere_fails_within_the_lock_timeout(
+    table: str,
+) -> None:
+    """Another session holding the publishers' lock makes publish fail in bounded time, not hang."""
+    dsn = POSTGRES_DSN + " options='-c work_mem=8MB'"  # the DSN's own options are kept
+    backend = PostgresBackend(dsn, table=table)
+    with Broadcaster(backend=backend) as b:
+        b.publish("n", 0)  # the table exists
+        with psycopg.connect(POSTGRES_DSN) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (backend._table._lock_key,))
+            began = time.monotonic()
+            with pytest.raises(BackendUnavailableError, match="LockNotAvailable"):
+                b.publish("n", 1)
+            assert time.monotonic() - began < 50  # 10 x the 5 s lock_timeout
+            holder.commit()
+        assert b.publish("n", 2).data == "2"
+        with backend._connections.borrow() as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
+
+
+def test_backends_spelling_the_table_differently_take_turns_and_lose_no_row(table: str) -> None:
+    """Publishers on `t` and `public.t` share one lock: every row is delivered, none in a gap."""
+    with pg_broadcaster(table) as a, pg_broadcaster(f"public.{table}") as qualified:
+        reader = Client(a.subscribe(queue_size=2000))
+        first = a.publish("n", "first")
+        reader.until(first)
+
+        def publish_many(b: Broadcaster) -> None:
+            for n in range(500):
+                b.publish("n", n)
+
+        threads = [threading.Thread(target=publish_many, args=(b,)) for b in (a, qualified)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        last = a.publish("n", "last")
+        got = reader.until(last)
+    assert GAP_EVENT_TYPE not in [e.type for e in got]
+    assert len(got) == 1002
+    [(rows, numbers)] = admin_execute(f"SELECT count(*), count(DISTINCT seq) FROM {table}")
+    assert (rows, numbers) == (1002, 1002)
+
+
+def test_a_listener_whose_table_restarted_its_ids_gives_a_gap_and_the_new_events(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TRUNCATE ... RESTART IDENTITY under a listener: a gap, then the new events, none skipped."""
+    with pg_broadcaster(table) as b:
+        reader = Client(b.subscribe())
+        before = [b.publish("n", n) for n in range(21)]
+        reader.until(before[-1])
+        admin_execute(f"TRUNCATE {table} RESTART IDENTITY")
+        deadline = time.monotonic() + 20  # the listener reads at least every second
+        while "numbering began again" not in caplog.text:
+            assert time.monotonic() < deadline, "the listener did not notice"
+            time.sleep(0.02)
+        after = [b.publish("n", n) for n in range(3)]
+        assert number(after[0].id) == 1
+        got = reader.until(after[-1])[21:]
+    assert [e.type for e in got] == [GAP_EVENT_TYPE, "n", "n", "n"]
+    assert seen(got[1:]) == expected(after, "default")

@@ -14,15 +14,35 @@ from collections.abc import Iterator
 from typing import Final
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from ssecast import _fork
 from ssecast._exceptions import BackendUnavailableError
 
-__all__ = ["CONNECT_TIMEOUT", "Connections", "connect", "unavailable"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "LOCK_TIMEOUT",
+    "STATEMENT_TIMEOUT",
+    "TCP_USER_TIMEOUT",
+    "Connections",
+    "connect",
+    "unavailable",
+]
 
 # libpq's connect_timeout, in whole seconds (it takes no less than 2).
 CONNECT_TIMEOUT: Final = 2
+# Every statement on ssecast's connections is bounded, so that no call waits forever:
+# for the publishers' lock (another session holding it), for any statement, for a
+# transaction left open by a paused process, and for a network that stopped answering.
+LOCK_TIMEOUT: Final = "5s"
+STATEMENT_TIMEOUT: Final = "10s"
+_SETTINGS: Final = (
+    f"-c lock_timeout={LOCK_TIMEOUT} -c statement_timeout={STATEMENT_TIMEOUT}"
+    f" -c idle_in_transaction_session_timeout={STATEMENT_TIMEOUT}"
+)
+# libpq's tcp_user_timeout, in milliseconds: unacknowledged data fails the connection.
+TCP_USER_TIMEOUT: Final = 10_000
 # How long close() waits for the statements running on borrowed connections.
 _CLOSE_WAIT: Final = 5.0
 
@@ -41,22 +61,40 @@ def unavailable(doing: str) -> Iterator[None]:
     """
     try:
         yield
+    except psycopg.OperationalError as error:
+        raise BackendUnavailableError(
+            f"{doing}: PostgreSQL is unreachable, did not answer in time, or ended the "
+            f"session ({type(error).__name__}: {str(error).strip()}); check that it runs "
+            "and that the DSN is right"
+        ) from error
     except psycopg.Error as error:
         raise BackendUnavailableError(
-            f"{doing}: PostgreSQL is unreachable, did not answer, or refused the statement "
-            f"({type(error).__name__}: {str(error).strip()}); check that it runs, that the "
-            "DSN is right and that the user may write the table"
+            f"{doing}: PostgreSQL refused the statement ({type(error).__name__}: "
+            f"{str(error).strip()}); check that the table is ssecast's and that the user "
+            "may write it"
         ) from error
 
 
 def connect(conninfo: str, application_name: str) -> Connection:
     """Open a connection in autocommit mode, named `application_name`.
 
+    Its statements are bounded: a wait for a lock fails after `LOCK_TIMEOUT`, any
+    statement (or a transaction left idle) after `STATEMENT_TIMEOUT`, and data the server
+    does not acknowledge after `TCP_USER_TIMEOUT` ms; these settings follow the DSN's
+    own `options`, and take precedence over them.
+
+    Its transactions are READ COMMITTED whatever the role's or database's default: a
+    publish reads the newest `seq` after taking the lock, which a REPEATABLE READ snapshot
+    taken before it would not see (numbers would repeat), and SERIALIZABLE would fail it.
+
     :raises psycopg.Error: it could not connect.
     """
-    return psycopg.connect(
+    options = conninfo_to_dict(conninfo).get("options")
+    conn = psycopg.connect(
         conninfo,
         autocommit=True,
+        options=f"{options} {_SETTINGS}" if options else _SETTINGS,
+        tcp_user_timeout=TCP_USER_TIMEOUT,
         application_name=application_name,
         connect_timeout=CONNECT_TIMEOUT,
         # TCP keepalives: a connection whose peer vanished (a host down, a cable cut)
@@ -66,6 +104,8 @@ def connect(conninfo: str, application_name: str) -> Connection:
         keepalives_interval=2,
         keepalives_count=3,
     )
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    return conn
 
 
 class Connections:

@@ -14,7 +14,11 @@ skipping it:
   down, others published more than `maxlen` events and the table was trimmed past what
   it had read;
 - another table (dropped and created again: its oid changed; it then reads the new one
-  from its start) or another token (its comment was changed: ids mean something else).
+  from its start) or another token (its comment was changed: ids mean something else);
+- no row as new as the last one read (the rows were deleted, or `TRUNCATE ... RESTART
+  IDENTITY` made ids begin again): it reads the table again from its start. Only an
+  empty read looks for this, so rows published with ids up to the last one read before
+  the listener reads again are skipped (with no gap): see docs/scaling.md.
 
 It reconnects with exponential backoff (0.05 s doubling to 2 s, with jitter), creating the
 table again if it is gone, and goes on after the last id it delivered.
@@ -25,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import select
+import selectors
 import socket
 import threading
 from collections.abc import Callable
@@ -145,6 +149,9 @@ class Reader:
                     if page.token is None:  # someone removed the table's comment
                         self._table.ensure(self._conn)
                         continue
+                    if not page.rows and self._table.newest(self._conn).id < self._position.id:
+                        self._renumbered()  # TRUNCATE ... RESTART IDENTITY, say
+                        continue
                 if self._take(page, page.token) < _READ_BATCH:
                     self._wait(self._conn)
             except BroadcasterClosedError:
@@ -165,7 +172,11 @@ class Reader:
             # (psycopg took it in), and the socket shows nothing: read again at once.
             if _drained(conn):
                 return
-            select.select([conn.fileno(), self._wake.fileno()], [], [], BLOCK_SECONDS)
+            # A selector, not select.select: that fails on a descriptor of 1024 or more.
+            with selectors.DefaultSelector() as selector:
+                selector.register(conn.fileno(), selectors.EVENT_READ)
+                selector.register(self._wake, selectors.EVENT_READ)
+                selector.select(BLOCK_SECONDS)
             if not self._stopping.is_set():
                 _drained(conn)
 
@@ -213,6 +224,21 @@ class Reader:
                 seq = row.seq
                 self._position = Position(oid, token, row.id, seq)
         return len(page.rows)
+
+    def _renumbered(self) -> None:
+        """Read the table again from its start: it holds no row as new as the last one read.
+
+        Its rows were deleted, or its ids began again (`TRUNCATE ... RESTART IDENTITY`),
+        which would hand out the ids already read to new rows: a gap, not a silent skip.
+        """
+        self._gap_pending = True
+        logger.warning(
+            "PostgreSQL listener of %s: the table's numbering began again (its rows were "
+            "deleted, or its ids restarted); subscribers get a gap",
+            self._table.name,
+        )
+        oid, token, _, _ = self._position
+        self._position = Position(oid, token, 0, None)
 
     def _log_failure(self, error: Exception, failures: int) -> None:
         name = self._table.name

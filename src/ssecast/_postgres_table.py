@@ -1,8 +1,13 @@
 """The events table: its schema, the statements ssecast runs on it, and the ids it gives.
 
-A row holds `id` (a bigint identity: never handed out twice, even after `TRUNCATE`),
+A row holds `id` (a bigint identity: never handed out twice, unless someone restarts it,
+as `TRUNCATE ... RESTART IDENTITY` does; see `_postgres_reader.py`),
 `seq`, `type`, `channel`, `data` and `body` (the encoded SSE frame without its
 `id:` line). Its primary key makes every read a range scan over `id`.
+
+A `text` column cannot hold a NUL character, which raw data may: such data is stored as
+a JSON string, and its type with a line feed before it (a type never holds one), which
+says so when it is read.
 
 `seq` counts the rows without a hole: each publish takes a transaction-level advisory
 lock on the table, then writes the newest row's `seq` plus one. So a reader that finds a
@@ -20,6 +25,7 @@ keeps its comment and identity, so its ids stay good.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 from typing import Final, LiteralString, NamedTuple
@@ -28,7 +34,7 @@ from psycopg import Connection, sql
 from psycopg.rows import TupleRow
 
 from ssecast._event import Draft, Event
-from ssecast._exceptions import ConfigurationError
+from ssecast._exceptions import BackendUnavailableError, ConfigurationError
 
 __all__ = ["LAST_ID", "Newest", "NoTokenError", "Page", "Row", "Table", "format_id", "parse_id"]
 
@@ -40,6 +46,7 @@ _NAME = re.compile(rf"{_PART}(\.{_PART})?")
 _TOKEN = re.compile(r"[0-9a-f]{12}")
 _EVENT_ID = re.compile(r"([0-9a-f]{12})-([1-9][0-9]{0,18})")
 _COMMENT_PREFIX: Final = "ssecast "
+_COLUMNS: Final = frozenset({"id", "seq", "type", "channel", "data", "body"})
 # NOTIFY channel names are identifiers: at most 63 bytes, with "ssecast:" before the name.
 _MAX_NAME: Final = 55
 
@@ -97,11 +104,9 @@ class Table:
         self._step = max(1, min(100, maxlen // 10))
         parts = name.split(".")
         self._regclass = ".".join(f'"{part}"' for part in parts)
-        self._lock_key = int.from_bytes(
-            hashlib.blake2b(f"ssecast {self._regclass}".encode(), digest_size=8).digest(),
-            "big",
-            signed=True,
-        )
+        # The publishers' lock is keyed on the schema-qualified name, resolved on first
+        # use: backends that spell the table differently (`x`, `public.x`) share it.
+        self._lock_key: int | None = None
         table = sql.Identifier(*parts)
         self._create = sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} ("
@@ -114,7 +119,7 @@ class Table:
         # its snapshot sees every earlier publish), plus one.
         self._insert = sql.SQL(
             "WITH last AS (SELECT seq FROM {table} ORDER BY id DESC LIMIT 1),"
-            " new AS (INSERT INTO {table} (seq, type, channel, data, body)"
+            " new AS (INSERT INTO {table} (seq, type, data, channel, body)"
             "  SELECT coalesce((SELECT seq FROM last), 0) + 1, %s, %s, %s, %s"
             "  RETURNING id, seq),"
             " trimmed AS (DELETE FROM {table}"
@@ -144,10 +149,12 @@ class Table:
 
         Run under the publishers' lock, so that processes starting at once agree.
 
+        :raises BackendUnavailableError: the table exists without a token and lacks a
+            column of ssecast's: it is not ssecast's, and is left as it is.
         :raises psycopg.Error: the database refused or could not be reached.
         """
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._key(conn),))
             # CREATE TABLE IF NOT EXISTS would need CREATE on the schema even when the
             # table exists, which a user who may only write it lacks.
             if self._value(conn, "SELECT to_regclass(%s)") is None:
@@ -157,6 +164,18 @@ class Table:
             )
             if found is not None:
                 return found
+            # Another's table, which a comment must not overwrite: leave it as it is.
+            columns = self._value(
+                conn,
+                "SELECT array_agg(attname::text) FROM pg_attribute"
+                " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            )
+            missing = sorted(_COLUMNS - set(columns))  # type: ignore[call-overload]
+            if missing:
+                raise BackendUnavailableError(
+                    f"the table {self.name} is not ssecast's: it has no column "
+                    f"{', '.join(missing)}; nothing was written to it (choose another table)"
+                )
             token = secrets.token_hex(6)
             comment = sql.Literal(_COMMENT_PREFIX + token)
             conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(self._ident, comment))
@@ -171,14 +190,14 @@ class Table:
         :raises NoTokenError: the table has no token; nothing was written.
         :raises psycopg.Error: the database refused (a missing table is `UndefinedTable`).
         """
+        key = self._key(conn)
         with conn.pipeline(), conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
             cursor = conn.execute(
                 self._insert,
                 (
-                    draft.type,
+                    *_stored(draft),
                     draft.channel,
-                    draft.data,
                     draft.body,
                     self._maxlen,
                     self._step,
@@ -203,7 +222,7 @@ class Table:
         found = cursor.fetchall()
         oid, comment = found[0][0], found[0][1]
         rows = [
-            Row(row[2], row[3], Draft(row[4], row[5], row[6], bytes(row[7])))
+            Row(row[2], row[3], _loaded(row[4], row[5], row[6], bytes(row[7])))
             for row in found
             if row[2] is not None  # the table holds none of those ids
         ]
@@ -225,6 +244,29 @@ class Table:
 
     # -- helpers -------------------------------------------------------------------------
 
+    def _key(self, conn: Connection[TupleRow]) -> int:
+        """Return the publishers' lock key: a hash of the table's schema-qualified name.
+
+        The name is the table's if it exists, else the one `CREATE TABLE` would give it.
+        """
+        if self._lock_key is None:
+            cursor = conn.execute(
+                "SELECT coalesce("
+                " (SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
+                "  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)),"
+                " (SELECT CASE WHEN cardinality(p) = 2 THEN format('%%I.%%I', p[1], p[2])"
+                "  ELSE format('%%I.%%I', current_schema(), p[1]) END FROM parse_ident(%s) p))",
+                (self._regclass, self._regclass),
+            )
+            found = cursor.fetchone()
+            assert found is not None  # a SELECT without FROM gives one row
+            self._lock_key = int.from_bytes(
+                hashlib.blake2b(f"ssecast {found[0]}".encode(), digest_size=8).digest(),
+                "big",
+                signed=True,
+            )
+        return self._lock_key
+
     def _value(self, conn: Connection[TupleRow], query: LiteralString) -> object:
         """Return the one value `query` gives for this table's name."""
         cursor = conn.execute(query, (self._regclass,))
@@ -238,6 +280,20 @@ class Table:
             return None
         token = comment.removeprefix(_COMMENT_PREFIX)
         return token if _TOKEN.fullmatch(token) else None
+
+
+def _stored(draft: Draft) -> tuple[str, str]:
+    """Return the `type` and `data` columns of `draft`: NUL-free, as text must be."""
+    if "\x00" not in draft.data:
+        return draft.type, draft.data
+    return "\n" + draft.type, json.dumps(draft.data)
+
+
+def _loaded(stored_type: str, channel: str, stored_data: str, body: bytes) -> Draft:
+    """Return the draft a row holds: undo what `_stored` did."""
+    if not stored_type.startswith("\n"):
+        return Draft(stored_type, channel, stored_data, body)
+    return Draft(stored_type[1:], channel, json.loads(stored_data), body)
 
 
 class NoTokenError(Exception):

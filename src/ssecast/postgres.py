@@ -331,5 +331,9 @@ class PostgresBackend:
 
 
 def _follows(event_id: str, token: str, number: int) -> bool:
+    """Say whether `event_id` comes after row `number` of the table whose token is `token`.
+
+    An id with another token follows it too: that table is gone, with the awaited row.
+    """
     parsed = parse_id(event_id)
-    return parsed is not None and parsed[0] == token and parsed[1] > number
+    return parsed is not None and (parsed[0] != token or parsed[1] > number)
