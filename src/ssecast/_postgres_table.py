@@ -5,9 +5,7 @@ as `TRUNCATE ... RESTART IDENTITY` does; see `_postgres_reader.py`),
 `seq`, `type`, `channel`, `data` and `body` (the encoded SSE frame without its
 `id:` line). Its primary key makes every read a range scan over `id`.
 
-A `text` column cannot hold a NUL character, which raw data may: such data is stored as
-a JSON string, and its type with a line feed before it (a type never holds one), which
-says so when it is read.
+`data` is `bytea` (UTF-8), not `text`: raw data may hold NUL, which `text` refuses.
 
 `seq` counts the rows without a hole: each publish takes a transaction-level advisory
 lock on the table, then writes the newest row's `seq` plus one. So a reader that finds a
@@ -25,7 +23,6 @@ keeps its comment and identity, so its ids stay good.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import secrets
 from typing import Final, LiteralString, NamedTuple
@@ -112,14 +109,14 @@ class Table:
             "CREATE TABLE IF NOT EXISTS {} ("
             " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
             " seq bigint NOT NULL, type text NOT NULL, channel text NOT NULL,"
-            " data text NOT NULL, body bytea NOT NULL)"
+            " data bytea NOT NULL, body bytea NOT NULL)"
         ).format(table)
         self._ident = table
         # The newest row's seq, read after the lock is taken (a statement of its own, so
         # its snapshot sees every earlier publish), plus one.
         self._insert = sql.SQL(
             "WITH last AS (SELECT seq FROM {table} ORDER BY id DESC LIMIT 1),"
-            " new AS (INSERT INTO {table} (seq, type, data, channel, body)"
+            " new AS (INSERT INTO {table} (seq, type, channel, data, body)"
             "  SELECT coalesce((SELECT seq FROM last), 0) + 1, %s, %s, %s, %s"
             "  RETURNING id, seq),"
             " trimmed AS (DELETE FROM {table}"
@@ -196,8 +193,9 @@ class Table:
             cursor = conn.execute(
                 self._insert,
                 (
-                    *_stored(draft),
+                    draft.type,
                     draft.channel,
+                    draft.data.encode(),
                     draft.body,
                     self._maxlen,
                     self._step,
@@ -222,7 +220,7 @@ class Table:
         found = cursor.fetchall()
         oid, comment = found[0][0], found[0][1]
         rows = [
-            Row(row[2], row[3], _loaded(row[4], row[5], row[6], bytes(row[7])))
+            Row(row[2], row[3], Draft(row[4], row[5], bytes(row[6]).decode(), bytes(row[7])))
             for row in found
             if row[2] is not None  # the table holds none of those ids
         ]
@@ -280,20 +278,6 @@ class Table:
             return None
         token = comment.removeprefix(_COMMENT_PREFIX)
         return token if _TOKEN.fullmatch(token) else None
-
-
-def _stored(draft: Draft) -> tuple[str, str]:
-    """Return the `type` and `data` columns of `draft`: NUL-free, as text must be."""
-    if "\x00" not in draft.data:
-        return draft.type, draft.data
-    return "\n" + draft.type, json.dumps(draft.data)
-
-
-def _loaded(stored_type: str, channel: str, stored_data: str, body: bytes) -> Draft:
-    """Return the draft a row holds: undo what `_stored` did."""
-    if not stored_type.startswith("\n"):
-        return Draft(stored_type, channel, stored_data, body)
-    return Draft(stored_type[1:], channel, json.loads(stored_data), body)
 
 
 class NoTokenError(Exception):
