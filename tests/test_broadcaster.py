@@ -146,7 +146,8 @@ def test_a_full_subscriber_is_evicted_while_others_get_everything(
     assert live.close_reason is None
     assert live.read_nowait() == first.frame + second.frame
     assert broadcaster.stats() == Stats(
-        subscribers=1, published=2, delivered=3, evicted=1, rejected=0
+        subscribers=1, published=2, delivered=3, evicted=1, rejected=0,
+        revoked=0, expired=0, refused=0,
     )
 
 
@@ -158,7 +159,10 @@ def test_an_unknown_event_type_is_rejected_with_nothing_queued() -> None:
             b.publish("__unknown_event__", {"foo": "bar"})
         assert caught.value.event_type == "__unknown_event__"
         assert sub.read_nowait() == b""
-        assert b.stats() == Stats(subscribers=1, published=0, delivered=0, evicted=0, rejected=1)
+        assert b.stats() == Stats(
+            subscribers=1, published=0, delivered=0, evicted=0, rejected=1,
+            revoked=0, expired=0, refused=0,
+        )
 
 
 def test_twenty_threads_subscribing_and_unsubscribing_leave_no_subscriber() -> None:
@@ -432,7 +436,8 @@ def test_stats_count_each_event_once_per_subscriber(broadcaster: Broadcaster) ->
     with pytest.raises(PublishError):
         broadcaster.publish("t", math.nan)
     assert broadcaster.stats() == Stats(
-        subscribers=3, published=3, delivered=4, evicted=0, rejected=1
+        subscribers=3, published=3, delivered=4, evicted=0, rejected=1,
+        revoked=0, expired=0, refused=0,
     )
     subs[0].close()
     assert broadcaster.stats().subscribers == 2

@@ -80,6 +80,12 @@ class Stats(NamedTuple):
     """Subscriptions ended because they fell more than `queue_size` behind."""
     rejected: int
     """Publishes refused by validation."""
+    revoked: int
+    """Subscriptions ended by `Broadcaster.disconnect`."""
+    expired: int
+    """Streams ended because their `lifetime` ran out."""
+    refused: int
+    """Subscriptions refused for a while (a limit, a backend down, a shutdown)."""
 
 
 class Broadcaster:
@@ -152,6 +158,9 @@ class Broadcaster:
         self._delivered = 0
         self._evicted = 0
         self._rejected = 0
+        self._revoked = 0
+        self._expired = 0
+        self._refused = 0
         self._backend.start(self._deliver, self._report_gap)
         _fork.guard(self, self._lock, Broadcaster._in_child)
 
@@ -519,6 +528,9 @@ class Broadcaster:
                 self._delivered,
                 self._evicted,
                 self._rejected,
+                self._revoked,
+                self._expired,
+                self._refused,
             )
 
     def close(self) -> None:

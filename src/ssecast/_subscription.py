@@ -75,6 +75,10 @@ class CloseReason(enum.StrEnum):
     """It fell more than `queue_size` frames behind; its pending frames were dropped."""
     SHUTDOWN = "shutdown"
     """The broadcaster was closed; frames already pending are still read out."""
+    EXPIRED = "expired"
+    """Its stream's `lifetime` ran out; the client reconnects and resumes."""
+    REVOKED = "revoked"
+    """`Broadcaster.disconnect` ended it."""
 
 
 class Feed:
