@@ -31,15 +31,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import random
+import secrets
 import threading
+import time
 from collections.abc import Iterable
 from types import TracebackType
 from typing import NamedTuple, Self, cast
 
-from ssecast import _fork, _wire
+from ssecast import _control, _fork, _wire
 from ssecast._backend import Ahead, Backend, MemoryBackend
 from ssecast._encoder import GAP_EVENT_TYPE, Encoder, Payload, Serializer
-from ssecast._event import Draft, Event, check_field
+from ssecast._event import Draft, Event, check_channel, check_field
 from ssecast._exceptions import (
     BackendUnavailableError,
     BroadcasterClosedError,
@@ -51,7 +54,7 @@ from ssecast._exceptions import (
 from ssecast._history import History
 from ssecast._subscription import Audience, CloseReason, Feed, Subscription, Waiter, wake
 
-__all__ = ["DEFAULT_CHANNEL", "Broadcaster", "Stats"]
+__all__ = ["DEFAULT_CHANNEL", "Broadcaster", "Stats", "check_lifetime"]
 
 logger = logging.getLogger("ssecast")
 
@@ -81,9 +84,9 @@ class Stats(NamedTuple):
     rejected: int
     """Publishes refused by validation."""
     revoked: int
-    """Subscriptions ended by `Broadcaster.disconnect`."""
+    """Subscriptions this process ended for `Broadcaster.disconnect`, called in any process."""
     expired: int
-    """Streams ended because their `lifetime` ran out."""
+    """Subscriptions ended because their `lifetime` ran out."""
     refused: int
     """Subscriptions refused for a while (a limit, a backend down, a shutdown)."""
 
@@ -108,6 +111,8 @@ class Broadcaster:
     :param retry: milliseconds a client should wait before reconnecting; when set,
         every stream begins with a `retry:` field.
     :param max_subscribers: the most subscriptions open at once; `None` is no limit.
+    :param max_subscribers_per_key: the most subscriptions open at once with the same
+        `key` (see [`subscribe`][ssecast.Broadcaster.subscribe]); `None` is no limit.
     :param serializer: turns data into `str` or UTF-8 `bytes`; the default is
         compact `json.dumps` that refuses NaN and infinities.
     :param backend: assigns ids, keeps history and carries events between processes; the
@@ -126,6 +131,7 @@ class Broadcaster:
         heartbeat: float | None = 15.0,
         retry: int | None = None,
         max_subscribers: int | None = None,
+        max_subscribers_per_key: int | None = None,
         serializer: Serializer | None = None,
         backend: Backend | None = None,
     ) -> None:
@@ -136,6 +142,11 @@ class Broadcaster:
         self._prelude = [] if retry is None else [_wire.retry(_at_least(0, "retry", retry))]
         self._max_subscribers = (
             None if max_subscribers is None else _at_least(1, "max_subscribers", max_subscribers)
+        )
+        self._max_per_key = (
+            None
+            if max_subscribers_per_key is None
+            else _at_least(1, "max_subscribers_per_key", max_subscribers_per_key)
         )
         self._encoder = Encoder(event_types, max_payload_bytes, serializer)
         # Made before the lock is guarded: the fork hooks take locks in the order they
@@ -153,6 +164,10 @@ class Broadcaster:
         # by that id: held out of the fan-out until it, or an event after it, comes, so
         # that their client gets no event twice. With the backend's word on "after".
         self._held: dict[str, tuple[Ahead, list[Feed]]] = {}
+        # The open feeds of each key, for the per-key limit and for disconnect().
+        self._keyed: dict[str, set[Feed]] = {}
+        # Tells this broadcaster's disconnect orders from other processes' (see _control).
+        self._origin = secrets.token_hex(8)
         self._subscriber_count = 0
         self._published = 0
         self._delivered = 0
@@ -236,6 +251,9 @@ class Broadcaster:
 
         :raises BroadcasterClosedError: it was closed (even while `publish` was running).
         """
+        if event.channel == _CONTROL_CHANNEL:
+            self._obey(event)
+            return
         woken: list[Waiter | None] = []
         evicted: list[Feed] = []
         with self._lock:
@@ -303,7 +321,12 @@ class Broadcaster:
     # -- subscribing -----------------------------------------------------------------
 
     def subscribe(
-        self, *channels: str, last_event_id: str | None = None, queue_size: int | None = None
+        self,
+        *channels: str,
+        last_event_id: str | None = None,
+        queue_size: int | None = None,
+        key: str | None = None,
+        lifetime: float | None = None,
     ) -> Subscription:
         """Open a subscription to `channels` (`"default"` if none); it is live on return.
 
@@ -322,12 +345,21 @@ class Broadcaster:
             `Last-Event-ID` header); `None` or `""` starts live.
         :param queue_size: this subscriber's limit of pending frames, instead of the
             broadcaster's.
-        :raises InvalidFieldError: a channel name is invalid.
-        :raises TooManySubscribersError: `max_subscribers` are open already.
+        :param key: tags the subscription, with a user id say, for
+            [`disconnect`][ssecast.Broadcaster.disconnect] and `max_subscribers_per_key`.
+        :param lifetime: seconds after which the subscription ends
+            ([`CloseReason.EXPIRED`][ssecast.CloseReason], after its pending frames), less
+            up to 10% at random, so that streams opened together do not all end together;
+            never later, so a lifetime that is a token's validity is honoured.
+        :raises InvalidFieldError: a channel name or the key is invalid (a channel name
+            may not begin with `ssecast.`).
+        :raises ConfigurationError: `queue_size` or `lifetime` is out of range.
+        :raises TooManySubscribersError: `max_subscribers` are open already, or
+            `max_subscribers_per_key` with this key (then its `key` attribute is set).
         :raises BroadcasterClosedError: the broadcaster was closed.
         :raises BackendUnavailableError: the backend is unreachable.
         """
-        request = self._request(channels, last_event_id, queue_size)
+        request = self._request(channels, last_event_id, queue_size, key, lifetime)
         self._listen()
         begun = self._begin(request)
         if isinstance(begun, Subscription):
@@ -336,13 +368,18 @@ class Broadcaster:
         return self._finish(begun, older)
 
     async def asubscribe(
-        self, *channels: str, last_event_id: str | None = None, queue_size: int | None = None
+        self,
+        *channels: str,
+        last_event_id: str | None = None,
+        queue_size: int | None = None,
+        key: str | None = None,
+        lifetime: float | None = None,
     ) -> Subscription:
         """Do what [`subscribe`][ssecast.Broadcaster.subscribe] does, from a coroutine.
 
         A backend's I/O does not block the running loop.
         """
-        request = self._request(channels, last_event_id, queue_size)
+        request = self._request(channels, last_event_id, queue_size, key, lifetime)
         if not self._listening:
             await asyncio.to_thread(self._listen)
         begun = self._begin(request)
@@ -358,16 +395,27 @@ class Broadcaster:
         return self._finish(begun, older)
 
     def _request(
-        self, channels: tuple[str, ...], last_event_id: str | None, queue_size: int | None
+        self,
+        channels: tuple[str, ...],
+        last_event_id: str | None,
+        queue_size: int | None,
+        key: str | None,
+        lifetime: float | None,
     ) -> _Request:
         """Check a subscribe call's arguments, before anything is done for it."""
-        names = frozenset(check_field("channel", name) for name in channels) or _DEFAULT_CHANNELS
+        names = frozenset(check_channel(name) for name in channels) or _DEFAULT_CHANNELS
         capacity = (
             self._queue_size if queue_size is None else _at_least(1, "queue_size", queue_size)
         )
         if last_event_id is not None and not isinstance(last_event_id, str):
             raise InvalidFieldError("last event id", last_event_id, "expected a str or None")
-        return _Request(names, capacity, last_event_id or None)
+        return _Request(
+            names,
+            capacity,
+            last_event_id or None,
+            None if key is None else check_field("key", key),
+            None if lifetime is None else check_lifetime(lifetime),
+        )
 
     def _listen(self) -> None:
         """Have the backend deliver every process's events, before the first subscription.
@@ -406,7 +454,7 @@ class Broadcaster:
     def _begin(self, request: _Request) -> Subscription | _Resume:
         """Subscribe from the ring of recent events, or say what to ask the backend."""
         with self._lock:
-            self._check_room()
+            self._check_room(request)
             if request.last_event_id is None:
                 return self._register(request, self._prelude.copy())
             replayed = self._history.after(request.last_event_id, request.channels)
@@ -418,7 +466,7 @@ class Broadcaster:
         """Subscribe with what the backend replayed; the ring fills in what came since."""
         request = resume.request
         with self._lock:
-            self._check_room()
+            self._check_room(request)
             if older is None or isinstance(older, Ahead):
                 # Unknown to the backend, or delivered by another process first: this one
                 # may have delivered it by now.
@@ -434,18 +482,23 @@ class Broadcaster:
                 head = _joined(self._prelude, replayed)
             return self._register(request, head)
 
-    def _check_room(self) -> None:
-        # Precondition: self._lock is held.
+    def _check_room(self, request: _Request) -> None:
+        # Precondition: self._lock is held. Checked and counted in one hold of the lock
+        # with the registration that follows, so no burst of subscribers gets past a limit.
         if self._closed:
             raise BroadcasterClosedError("the broadcaster is closed; it takes no subscribers")
         if self._max_subscribers is not None and self._subscriber_count >= self._max_subscribers:
             raise TooManySubscribersError(self._max_subscribers)
+        key = request.key
+        limit = self._max_per_key
+        if key is not None and limit is not None and len(self._keyed.get(key, ())) >= limit:
+            self._refused += 1
+            raise TooManySubscribersError(limit, key)
 
     def _register(self, request: _Request, head: list[bytes]) -> Subscription:
         # Precondition: self._lock is held.
         feed = self._feed(request, head)
         self._join(feed)
-        self._subscriber_count += 1
         return Subscription(feed, self._release)
 
     def _hold(self, request: _Request, awaited: str, ahead: Ahead) -> Subscription:
@@ -454,28 +507,40 @@ class Broadcaster:
         feed = self._feed(request, self._prelude.copy())
         feed.held_for = awaited
         self._held.setdefault(awaited, (ahead, []))[1].append(feed)
-        self._subscriber_count += 1
         return Subscription(feed, self._release)
 
     def _feed(self, request: _Request, head: list[bytes]) -> Feed:
-        return Feed(
+        """Make a feed for `request`, and count it in."""
+        # Precondition: self._lock is held.
+        lifetime = request.lifetime
+        feed = Feed(
             channels=request.channels,
             capacity=request.capacity,
             heartbeat=self._heartbeat,
             head=head,
             lock=self._lock,
+            key=request.key,
+            expires=None
+            if lifetime is None
+            else time.monotonic() + lifetime * (1 - random.random() / 10),
         )
+        if feed.key is not None:
+            self._keyed.setdefault(feed.key, set()).add(feed)
+        self._subscriber_count += 1
+        return feed
 
     def _join(self, feed: Feed) -> None:
         # Precondition: self._lock is held.
         feed.held_for = None
         feed.join(tuple(self._audience(name) for name in feed.channels))
 
-    def _release(self, feed: Feed) -> None:
-        """Close `feed` for its consumer: forget it and wake its reader."""
+    def _release(self, feed: Feed, reason: CloseReason) -> None:
+        """Close `feed` for its consumer, or its lifetime: forget it and wake its reader."""
         with self._lock:
+            if reason is CloseReason.EXPIRED and not feed.closed:
+                self._expired += 1
             self._forget(feed)
-            waiter = feed.end(CloseReason.UNSUBSCRIBED)
+            waiter = feed.end(reason)
         wake((waiter,))
 
     def _forget(self, feed: Feed) -> None:
@@ -494,6 +559,11 @@ class Broadcaster:
                 audience.remove(feed)
                 if not audience:
                     del self._audiences[name]
+        if feed.key is not None:
+            keyed = self._keyed[feed.key]
+            keyed.remove(feed)
+            if not keyed:
+                del self._keyed[feed.key]
         self._subscriber_count -= 1
 
     def _audience(self, channel: str) -> Audience:
@@ -514,8 +584,85 @@ class Broadcaster:
         feeds = self._feeds()
         self._audiences.clear()
         self._held.clear()
+        self._keyed.clear()
         self._subscriber_count = 0
         return [feed.end(CloseReason.SHUTDOWN) for feed in feeds]
+
+    # -- revoking --------------------------------------------------------------------
+
+    def disconnect(self, *, channel: str | None = None, key: str | None = None) -> int:
+        """End every subscription of `channel`, or with `key`, or both; in every process.
+
+        Each ends at once, its pending frames dropped, with
+        [`CloseReason.REVOKED`][ssecast.CloseReason]: its client's stream ends, and its
+        reconnection is checked again like any new request. With a shared backend, an
+        order goes through it to every other process, which ends its own matching
+        subscriptions when it arrives; no client ever receives it as an event. Subscribing
+        again from then on is not refused: refuse it where the request is authorized.
+
+        :param channel: end the subscriptions that receive this channel.
+        :param key: end the subscriptions with this key (see
+            [`subscribe`][ssecast.Broadcaster.subscribe]).
+        :returns: how many subscriptions it ended in this process.
+        :raises ConfigurationError: neither `channel` nor `key` was given (to end every
+            subscription, close the broadcaster).
+        :raises InvalidFieldError: the channel or key is invalid.
+        :raises BroadcasterClosedError: the broadcaster was closed.
+        :raises BackendUnavailableError: the order could not be sent to the other
+            processes; this one's subscriptions were ended all the same.
+        """
+        order = self._order(channel, key)
+        ended = self._revoke(channel, key)
+        self._backend.publish(order.draft())
+        return ended
+
+    async def adisconnect(self, *, channel: str | None = None, key: str | None = None) -> int:
+        """Do what [`disconnect`][ssecast.Broadcaster.disconnect] does, from a coroutine.
+
+        A backend's I/O does not block the running loop.
+        """
+        order = self._order(channel, key)
+        ended = self._revoke(channel, key)
+        await self._backend.apublish(order.draft())
+        return ended
+
+    def _order(self, channel: str | None, key: str | None) -> _control.Disconnect:
+        """Check a disconnect call's arguments; return the order for the other processes."""
+        if channel is None and key is None:
+            # Rather than end every stream of every process because an argument was None.
+            raise ConfigurationError(
+                "disconnect() needs a channel or a key (or both); "
+                "to end every subscription, close the broadcaster"
+            )
+        return _control.Disconnect(
+            self._origin,
+            None if channel is None else check_channel(channel),
+            None if key is None else check_field("key", key),
+        )
+
+    def _revoke(self, channel: str | None, key: str | None) -> int:
+        """End this process's subscriptions of `channel` and with `key`; return how many."""
+        woken: list[Waiter | None] = []
+        with self._lock:
+            if self._closed:
+                raise BroadcasterClosedError("the broadcaster is closed")
+            candidates = self._feeds() if key is None else self._keyed.get(key, set())
+            matched = [feed for feed in candidates if channel is None or channel in feed.channels]
+            for feed in matched:
+                self._forget(feed)
+                woken.append(feed.end(CloseReason.REVOKED))
+            self._revoked += len(matched)
+        wake(woken)
+        return len(matched)
+
+    def _obey(self, event: Event) -> None:
+        """Carry out an order another process sent through the backend.
+
+        :raises BroadcasterClosedError: it was closed.
+        """
+        order = _control.parse(event)
+        if order is not None and order.origin != self._origin:
+            self._revoke(order.channel, order.key)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -565,6 +712,7 @@ class Broadcaster:
             self._end_all()
             self._listening = False
             self._listen_attempt = None
+            self._origin = secrets.token_hex(8)  # its orders are not the parent's
             # What the parent delivers from now on, this child does not see (and a sibling
             # delivers other events after the same ids): no resume from the parent's ring.
             self._history = History(self._history.size)
@@ -592,6 +740,7 @@ class Broadcaster:
         await self.aclose()
 
 
+_CONTROL_CHANNEL = _control.CHANNEL
 _GAP_BODY = _wire.encode_body(_wire.event_prefix(GAP_EVENT_TYPE), b"{}")
 
 
@@ -601,6 +750,8 @@ class _Request(NamedTuple):
     channels: frozenset[str]
     capacity: int
     last_event_id: str | None
+    key: str | None
+    lifetime: float | None
 
 
 class _Resume(NamedTuple):
@@ -686,7 +837,7 @@ def _joined(prelude: list[bytes], events: list[Event]) -> list[bytes]:
     return [*prelude, *(event.frame for event in events)]
 
 
-def _seconds(name: str, value: float) -> float:
+def _seconds(name: str, value: object) -> float:
     # threading waits refuse timeouts beyond TIMEOUT_MAX (about 292 years).
     if (
         isinstance(value, bool)
@@ -697,6 +848,14 @@ def _seconds(name: str, value: float) -> float:
             f"{name} must be a positive number of seconds (or None for none), got {value!r}"
         )
     return float(value)
+
+
+def check_lifetime(value: object) -> float:
+    """Return a stream lifetime if it is a positive number of seconds, else raise.
+
+    :raises ConfigurationError: it is not.
+    """
+    return _seconds("lifetime", value)
 
 
 def _at_least(minimum: int, name: str, value: int) -> int:

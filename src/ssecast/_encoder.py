@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from ssecast import _wire
-from ssecast._event import Draft, check_field
+from ssecast._event import RESERVED_PREFIX, Draft, check_channel, check_field
 from ssecast._exceptions import (
     ConfigurationError,
     InvalidFieldError,
@@ -28,7 +28,6 @@ Serializer = Callable[[Payload], str | bytes]
 GAP_EVENT_TYPE = "ssecast.gap"
 """Begins a resumed stream whose missed events are no longer known."""
 
-_RESERVED_PREFIX = "ssecast."
 # Caches of validated event types and channels stop growing here, so that a publisher
 # inventing names cannot grow memory; names beyond it are simply checked every time.
 _CACHE_LIMIT = 1024
@@ -132,7 +131,7 @@ class Encoder:
         return prefix
 
     def _admit_channel(self, channel: object) -> None:
-        name = check_field("channel", channel)
+        name = check_channel(channel)
         if len(self._channels) < _CACHE_LIMIT:
             self._channels.add(name)
 
@@ -140,9 +139,9 @@ class Encoder:
 def _checked_type(event_type: object) -> str:
     """Return `event_type` if it is a valid type of the user's; raise otherwise."""
     name = check_field("event type", event_type)
-    if name.startswith(_RESERVED_PREFIX):
+    if name.startswith(RESERVED_PREFIX):
         raise InvalidFieldError(
-            "event type", name, f"the prefix {_RESERVED_PREFIX!r} is reserved for ssecast's own"
+            "event type", name, f"the prefix {RESERVED_PREFIX!r} is reserved for ssecast's own"
         )
     return name
 

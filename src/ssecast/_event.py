@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from ssecast import _wire
 from ssecast._exceptions import InvalidFieldError
 
-__all__ = ["Draft", "Event", "check_field"]
+__all__ = ["RESERVED_PREFIX", "Draft", "Event", "check_channel", "check_field"]
+
+RESERVED_PREFIX = "ssecast."
+"""Event types and channels that begin with it are ssecast's own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +78,17 @@ def check_field(field: str, value: object) -> str:
                 field, value, "it is not valid Unicode text (a lone surrogate); remove it"
             ) from None
     return value
+
+
+def check_channel(value: object) -> str:
+    """Return `value` if it can name a user's channel, else raise.
+
+    :raises InvalidFieldError: it is not a valid field (see `check_field`), or begins with
+        the `ssecast.` prefix, kept for the messages broadcasters send each other.
+    """
+    name = check_field("channel", value)
+    if name.startswith(RESERVED_PREFIX):
+        raise InvalidFieldError(
+            "channel", name, f"the prefix {RESERVED_PREFIX!r} is reserved for ssecast's own"
+        )
+    return name

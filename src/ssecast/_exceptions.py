@@ -12,7 +12,7 @@ SsecastError
 │   └── InvalidFieldError                a type or channel is empty or holds CR, LF or NUL
 ├── ConfigurationError (ValueError)      an argument is out of range
 ├── BroadcasterClosedError (RuntimeError) the broadcaster was closed
-├── TooManySubscribersError (RuntimeError) max_subscribers is reached
+├── TooManySubscribersError (RuntimeError) max_subscribers, or the per-key limit, is reached
 └── BackendUnavailableError (ConnectionError) the backend (e.g. Redis) cannot be reached
 ```
 """
@@ -103,17 +103,27 @@ class BroadcasterClosedError(SsecastError, RuntimeError):
 
 
 class TooManySubscribersError(SsecastError, RuntimeError):
-    """`subscribe()` would go over `max_subscribers`.
+    """`subscribe()` would go over `max_subscribers`, or over `max_subscribers_per_key`.
 
-    :ivar limit: the broadcaster's `max_subscribers`.
+    :ivar limit: the limit that was reached.
+    :ivar key: the subscription's key when the per-key limit was reached; `None` when
+        it was `max_subscribers`.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, key: str | None = None) -> None:
         self.limit = limit
-        super().__init__(
-            f"already {limit} subscribers, the limit; ask the client to retry later "
-            "or raise Broadcaster(max_subscribers=...)"
-        )
+        self.key = key
+        if key is None:
+            message = (
+                f"already {limit} subscribers, the limit; ask the client to retry later "
+                "or raise Broadcaster(max_subscribers=...)"
+            )
+        else:
+            message = (
+                f"already {limit} subscribers with this key, the limit; close one first "
+                "or raise Broadcaster(max_subscribers_per_key=...)"
+            )
+        super().__init__(message)
 
 
 class BackendUnavailableError(SsecastError, ConnectionError):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import parse_qsl
 
+from ssecast._broadcaster import check_lifetime
 from ssecast._exceptions import (
     BackendUnavailableError,
     BroadcasterClosedError,
@@ -18,9 +21,15 @@ __all__ = [
     "RETRY_AFTER_SECONDS",
     "STREAM_HEADERS",
     "UNAVAILABLE",
+    "checked_lifetime",
+    "per_request",
+    "refusal_status",
     "resume_id",
     "unavailable_reason",
 ]
+
+_R = TypeVar("_R")
+_T = TypeVar("_T")
 
 STREAM_HEADERS: tuple[tuple[str, str], ...] = (
     ("Content-Type", "text/event-stream; charset=utf-8"),
@@ -33,7 +42,8 @@ STREAM_HEADERS: tuple[tuple[str, str], ...] = (
 # before the first event.
 OPENING = HEARTBEAT
 
-# What subscribe() raises when the client should come back later: a 503 with Retry-After.
+# What subscribe() raises when the client should come back later: a 503 with Retry-After,
+# or a 429 for the per-key limit.
 UNAVAILABLE = (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError)
 
 CLOSED_REASON = "the broadcaster is closed (the server is stopping, or a lifespan closed it)"
@@ -67,3 +77,25 @@ def unavailable_reason(error: SsecastError) -> str:
     if isinstance(error, BroadcasterClosedError):
         return CLOSED_REASON
     return str(error)
+
+
+def refusal_status(error: SsecastError) -> int:
+    """Return the status of a refusal in `UNAVAILABLE`: 429 for the per-key limit, else 503."""
+    if isinstance(error, TooManySubscribersError) and error.key is not None:
+        return 429
+    return 503
+
+
+def checked_lifetime(lifetime: _T) -> _T:
+    """Return an adapter's `lifetime` argument if it is `None`, a callable or valid seconds.
+
+    :raises ConfigurationError: it is a number of seconds out of range.
+    """
+    if lifetime is not None and not callable(lifetime):
+        check_lifetime(lifetime)
+    return lifetime
+
+
+def per_request(value: _T | Callable[[_R], _T], request: _R) -> _T:
+    """Return `value`, or what it returns for `request` if it is a callable."""
+    return value(request) if callable(value) else value

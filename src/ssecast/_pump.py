@@ -100,8 +100,9 @@ class Pump:
         loop = self._loop
         loop.call_soon(self._probe)
         outcome = await self._outcome
-        if self._feed.heartbeat is not None and not isinstance(outcome, _Refused):
-            self._beat = Heartbeat(self._feed, self._feed.heartbeat, loop)
+        timed = self._feed.heartbeat is not None or self._feed.expires is not None
+        if timed and not isinstance(outcome, _Refused):
+            self._beat = Heartbeat(self._sub, loop)
         while outcome is not _Ended.ENDED:
             if isinstance(outcome, _Refused):
                 return outcome.body

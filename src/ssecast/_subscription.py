@@ -11,6 +11,9 @@ and parks a *waiter* to be woken when more comes:
   has been quiet for a heartbeat. A task (`async for`) parks one that resolves the
   future it awaits; the ASGI pump (`_pump.py`) is one, and writes from the callback.
 
+A subscription with a lifetime ends when it runs out: a thread reader bounds its waits by
+it, and a loop reader's `Heartbeat` timer fires at it.
+
 Publishers collect the waiters to wake under the lock and wake them after releasing it,
 with one callback per event loop rather than one per subscriber.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import threading
 import time
 import weakref
@@ -90,6 +94,8 @@ class Feed:
     :ivar channels: the channels it receives.
     :ivar capacity: the most frames it may have pending.
     :ivar heartbeat: seconds of silence before its reader sends a heartbeat, or `None`.
+    :ivar key: the key it was tagged with, or `None`.
+    :ivar expires: when its lifetime runs out (`time.monotonic()`), or `None`.
     :ivar close_reason: `None` while open, then why it ended.
     """
 
@@ -102,8 +108,10 @@ class Feed:
         "capacity",
         "channels",
         "close_reason",
+        "expires",
         "heartbeat",
         "held_for",
+        "key",
     )
 
     def __init__(
@@ -114,10 +122,14 @@ class Feed:
         heartbeat: float | None,
         head: list[bytes],
         lock: threading.Lock,
+        key: str | None = None,
+        expires: float | None = None,
     ) -> None:
         self.channels = channels
         self.capacity = capacity
         self.heartbeat = heartbeat
+        self.key = key
+        self.expires = expires
         self.close_reason: CloseReason | None = None
         self.held_for: str | None = None
         """The id it waits for before it joins its audiences; see `Broadcaster._hold`."""
@@ -206,11 +218,12 @@ class Feed:
     def end(self, reason: CloseReason) -> Waiter | None:
         """Mark it ended; return the waiter to wake. The caller holds the lock.
 
-        Frames stay only for a shutdown, so that its reader gets what was published first.
+        Frames stay only for a shutdown or an expiry, so that its reader gets what was
+        published first.
         """
         if self.close_reason is None:
             self.close_reason = reason
-        if reason is not CloseReason.SHUTDOWN:
+        if reason is not CloseReason.SHUTDOWN and reason is not CloseReason.EXPIRED:
             self._pending.clear()
             self._head = []
         return self._unpark()
@@ -293,33 +306,43 @@ class Audience:
 
 
 class Heartbeat:
-    """Calls `heartbeat_due()` on the waiter of a reader on `loop` that has been quiet.
+    """The timer of a reader on `loop`: heartbeats when it is quiet, and its lifetime.
 
-    One timer per reader, re-armed when it fires, rather than one per wait: a reader that
-    gets a chunk every few milliseconds would otherwise make and cancel a timer each time.
-    The timer holds it weakly, so that a reader closed in another thread (where the timer
-    cannot be cancelled) is not kept alive until it fires.
+    It calls `heartbeat_due()` on the reader's waiter once the reader has been quiet for
+    a heartbeat, and ends the subscription (`CloseReason.EXPIRED`) when its lifetime runs
+    out. One timer per reader, re-armed when it fires, rather than one per wait: a reader
+    that gets a chunk every few milliseconds would otherwise make and cancel a timer each
+    time. The timer holds it weakly, so that a reader closed in another thread (where the
+    timer cannot be cancelled) is not kept alive until it fires.
     """
 
     __slots__ = (
         "__weakref__",
+        "_ends",
         "_feed",
         "_interval",
         "_quiet_since",
         "_ref",
+        "_release",
         "_stopped",
         "_timer",
         "loop",
     )
 
-    def __init__(self, feed: Feed, interval: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, sub: Subscription, loop: asyncio.AbstractEventLoop) -> None:
+        feed = sub._feed
         self.loop = loop
         self._feed = feed
-        self._interval = interval
+        self._release = sub._release
+        # No heartbeat, or no lifetime, is one that never comes.
+        self._interval = math.inf if feed.heartbeat is None else feed.heartbeat
+        now = loop.time()
+        # In the loop's time, which need not be time.monotonic()'s.
+        self._ends = math.inf if feed.expires is None else now + feed.expires - time.monotonic()
         self._stopped = False
         self._ref = weakref.ref(self)
-        self._quiet_since = loop.time()
-        self._timer = loop.call_at(self._quiet_since + interval, _beat, self._ref)
+        self._quiet_since = now
+        self._arm(now + self._interval)
 
     def quiet(self) -> None:
         """Note that the reader just sent something: the next heartbeat is a period away."""
@@ -331,17 +354,24 @@ class Heartbeat:
         if _running_loop() is self.loop:  # a timer may be cancelled only on its loop
             self._timer.cancel()
 
+    def _arm(self, beat: float) -> None:
+        # Precondition: a heartbeat or a lifetime is set, so one of them is finite.
+        self._timer = self.loop.call_at(min(beat, self._ends), _beat, self._ref)
+
     def _due(self) -> None:
         if self._stopped or self._feed.closed:
             return
         now = self.loop.time()
-        due = self._quiet_since + self._interval
-        if now >= due:
+        if now >= self._ends:
+            self._release(self._feed, CloseReason.EXPIRED)
+            return
+        beat = self._quiet_since + self._interval
+        if now >= beat:
             waiter = self._feed.parked_on(self.loop)
             if waiter is not None:
                 waiter.heartbeat_due()
-            due = now + self._interval
-        self._timer = self.loop.call_at(due, _beat, self._ref)
+            beat = now + self._interval
+        self._arm(beat)
 
 
 class Subscription:
@@ -367,7 +397,7 @@ class Subscription:
         "channels",
     )
 
-    def __init__(self, feed: Feed, release: Callable[[Feed], None]) -> None:
+    def __init__(self, feed: Feed, release: Callable[[Feed, CloseReason], None]) -> None:
         self.channels = feed.channels
         self._feed = feed
         self._release = release
@@ -393,7 +423,7 @@ class Subscription:
 
     def close(self) -> None:
         """Unsubscribe and drop pending frames; a waiting reader ends. Safe to call twice."""
-        self._release(self._feed)
+        self._release(self._feed, CloseReason.UNSUBSCRIBED)
         if self._beat is not None:
             self._beat.stop()
 
@@ -433,15 +463,19 @@ class Subscription:
         waiter = self._thread_waiter
         if waiter is None:
             waiter = self._thread_waiter = threading.Event()
-        deadline = None if feed.heartbeat is None else time.monotonic() + feed.heartbeat
+        beat_at = None if feed.heartbeat is None else time.monotonic() + feed.heartbeat
         while True:
+            if feed.expires is not None and time.monotonic() >= feed.expires:
+                self._release(feed, CloseReason.EXPIRED)  # what is pending is still read
             # Cleared before polling: a wake-up that lands in between comes with frames,
             # which the poll takes.
             waiter.clear()
             got = feed.poll(waiter)
             if got is Status.IDLE:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if waiter.wait(timeout):
+                expiring = feed.expires is not None and (beat_at is None or feed.expires < beat_at)
+                wake_at = feed.expires if expiring else beat_at
+                timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
+                if waiter.wait(timeout) or expiring:
                     continue
                 got = feed.poll(None)
                 if got is Status.IDLE:
@@ -458,10 +492,11 @@ class Subscription:
         feed = self._feed
         loop = asyncio.get_running_loop()
         beat = self._beat
-        if feed.heartbeat is not None and (beat is None or beat.loop is not loop):
+        timed = feed.heartbeat is not None or feed.expires is not None
+        if timed and (beat is None or beat.loop is not loop):
             if beat is not None:
                 beat.stop()  # it belongs to a loop this subscription was read on before
-            beat = self._beat = Heartbeat(feed, feed.heartbeat, loop)
+            beat = self._beat = Heartbeat(self, loop)
         if self._busy:
             # A reader that never catches up would otherwise never let other tasks run;
             # it yields once per chunk, before taking anything, so a cancel loses nothing.

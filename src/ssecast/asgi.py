@@ -72,7 +72,7 @@ from types import FrameType
 from typing import Any, TypeAlias
 
 from ssecast._broadcaster import Broadcaster
-from ssecast._event import check_field
+from ssecast._event import check_channel
 from ssecast._exceptions import (
     ConfigurationError,
     InvalidFieldError,
@@ -82,6 +82,9 @@ from ssecast._http import (
     RETRY_AFTER_SECONDS,
     STREAM_HEADERS,
     UNAVAILABLE,
+    checked_lifetime,
+    per_request,
+    refusal_status,
     resume_id,
     unavailable_reason,
 )
@@ -105,6 +108,10 @@ ChannelsFactory: TypeAlias = Callable[[Scope], Sequence[str]]
 """Picks the channels of one request from its scope; raises `LookupError` for none."""
 Authorize: TypeAlias = Callable[[Scope, Sequence[str]], bool | Awaitable[bool]]
 """Decides, sync or async, whether the request may receive these channels."""
+KeyFactory: TypeAlias = Callable[[Scope], str | None]
+"""Picks the key of one request's subscription from its scope (a user id, say), or `None`."""
+LifetimeFactory: TypeAlias = Callable[[Scope], float | None]
+"""Picks the seconds one request's stream may last (until its token expires, say), or `None`."""
 
 _ALLOWED_METHOD = "GET"
 _LAST_EVENT_ID = b"last-event-id"
@@ -132,12 +139,16 @@ class EventStream:
     wrapper that passes the message on and only then raises gets that chunk twice: no
     chunk is lost, and which of the two happened cannot be told from outside.)
 
-    Refusals are short `text/plain` answers: `405` (with `Allow`) for a method
-    other than GET, `404` when the `channels` callable raises `LookupError`, `400`
-    for an invalid channel name, `403` when `authorize` says no (nothing is
-    subscribed), and `503` with `Retry-After` when `max_subscribers` are open or
-    the broadcaster is closed or its backend is unavailable. Exceptions raised by
-    `channels` or `authorize` for other reasons propagate to the server as bugs.
+    Each GET is checked in this order: the method, `channels`, `key`, `authorize`,
+    `lifetime`, then the broadcaster's limits. Refusals are short `text/plain` answers:
+    `405` (with `Allow`) for a method other than GET, `404` when the `channels` callable
+    raises `LookupError`, `400` for an invalid channel name, `403` when `authorize` says
+    no (nothing is subscribed), `429` with `Retry-After` when `max_subscribers_per_key`
+    streams with its key are open, and `503` with `Retry-After` when `max_subscribers`
+    are open or the broadcaster is closed or its backend is unavailable. With
+    `authorize`, an unknown channel is answered as a refusal (`403 forbidden`), so that
+    a caller cannot learn which channels exist. Exceptions raised by the callables
+    for other reasons propagate to the server as bugs.
 
     :param broadcaster: where the events come from.
     :param channels: the channels every request receives, or a callable taking the ASGI
@@ -147,8 +158,15 @@ class EventStream:
         plain or `async` function returning a bool.
     :param headers: extra response headers for the stream; a name given here replaces
         the default header of that name.
-    :raises ConfigurationError: `channels` is a bare `str` or empty, or a header
-        holds CR, LF or NUL.
+    :param key: the key of each request's subscription (see
+        [`Broadcaster.subscribe`][ssecast.Broadcaster.subscribe]), or a callable taking
+        the scope and returning it (a user id, say) or `None`.
+    :param lifetime: seconds after which each stream ends cleanly (less up to 10% at
+        random), so that its client reconnects and resumes with `Last-Event-ID`, or a
+        callable taking the scope and returning them (until the client's token expires,
+        say) or `None` for no end.
+    :raises ConfigurationError: `channels` is a bare `str` or empty, a header
+        holds CR, LF or NUL, or `lifetime` is a number out of range.
     :raises InvalidFieldError: a channel name in a fixed `channels` is invalid.
     """
 
@@ -159,6 +177,8 @@ class EventStream:
         *,
         authorize: Authorize | None = None,
         headers: Mapping[str, str] | None = None,
+        key: str | KeyFactory | None = None,
+        lifetime: float | LifetimeFactory | None = None,
     ) -> None:
         self._broadcaster = broadcaster
         self._channels: tuple[str, ...] | ChannelsFactory = (
@@ -166,6 +186,8 @@ class EventStream:
         )
         self._authorize = authorize
         self._headers = _response_headers(headers or {})
+        self._key = key
+        self._lifetime = checked_lifetime(lifetime)
 
     def __repr__(self) -> str:
         return f"<EventStream {self._channels!r} of {self._broadcaster!r}>"
@@ -191,11 +213,15 @@ class EventStream:
             if callable(channels):
                 channels = _picked(channels(scope))
         except LookupError as error:
-            await _refuse(send, 404, f"no such channel: {error}")
+            if self._authorize is not None:
+                await _refuse(send, 403, "forbidden")  # as if refused: nothing to learn here
+            else:
+                await _refuse(send, 404, f"no such channel: {error}")
             return
         except InvalidFieldError as error:
             await _refuse(send, 400, str(error))
             return
+        key = per_request(self._key, scope)
         if self._authorize is not None:
             allowed = self._authorize(scope, channels)
             if inspect.isawaitable(allowed):
@@ -204,10 +230,16 @@ class EventStream:
                 await _refuse(send, 403, "forbidden")
                 return
         try:
-            sub = await self._broadcaster.asubscribe(*channels, last_event_id=_resume_id(scope))
+            sub = await self._broadcaster.asubscribe(
+                *channels,
+                last_event_id=_resume_id(scope),
+                key=key,
+                lifetime=per_request(self._lifetime, scope),
+            )
         except UNAVAILABLE as e:
             reason = unavailable_reason(e)
-            await _refuse(send, 503, reason, ("retry-after", str(RETRY_AFTER_SECONDS)))
+            retry_after = ("retry-after", str(RETRY_AFTER_SECONDS))
+            await _refuse(send, refusal_status(e), reason, retry_after)
             return
         await self._stream(sub, receive, send)
 
@@ -242,7 +274,7 @@ def _picked(channels: Sequence[str]) -> tuple[str, ...]:
         raise TypeError(
             f"the channels callable returned the str {channels!r}; return a list of names"
         )
-    names = tuple(check_field("channel", name) for name in channels)
+    names = tuple(check_channel(name) for name in channels)
     if not names:
         raise LookupError("the channels callable returned none")
     return names
@@ -303,7 +335,7 @@ def _checked_channels(channels: Sequence[str]) -> tuple[str, ...]:
             f"channels must be a list of names, not the str {channels!r}; "
             f"write [{channels!r}] for one channel"
         )
-    names = tuple(check_field("channel", name) for name in channels)
+    names = tuple(check_channel(name) for name in channels)
     if not names:
         raise ConfigurationError("channels must name at least one channel")
     return names

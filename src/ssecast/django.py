@@ -11,6 +11,7 @@ streams you expect.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeAlias
 
 try:
     from django.core.asgi import get_asgi_application as get_django_asgi_application
@@ -41,6 +42,8 @@ from ssecast._http import (
     RETRY_AFTER_SECONDS,
     STREAM_HEADERS,
     UNAVAILABLE,
+    per_request,
+    refusal_status,
     resume_id,
     unavailable_reason,
 )
@@ -50,19 +53,39 @@ from ssecast.asgi import Receive, Scope, Send, close_on_signal
 
 __all__ = ["EventStreamView", "close_on_sigterm", "get_asgi_application", "stream"]
 
+Key: TypeAlias = str | Callable[[HttpRequest], str | None] | None
+"""A subscription's key, or a callable taking the request and returning it or `None`."""
+Lifetime: TypeAlias = float | Callable[[HttpRequest], float | None] | None
+"""A stream's lifetime in seconds, or a callable taking the request and returning it."""
 
-def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> HttpResponseBase:
+
+def stream(
+    request: HttpRequest,
+    broadcaster: Broadcaster,
+    *channels: str,
+    key: Key = None,
+    lifetime: Lifetime = None,
+) -> HttpResponseBase:
     """Subscribe `request` to `channels` and return the streaming response.
 
     The client resumes where it left off with the `Last-Event-ID` header or, for
     clients that cannot set headers, a `lastEventId` query parameter. Refusals come
     back as ordinary responses rather than exceptions: 400 for an invalid channel name,
-    503 with `Retry-After` when the broadcaster is full (`max_subscribers`) or closed,
-    or its backend is unreachable.
+    429 with `Retry-After` when `max_subscribers_per_key` streams with this key are
+    open, 503 with `Retry-After` when the broadcaster is full (`max_subscribers`) or
+    closed, or its backend is unreachable. Call it after the view's own checks: `key`,
+    then `lifetime`, are worked out after.
 
     :param request: the request being answered; an `ASGIRequest` gets an async stream.
     :param broadcaster: where the events come from.
     :param channels: the channels to receive (`"default"` if none).
+    :param key: the subscription's key (see
+        [`Broadcaster.subscribe`][ssecast.Broadcaster.subscribe]), or a callable taking
+        the request and returning it (a user id, say) or `None`.
+    :param lifetime: seconds after which the stream ends cleanly (less up to 10% at
+        random), so that its client reconnects and resumes with `Last-Event-ID`, or a
+        callable taking the request and returning them or `None` for no end.
+    :raises ssecast.ConfigurationError: `lifetime` is out of range.
     """
     if request.method == "HEAD":
         # A HEAD response has no body, so a subscription would only hold a thread.
@@ -71,12 +94,19 @@ def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> Ht
         request.headers.get("Last-Event-ID"), str(request.META.get("QUERY_STRING", ""))
     )
     try:
-        subscription = broadcaster.subscribe(*channels, last_event_id=last_event_id)
+        subscription = broadcaster.subscribe(
+            *channels,
+            last_event_id=last_event_id,
+            key=per_request(key, request),
+            lifetime=per_request(lifetime, request),
+        )
     except InvalidFieldError as error:
         return HttpResponseBadRequest(str(error), content_type="text/plain; charset=utf-8")
     except UNAVAILABLE as error:
         refused = HttpResponse(
-            unavailable_reason(error), status=503, content_type="text/plain; charset=utf-8"
+            unavailable_reason(error),
+            status=refusal_status(error),
+            content_type="text/plain; charset=utf-8",
         )
         refused["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return refused
@@ -105,14 +135,21 @@ class EventStreamView(View):
 
     Override [`get_channels`][ssecast.django.EventStreamView.get_channels] to pick
     channels per request (from `self.kwargs`, the user, ...); raise `PermissionDenied`
-    there to answer 403 before subscribing.
+    there to answer 403 before subscribing, and check it before raising `Http404` for a
+    channel that does not exist, so that a refused caller cannot learn which exist.
 
     :cvar broadcaster: where the events come from; required.
     :cvar channels: the channels to receive (`"default"` if empty).
+    :cvar key: the subscription's key, or a callable taking the request and returning
+        it; give it to `as_view`, as a function set on a subclass would become a method.
+    :cvar lifetime: the stream's lifetime in seconds, or a callable taking the request
+        and returning them; give it to `as_view` too.
     """
 
     broadcaster: Broadcaster | None = None
     channels: Sequence[str] = ()
+    key: Key = None
+    lifetime: Lifetime = None
     # HEAD would subscribe a client that reads no body.
     http_method_names = ["get", "options"]  # noqa: RUF012 - View declares a plain list
 
@@ -137,7 +174,8 @@ class EventStreamView(View):
             raise ImproperlyConfigured(
                 "EventStreamView needs a broadcaster: EventStreamView.as_view(broadcaster=b)"
             )
-        return stream(request, self.broadcaster, *self.get_channels())
+        channels = self.get_channels()
+        return stream(request, self.broadcaster, *channels, key=self.key, lifetime=self.lifetime)
 
 
 class _ASGIStream:

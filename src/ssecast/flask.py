@@ -27,7 +27,9 @@ except ModuleNotFoundError as error:  # pragma: no cover - tested in a subproces
         "ssecast.flask needs Flask, which is not installed; "
         "install it with: pip install 'ssecast[flask]'"
     ) from error
-from werkzeug.exceptions import BadRequest, ServiceUnavailable
+from collections.abc import Callable
+
+from werkzeug.exceptions import BadRequest, ServiceUnavailable, TooManyRequests
 
 from ssecast._broadcaster import Broadcaster
 from ssecast._exceptions import (
@@ -37,6 +39,8 @@ from ssecast._http import (
     RETRY_AFTER_SECONDS,
     STREAM_HEADERS,
     UNAVAILABLE,
+    per_request,
+    refusal_status,
     resume_id,
     unavailable_reason,
 )
@@ -45,19 +49,34 @@ from ssecast._wsgi import WSGIStream, close_on_sigterm
 __all__ = ["close_on_sigterm", "stream"]
 
 
-def stream(broadcaster: Broadcaster, *channels: str) -> flask.Response:
+def stream(
+    broadcaster: Broadcaster,
+    *channels: str,
+    key: str | Callable[[flask.Request], str | None] | None = None,
+    lifetime: float | Callable[[flask.Request], float | None] | None = None,
+) -> flask.Response:
     """Subscribe the current request to `channels` and return the streaming response.
 
     The client resumes where it left off with the `Last-Event-ID` header or, for
     clients that cannot set headers, a `lastEventId` query parameter. Refusals are
     raised as werkzeug HTTP exceptions, so the app's `errorhandler` renders them.
+    Call it after the view's own checks: `key`, then `lifetime`, are worked out after.
 
     :param broadcaster: where the events come from.
     :param channels: the channels to receive (`"default"` if none).
+    :param key: the subscription's key (see
+        [`Broadcaster.subscribe`][ssecast.Broadcaster.subscribe]), or a callable taking
+        the request and returning it (a user id, say) or `None`.
+    :param lifetime: seconds after which the stream ends cleanly (less up to 10% at
+        random), so that its client reconnects and resumes with `Last-Event-ID`, or a
+        callable taking the request and returning them or `None` for no end.
     :raises werkzeug.exceptions.BadRequest: a channel name is invalid (400).
+    :raises werkzeug.exceptions.TooManyRequests: `max_subscribers_per_key` streams
+        with this key are open (429, with `Retry-After`).
     :raises werkzeug.exceptions.ServiceUnavailable: the broadcaster is full
         (`max_subscribers`) or closed, or its backend is unreachable (503, with
         `Retry-After`).
+    :raises ssecast.ConfigurationError: `lifetime` is out of range.
     """
     request = flask.request
     if request.method == "HEAD":
@@ -66,11 +85,15 @@ def stream(broadcaster: Broadcaster, *channels: str) -> flask.Response:
     last_event_id = resume_id(
         request.headers.get("Last-Event-ID"), request.query_string.decode("latin-1")
     )
+    key = per_request(key, request)
+    lifetime = per_request(lifetime, request)
     try:
-        subscription = broadcaster.subscribe(*channels, last_event_id=last_event_id)
+        subscription = broadcaster.subscribe(
+            *channels, last_event_id=last_event_id, key=key, lifetime=lifetime
+        )
     except InvalidFieldError as error:
         raise BadRequest(str(error)) from error
     except UNAVAILABLE as error:
-        reason = unavailable_reason(error)
-        raise ServiceUnavailable(reason, retry_after=RETRY_AFTER_SECONDS) from error
+        refused = TooManyRequests if refusal_status(error) == 429 else ServiceUnavailable
+        raise refused(unavailable_reason(error), retry_after=RETRY_AFTER_SECONDS) from error
     return flask.Response(WSGIStream(subscription, request.environ), headers=STREAM_HEADERS)
