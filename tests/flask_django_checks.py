@@ -32,7 +32,11 @@ TOKEN = "letmein"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HEARTBEAT = 1.0
 """The heartbeat of the main test servers (``SSECAST_TEST_HEARTBEAT``), in seconds."""
-MAIN_ENV = {"SSECAST_TEST_HEARTBEAT": str(HEARTBEAT), "SSECAST_TEST_HISTORY": "64"}
+MAIN_ENV = {
+    "SSECAST_TEST_HEARTBEAT": str(HEARTBEAT),
+    "SSECAST_TEST_HISTORY": "64",
+    "SSECAST_TEST_MAX_PER_KEY": "2",
+}
 """Settings of the server most checks share."""
 HANG = 40.0
 """Seconds after which a wait counts as a hang; how fast things are belongs to the benchmarks.
@@ -222,6 +226,42 @@ def check_too_many(server: Server, limit: int) -> None:
         ids = publish(server, "still", "here", name)
         for events in streams:
             assert take(events, 1)[0][1] == ids[0]
+
+
+def check_per_key_limit(server: Server, limit: int = 2) -> None:
+    """Beyond max_subscribers_per_key, that key's next stream is a 429 with Retry-After."""
+    params = {"channel": channel(), "user": "alice"}
+    with contextlib.ExitStack() as stack:
+        for _ in range(limit):
+            stack.enter_context(listening(server, params=params))
+        refused = httpx.get(f"{server.url}/events", params=params, headers=AUTH, timeout=10)
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+        with listening(server, params={**params, "user": "bob"}):
+            pass
+
+
+def check_lifetime(server: Server, path: str = "/events", name: str = "") -> None:
+    """A stream ends at its lifetime; resuming with Last-Event-ID misses and repeats nothing.
+
+    Events are published while each stream is open and while the client is away.
+    """
+    name = name or channel()
+    params = {"lifetime": "0.5", "user": "carol"}
+    if path == "/events":
+        params["channel"] = name
+    sent: list[str] = []
+    got: list[str] = []
+    for _ in range(3):
+        headers = {"Last-Event-ID": got[-1]} if got else {}
+        with listening(server, path, params=params, headers=headers) as events:
+            sent += publish(server, "live", "while open", name, count=2)
+            got += [event.id for event in events]  # until the server ends the stream
+        sent += publish(server, "away", "while away", name)
+    with listening(server, path, params=params, headers={"Last-Event-ID": got[-1]}) as events:
+        got += [event_id for _, event_id, _ in take(events, 1)]
+    assert got == sent
+    wait_for_stats(server, lambda s: s["expired"] >= 3, timeout=HANG)
 
 
 async def check_many_clients(server: Server, clients: int = 200, count: int = 10) -> float:

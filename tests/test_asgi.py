@@ -259,13 +259,18 @@ async def test_refused_authorization_is_403_and_subscribes_nothing(
 
 
 @pytest.mark.parametrize(
-    ("channel", "status"), [("missing-room", 404), ("bad\nname", 400), ("bad\0name", 400)]
+    ("channel", "status"),
+    [("missing-room", 403), ("bad\nname", 400), ("bad\0name", 400), ("ssecast.control", 400)],
 )
-async def test_unknown_channel_is_404_and_invalid_channel_is_400(
+async def test_unknown_channel_is_refused_as_forbidden_and_invalid_channel_is_400(
     client: httpx.AsyncClient, channel: str, status: int
 ) -> None:
-    """A channel the callable does not know is 404, an invalid name 400; never a 500."""
+    """With `authorize`, an unknown channel is answered as a refused one; a bad name is 400."""
     response = await client.get("/events/", params={"channel": channel})
+    forbidden = await client.get("/events/", params={"channel": "private"})
+    assert forbidden.status_code == 403
+    if status == 403:  # nothing tells "does not exist" from "not yours"
+        assert (response.status_code, response.text) == (403, forbidden.text)
     assert response.status_code == status
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
     assert (await stats(client))["subscribers"] == 0
@@ -690,6 +695,22 @@ async def test_websocket_is_closed_and_other_scopes_are_refused() -> None:
         with pytest.raises(ValueError, match="serves HTTP"):
             await stream({"type": "mqtt"}, never, never)
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": "use GET"}]
+
+
+def test_one_stream_too_many_for_its_key_is_a_429_with_retry_after() -> None:
+    """Beyond `max_subscribers_per_key` a key's next stream is refused 429; others go on."""
+    with Broadcaster(max_subscribers_per_key=1) as broadcaster:
+        app = EventStream(broadcaster, key=lambda scope: scope["query_string"].decode() or None)
+        with testing.stream(app, "/?alice") as held, testing.stream(app, "/?alice") as refused:
+            assert (held.status, refused.status) == (200, 429)
+            assert refused.headers["retry-after"] == "5"
+            assert "with this key" in refused.read().decode()
+            with testing.stream(app, "/?bob") as other, testing.stream(app) as keyless:
+                assert (other.status, keyless.status) == (200, 200)
+        fixed = EventStream(broadcaster, key="everyone", lifetime=60)
+        with testing.stream(fixed) as held, testing.stream(fixed) as refused:
+            assert (held.status, refused.status) == (200, 429)
+        assert broadcaster.stats().refused == 2
 
 
 def test_a_closed_broadcaster_is_a_503_that_says_so() -> None:

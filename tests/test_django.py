@@ -101,6 +101,11 @@ def test_event_stream_view(server: Server) -> None:
     checks.check_events_in_order(server, path="/prices", name="prices")
 
 
+def test_event_stream_view_takes_a_key_and_a_lifetime(server: Server) -> None:
+    """EventStreamView.as_view(key=..., lifetime=...) ends its streams, which resume."""
+    checks.check_lifetime(server, path="/prices", name="prices")
+
+
 def test_event_stream_view_refuses_head(server: Server) -> None:
     """EventStreamView answers HEAD with 405 rather than subscribing a client that reads nothing."""
     assert httpx.head(f"{server.url}/prices").status_code == 405
@@ -109,6 +114,16 @@ def test_event_stream_view_refuses_head(server: Server) -> None:
 def test_forbidden_subscribes_nothing(server: Server) -> None:
     """The view's own authorization check answers 403 and no subscription is made."""
     checks.check_forbidden(server)
+
+
+def test_one_stream_too_many_for_a_key_is_429(server: Server) -> None:
+    """Beyond max_subscribers_per_key a user's next stream is a 429; other users go on."""
+    checks.check_per_key_limit(server)
+
+
+def test_streams_end_at_their_lifetime_and_resume(server: Server) -> None:
+    """A stream with a lifetime ends by itself; the client resumes and misses nothing."""
+    checks.check_lifetime(server)
 
 
 def test_invalid_channel_is_400(server: Server) -> None:

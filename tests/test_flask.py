@@ -83,6 +83,16 @@ def test_forbidden_subscribes_nothing(server: Server) -> None:
     checks.check_forbidden(server)
 
 
+def test_one_stream_too_many_for_a_key_is_429(server: Server) -> None:
+    """Beyond max_subscribers_per_key a user's next stream is a 429; other users go on."""
+    checks.check_per_key_limit(server)
+
+
+def test_streams_end_at_their_lifetime_and_resume(server: Server) -> None:
+    """A stream with a lifetime ends by itself; the client resumes and misses nothing."""
+    checks.check_lifetime(server)
+
+
 def test_invalid_channel_is_400(server: Server) -> None:
     """An invalid channel name is answered 400, never 500."""
     checks.check_invalid_channel(server)

@@ -26,7 +26,14 @@ from typing import Any
 import httpx
 import pytest
 
-from apps.reliability_client import Chunked, SeqReader, open_stream, request_bytes, stalled_socket
+from apps.reliability_client import (
+    Chunked,
+    SeqReader,
+    open_stream,
+    post_json,
+    request_bytes,
+    stalled_socket,
+)
 from servers import PYTHON, Server, free_port, running
 from ssecast import Broadcaster, BroadcasterClosedError, CloseReason, Subscription
 
@@ -207,7 +214,7 @@ def test_sync_churn_leaves_no_subscriber_thread_or_memory_behind() -> None:
     round_of(CYCLES)
     gc.collect()
     end = rss_kib()
-    assert broadcaster.stats() == (0, WARM_UP + CYCLES, WARM_UP + CYCLES, 0, 0)
+    assert broadcaster.stats() == (0, WARM_UP + CYCLES, WARM_UP + CYCLES, 0, 0, 0, 0, 0)
     assert len(alive) == 0
     assert threading.enumerate() == threads
     assert end <= start * 1.1, (start, end)
@@ -251,19 +258,45 @@ async def test_async_churn_leaves_no_subscriber_task_or_memory_behind() -> None:
     await broadcaster.aclose()
 
 
+CHURN_WAYS = 7
+"""How a churning connection leaves: see `churn_once`."""
+HOLDER = "holder"
+"""The user whose one allowed stream the churn test holds open throughout."""
+
+
 async def churn_once(port: int, n: int, resume_id: str) -> None:
-    """Connect once; leave by closing, hanging up at once, resetting, or after resuming."""
+    """Connect once, and leave in one of `CHURN_WAYS` ways, picked by ``n``.
+
+    By closing, hanging up at once, resetting, after resuming, at the end of a short
+    lifetime, revoked by a disconnect, or refused for its key's limit.
+    """
+    way = n % CHURN_WAYS
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        if n % 4 == 1:
-            writer.write(request_bytes("/events?channel=churn"))
+        path = "/events?channel=churn"
+        if way == 1:
+            writer.write(request_bytes(path))
             return  # gone before the response, maybe before the subscription
-        headers = {"Last-Event-ID": resume_id} if n % 4 == 3 else None
-        writer.write(request_bytes("/events?channel=churn", headers=headers))
+        if way == 4:
+            path += "&lifetime=0.01"
+        elif way == 5:
+            path += f"&user=churn-{n}"
+        elif way == 6:
+            path += f"&user={HOLDER}"
+        headers = {"Last-Event-ID": resume_id} if way == 3 else None
+        writer.write(request_bytes(path, headers=headers))
         head = await reader.readuntil(b"\r\n\r\n")
+        if way == 6:
+            assert head.startswith(b"HTTP/1.1 429"), head
+            return
         assert head.startswith(b"HTTP/1.1 200"), head
         await reader.readuntil(b":\n\n")  # the opening comment
-        if n % 4 == 2:
+        if way == 5:
+            ended = await asyncio.to_thread(post_json, port, f"/disconnect?user=churn-{n}")
+            assert ended == 1
+        if way in (4, 5):
+            await reader.readuntil(b"0\r\n\r\n")  # the server ends the response
+        if way == 2:
             # SO_LINGER 0: close() sends a reset instead of a FIN.
             sock = writer.get_extra_info("socket")
             sock.setsockopt(
@@ -276,10 +309,15 @@ async def churn_once(port: int, n: int, resume_id: str) -> None:
 # 9.5-18.9 s under coverage with the other core busy: the default 120 s is not ten times that.
 @pytest.mark.timeout(300)
 async def test_churn_through_uvicorn_leaves_no_subscriber_task_thread_or_memory_behind() -> None:
-    """10,000 connections that come and go (50 at a time) leave the server as it was."""
-    with serve() as server:
+    """10,000 connections that come and go (50 at a time) leave the server as it was.
+
+    They leave in every way a stream can end: see `churn_once`.
+    """
+    with serve(max_per_key="1") as server:
         async with control(server) as http:
             resume_id = (await http.post("/publish", params={"channel": "churn"})).json()
+            held = await open_stream(server.port, f"/events?channel=churn&user={HOLDER}")
+            assert held[2].status == 200
 
             async def round_of(total: int) -> None:
                 for first in range(0, total, 50):
@@ -288,15 +326,24 @@ async def test_churn_through_uvicorn_leaves_no_subscriber_task_thread_or_memory_
                     )
 
             await round_of(WARM_UP)
-            start = await until(http, lambda s: s["subscribers"] == 0)
+            start = await until(http, lambda s: s["subscribers"] == 1)
             began = time.monotonic()
             await round_of(CYCLES)
             seconds = time.monotonic() - began
             # Tasks may linger a moment after their client has gone; they must not stay.
             end = await until(
-                http, lambda s: s["subscribers"] == 0 and s["tasks"] <= start["tasks"]
+                http, lambda s: s["subscribers"] == 1 and s["tasks"] <= start["tasks"]
             )
+            held[1].close()
     print(f"{CYCLES} connections in {seconds:.1f} s; RSS {start['rss_kib']} -> {end['rss_kib']}")
+    print({name: end[name] for name in ("expired", "revoked", "refused")})
+    each = {
+        way: len(range(way, WARM_UP, CHURN_WAYS)) + len(range(way, CYCLES, CHURN_WAYS))
+        for way in range(CHURN_WAYS)
+    }
+    assert end["expired"] == each[4]
+    assert end["revoked"] == each[5]
+    assert end["refused"] == each[6]
     assert end["threads"] == start["threads"]
     assert end["rss_kib"] <= start["rss_kib"] * 1.1
 
@@ -345,6 +392,31 @@ async def test_max_subscribers_holds_under_a_burst_of_concurrent_connects() -> N
                 await asyncio.to_thread(sampler.join, 10)
     assert max(seen) == LIMIT
     print(f"{len(seen)} samples of stats(), the most subscribers seen: {max(seen)}")
+
+
+PER_KEY = 5
+
+
+async def test_max_subscribers_per_key_holds_under_a_burst_of_100_connects_for_one_key() -> None:
+    """100 concurrent connects for one user against a limit of 5: 5 streams, 95 429s."""
+    with serve(max_per_key=str(PER_KEY)) as server:
+        async with control(server) as http:
+            for _ in range(2):  # and again once the first streams are gone
+                results = await asyncio.gather(
+                    *(open_stream(server.port, "/events?channel=k&user=alice") for _ in range(100))
+                )
+                statuses = [response.status for _, _, response in results]
+                assert statuses.count(200) == PER_KEY
+                assert statuses.count(429) == 100 - PER_KEY
+                retry = {r.headers.get("retry-after") for _, _, r in results if r.status == 429}
+                assert retry == {"5"}
+                other = await open_stream(server.port, "/events?channel=k&user=bob")
+                assert other[2].status == 200
+                assert (await stats(http))["subscribers"] == PER_KEY + 1
+                for _, writer, _ in [*results, other]:
+                    writer.close()
+                await until(http, lambda s: s["subscribers"] == 0)
+            assert (await stats(http))["refused"] == 2 * (100 - PER_KEY)
 
 
 # -- publishing from many threads and a loop, subscribers coming and going -----------------
@@ -538,7 +610,7 @@ async def test_threads_and_a_loop_publishing_keep_one_order_and_exact_counts() -
         f"{len(published)} events published, {len(records)} subscribers, "
         f"{received} frames read, {len(evicted)} evicted; {stats}"
     )
-    assert stats == (0, len(published), received + dropped, len(evicted), rejected)
+    assert stats == (0, len(published), received + dropped, len(evicted), rejected, 0, 0, 0)
     assert evicted, "the slow readers were meant to be evicted"
     assert rejected > 0
 

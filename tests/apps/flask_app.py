@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from apps.flask_django_support import TOKEN, broadcaster_from_env, publish_batch
+from apps.flask_django_support import TOKEN, broadcaster_from_env, lifetime, publish_batch
 from ssecast.flask import stream
 
 broadcaster = broadcaster_from_env()
@@ -35,7 +35,12 @@ def token_required(view: Callable[..., Any]) -> Callable[..., Any]:
 @app.get("/events")
 @token_required
 def events() -> ResponseReturnValue:
-    return stream(broadcaster, *request.args.getlist("channel"))
+    return stream(
+        broadcaster,
+        *request.args.getlist("channel"),
+        key=lambda request: request.args.get("user"),
+        lifetime=lambda request: lifetime(request.args),
+    )
 
 
 @app.post("/publish")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ssecast import Broadcaster
@@ -16,12 +17,20 @@ def broadcaster_from_env() -> Broadcaster:
     env = os.environ
     heartbeat = float(env.get("SSECAST_TEST_HEARTBEAT", "0.5"))
     max_subscribers = env.get("SSECAST_TEST_MAX_SUBSCRIBERS")
+    max_per_key = env.get("SSECAST_TEST_MAX_PER_KEY")
     return Broadcaster(
         heartbeat=heartbeat or None,
         history=int(env.get("SSECAST_TEST_HISTORY", "1024")),
         queue_size=int(env.get("SSECAST_TEST_QUEUE_SIZE", "256")),
         max_subscribers=int(max_subscribers) if max_subscribers else None,
+        max_subscribers_per_key=int(max_per_key) if max_per_key else None,
     )
+
+
+def lifetime(query: Mapping[str, str]) -> float | None:
+    """The ``lifetime`` query parameter, in seconds."""
+    value = query.get("lifetime")
+    return float(value) if value else None
 
 
 def publish_batch(broadcaster: Broadcaster, body: dict[str, Any]) -> list[str]:

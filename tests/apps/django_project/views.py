@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, JsonRe
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_POST
 
-from apps.flask_django_support import TOKEN, broadcaster_from_env, publish_batch
+from apps.flask_django_support import TOKEN, broadcaster_from_env, lifetime, publish_batch
 from ssecast.django import EventStreamView, stream
 
 broadcaster = broadcaster_from_env()
@@ -17,10 +17,21 @@ broadcaster = broadcaster_from_env()
 def events(request: HttpRequest) -> HttpResponseBase:
     if request.headers.get("Authorization") != f"Bearer {TOKEN}":
         return HttpResponseForbidden()
-    return stream(request, broadcaster, *request.GET.getlist("channel"))
+    return stream(
+        request,
+        broadcaster,
+        *request.GET.getlist("channel"),
+        key=lambda request: request.GET.get("user"),
+        lifetime=lambda request: lifetime(request.GET),
+    )
 
 
-prices = EventStreamView.as_view(broadcaster=broadcaster, channels=["prices"])
+prices = EventStreamView.as_view(
+    broadcaster=broadcaster,
+    channels=["prices"],
+    key=lambda request: request.GET.get("user"),
+    lifetime=lambda request: lifetime(request.GET),
+)
 
 
 @require_POST
