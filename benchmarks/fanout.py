@@ -9,11 +9,14 @@ Compares, in one run and on the same events:
   ``queue.Queue``; each consumer formats and encodes its SSE frame.
 - ``seed before``: the seed report's bug: the dict on every ``queue.Queue``; each
   consumer serializes it (N serializations for N subscribers).
+- ``ssecast keys`` (with ``--keys``): ``ssecast`` with a key of its own on every
+  subscription and ``max_subscribers_per_key`` set, which should cost nothing measurable.
 
 Each round publishes a burst of ``--burst`` events, then every subscriber drains what it
 has, as a server's writers do between two wake-ups. Each cell is the best of ``--repeat``.
 
-Run: ``python benchmarks/fanout.py`` (``--quick`` for a short run).
+Run: ``python benchmarks/fanout.py`` (``--quick`` for a short run, ``--keys`` to add the
+keyed case and its ratio to ``ssecast``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,20 @@ def floor_case(subscribers: int, burst: int) -> Round:
 def ssecast_case(subscribers: int, burst: int) -> Round:
     broadcaster = Broadcaster(heartbeat=None, history=1024)
     subs = [broadcaster.subscribe() for _ in range(subscribers)]
+
+    def run() -> None:
+        publish = broadcaster.publish
+        for _ in range(burst):
+            publish(EVENT_TYPE, PAYLOAD)
+        for sub in subs:
+            sub.read_nowait()
+
+    return run
+
+
+def ssecast_keys_case(subscribers: int, burst: int) -> Round:
+    broadcaster = Broadcaster(heartbeat=None, history=1024, max_subscribers_per_key=1)
+    subs = [broadcaster.subscribe(key=f"user-{n}") for n in range(subscribers)]
 
     def run() -> None:
         publish = broadcaster.publish
@@ -121,20 +138,25 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=32, help="events per round (< queue_size)")
     parser.add_argument("--repeat", type=int, default=7, help="rounds per cell; the best counts")
     parser.add_argument("--quick", action="store_true", help="3 rounds per cell")
+    parser.add_argument("--keys", action="store_true", help="add ssecast with a key per stream")
     args = parser.parse_args()
     repeat = 3 if args.quick else args.repeat
 
-    names = list(CASES)
+    cases = {**CASES, "ssecast keys": ssecast_keys_case} if args.keys else CASES
+    names = list(cases)
     print(f"ns per delivered event (publish + drain), burst {args.burst}, best of {repeat}")
     header = f"{'subscribers':>11} | " + " | ".join(f"{name:>11}" for name in names)
     header += " | ssecast/floor | seed after/ssecast"
+    header += " | keys/ssecast" if args.keys else ""
     print(header)
     print("-" * len(header))
     for subscribers in args.subscribers:
-        cells = {name: measure(CASES[name], subscribers, args.burst, repeat) for name in names}
+        cells = {name: measure(cases[name], subscribers, args.burst, repeat) for name in names}
         row = f"{subscribers:>11,} | " + " | ".join(f"{cells[name]:>11.1f}" for name in names)
         row += f" | {cells['ssecast'] / cells['floor']:>12.2f}x"
         row += f" | {cells['seed after'] / cells['ssecast']:>17.2f}x"
+        if args.keys:
+            row += f" | {cells['ssecast keys'] / cells['ssecast']:>11.2f}x"
         print(row)
 
 
