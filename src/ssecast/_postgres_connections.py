@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import psycopg
+from psycopg.abc import PQGen
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
@@ -21,6 +23,7 @@ from ssecast import _fork
 from ssecast._exceptions import BackendUnavailableError
 
 __all__ = [
+    "ANSWER_TIMEOUT",
     "CONNECT_TIMEOUT",
     "LOCK_TIMEOUT",
     "STATEMENT_TIMEOUT",
@@ -43,10 +46,16 @@ _SETTINGS: Final = (
 )
 # libpq's tcp_user_timeout, in milliseconds: unacknowledged data fails the connection.
 TCP_USER_TIMEOUT: Final = 10_000
+# How long ssecast waits for any answer of the server, in seconds. The server's own
+# timeouts come first; this one is for a server whose host still acknowledges the data,
+# so that tcp_user_timeout and keepalives never fire, but that does not answer: stopped
+# (SIGSTOP), swapping, or stuck on a disk.
+ANSWER_TIMEOUT: Final = 15.0
 # How long close() waits for the statements running on borrowed connections.
 _CLOSE_WAIT: Final = 5.0
 
 Connection = psycopg.Connection[TupleRow]
+_Result = TypeVar("_Result")
 
 
 @contextlib.contextmanager
@@ -81,7 +90,8 @@ def connect(conninfo: str, application_name: str) -> Connection:
     Its statements are bounded: a wait for a lock fails after `LOCK_TIMEOUT`, any
     statement (or a transaction left idle) after `STATEMENT_TIMEOUT`, and data the server
     does not acknowledge after `TCP_USER_TIMEOUT` ms; these settings follow the DSN's
-    own `options`, and take precedence over them.
+    own `options`, and take precedence over them. Any wait for the server's answer
+    fails after `ANSWER_TIMEOUT` seconds, and closes the connection.
 
     Its transactions are READ COMMITTED whatever the role's or database's default: a
     publish reads the newest `seq` after taking the lock, which a REPEATABLE READ snapshot
@@ -90,7 +100,7 @@ def connect(conninfo: str, application_name: str) -> Connection:
     :raises psycopg.Error: it could not connect.
     """
     options = conninfo_to_dict(conninfo).get("options")
-    conn = psycopg.connect(
+    conn = _Bounded.connect(
         conninfo,
         autocommit=True,
         options=f"{options} {_SETTINGS}" if options else _SETTINGS,
@@ -106,6 +116,50 @@ def connect(conninfo: str, application_name: str) -> Connection:
     )
     conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
     return conn
+
+
+class _Bounded(psycopg.Connection[TupleRow]):
+    """A connection on which no wait for the server lasts more than `ANSWER_TIMEOUT`."""
+
+    # The other arguments differ between psycopg versions (3.3 added `timeout`).
+    def wait(self, gen: PQGen[_Result], *args: Any, **kwargs: Any) -> _Result:  # noqa: ANN401
+        """Run `gen` as psycopg does; close the connection if the server stops answering.
+
+        :raises psycopg.OperationalError: nothing came from the server for `ANSWER_TIMEOUT`.
+        """
+        try:
+            return super().wait(_answered(gen, ANSWER_TIMEOUT), *args, **kwargs)
+        except NoAnswerError:
+            # Mid-statement, the connection cannot be used again; closed, it is not waited
+            # on again by the rollback psycopg would send while the error propagates.
+            self.close()
+            raise
+
+
+class NoAnswerError(psycopg.OperationalError):
+    """The server did not answer in time."""
+
+
+def _answered(gen: PQGen[_Result], seconds: float) -> PQGen[_Result]:
+    """Pass `gen`'s waits through; fail when nothing arrives for `seconds`.
+
+    psycopg resumes a waiting generator about every 0.1 s even when nothing arrived
+    (`Ready.NONE`), which is when the time is checked.
+    """
+    deadline = time.monotonic() + seconds
+    try:
+        waiting = next(gen)
+        while True:
+            ready = yield waiting
+            if ready:
+                deadline = time.monotonic() + seconds
+            elif time.monotonic() > deadline:
+                gen.close()
+                raise NoAnswerError(f"PostgreSQL did not answer for {seconds:g} s")
+            waiting = gen.send(ready)
+    except StopIteration as done:
+        result: _Result = done.value
+        return result
 
 
 class Connections:
