@@ -18,7 +18,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -439,6 +439,40 @@ def test_a_process_that_only_publishes_holds_one_connection_and_never_listens(
 # -- faults -----------------------------------------------------------------------
 
 
+def publish_while(
+    broadcaster: Broadcaster, disrupt: Callable[[], object]
+) -> tuple[list[Event], list[int]]:
+    """Publish 0, 1, 2... from a thread while ``disrupt`` runs thrice, 0.3 s apart.
+
+    Return the events acknowledged, and the numbers whose publish raised (not
+    acknowledged: each may or may not arrive).
+    """
+    acked: list[Event] = []
+    refused: list[int] = []
+    stop = threading.Event()
+
+    def publish() -> None:
+        for n in range(3000):
+            if stop.is_set():
+                return
+            try:
+                acked.append(broadcaster.publish("n", n))
+            except BackendUnavailableError:
+                refused.append(n)
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    try:
+        for _ in range(3):
+            time.sleep(0.3)
+            disrupt()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        publisher.join(60)
+    return acked, refused
+
+
 def test_terminated_connections_mid_stream_lose_no_acknowledged_event(
     table: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -449,34 +483,15 @@ def test_terminated_connections_mid_stream_lose_no_acknowledged_event(
     """
     caplog.set_level(logging.WARNING, logger="ssecast")
     with pg_broadcaster(table) as a, pg_broadcaster(table) as b:
-        readers = [Client(a.subscribe(queue_size=2000)), Client(b.subscribe(queue_size=2000))]
-        acked: list[Event] = []
-        refused: list[int] = []
-        stop = threading.Event()
-
-        def publish() -> None:
-            n = 0
-            while not stop.is_set():
-                try:
-                    acked.append(a.publish("n", n))
-                except BackendUnavailableError:
-                    refused.append(n)  # not acknowledged: it may or may not arrive
-                n += 1
-
-        publisher = threading.Thread(target=publish)
-        publisher.start()
-        try:
-            for _ in range(3):
-                time.sleep(0.3)
-                admin_execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE application_name = %s",
-                    a._backend.application_name,  # type: ignore[attr-defined]
-                )
-            time.sleep(0.3)
-        finally:
-            stop.set()
-            publisher.join(30)
+        readers = [Client(a.subscribe(queue_size=5000)), Client(b.subscribe(queue_size=5000))]
+        acked, refused = publish_while(
+            a,
+            lambda: admin_execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                a._backend.application_name,  # type: ignore[attr-defined]
+            ),
+        )
         marker = a.publish("n", "marker")
         for reader in readers:
             got = reader.until(marker)
@@ -1370,27 +1385,14 @@ def test_ids_restarted_while_events_flow_are_never_skipped_silently(table: str) 
     """
     with pg_broadcaster(table) as a, pg_broadcaster(table) as b:
         readers = [Client(a.subscribe(queue_size=5000)), Client(b.subscribe(queue_size=5000))]
-        acked = [a.publish("n", "first")]
+        first = a.publish("n", "first")
         for reader in readers:  # each listener read the first generation
-            reader.until(acked[0])
-        stop = threading.Event()
-
-        def publish() -> None:
-            n = 0
-            while not stop.is_set() and n < 3000:
-                acked.append(a.publish("n", n))
-                n += 1
-
-        publisher = threading.Thread(target=publish)
-        publisher.start()
-        try:
-            for _ in range(3):
-                time.sleep(0.3)
-                admin_execute(f"TRUNCATE {table} RESTART IDENTITY")
-            time.sleep(0.3)
-        finally:
-            stop.set()
-            publisher.join(60)
+            reader.until(first)
+        acked, refused = publish_while(
+            a, lambda: admin_execute(f"TRUNCATE {table} RESTART IDENTITY")
+        )
+        assert refused == []
+        acked.insert(0, first)
         marker = a.publish("n", "marker")
         assert len({token(e.id) for e in acked}) >= 2  # ids restarted under the publisher
         for reader in readers:
