@@ -43,7 +43,7 @@ from ssecast import (
     Draft,
     Event,
 )
-from ssecast._postgres_table import Newest
+from ssecast._postgres_table import Newest, Page
 from ssecast.postgres import PostgresBackend
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -109,6 +109,28 @@ def lock_key(backend: PostgresBackend) -> int:
 def listener_thread(table: str) -> threading.Thread:
     [thread] = [t for t in threading.enumerate() if t.name == f"ssecast-postgres-listener {table}"]
     return thread
+
+
+@contextlib.contextmanager
+def listener_held(backend: PostgresBackend, table: str) -> Iterator[None]:
+    """Hold the listener of ``backend`` in its next read until the block ends."""
+    reading = threading.Event()
+    release = threading.Event()
+    real = backend._table.read
+
+    def held(conn: psycopg.Connection[Any], first: int, last: int, limit: int) -> Page:
+        if threading.current_thread() is listener_thread(table):
+            reading.set()
+            release.wait(30)
+        return real(conn, first, last, limit)
+
+    backend._table.read = held  # type: ignore[method-assign]
+    try:
+        assert reading.wait(20)  # the listener reads at least every second
+        yield
+    finally:
+        backend._table.read = real  # type: ignore[method-assign]
+        release.set()
 
 
 # -- a private cluster, which the tests may stop ----------------------------------
@@ -607,10 +629,10 @@ def test_a_listener_held_up_while_its_rows_are_trimmed_reports_a_gap(
         reader.until(first)
         real = backend._table.read
 
-        def held(*args: Any) -> Any:  # the listener's thread is starved for a while
-            delivered.set()
+        def held(conn: psycopg.Connection[Any], first: int, last: int, limit: int) -> Page:
+            delivered.set()  # the listener's thread is starved for a while
             release.wait(20)
-            return real(*args)
+            return real(conn, first, last, limit)
 
         backend._table.read = held  # type: ignore[method-assign]
         assert delivered.wait(20)  # the listener reads at least every second
@@ -1163,25 +1185,12 @@ def test_a_held_resume_is_let_in_when_the_table_begins_a_new_generation(table: s
         watcher = Client(slow.subscribe())
         first = publisher.publish("n", 0)
         watcher.until(first)
-        reading = threading.Event()
-        release = threading.Event()
-        real = backend._table.read
-
-        def held(*args: Any) -> Any:  # the listener lags behind the publisher
-            if threading.current_thread() is listener_thread(table):
-                reading.set()
-                release.wait(20)
-            return real(*args)
-
-        backend._table.read = held  # type: ignore[method-assign]
-        assert reading.wait(20)
-        awaited = publisher.publish("n", 1)
-        resumed = Client(slow.subscribe(last_event_id=awaited.id))  # held: not delivered yet
-        admin_execute(f"TRUNCATE {table} RESTART IDENTITY")
-        after = publisher.publish("n", "after")
-        assert token(after.id) != token(awaited.id)
-        backend._table.read = real  # type: ignore[method-assign]
-        release.set()
+        with listener_held(backend, table):  # the listener lags behind the publisher
+            awaited = publisher.publish("n", 1)
+            resumed = Client(slow.subscribe(last_event_id=awaited.id))  # held: not delivered
+            admin_execute(f"TRUNCATE {table} RESTART IDENTITY")
+            after = publisher.publish("n", "after")
+            assert token(after.id) != token(awaited.id)
         got = resumed.until(after)
     assert got[0].type == GAP_EVENT_TYPE
     assert got[-1].data == '"after"'
@@ -1328,28 +1337,6 @@ def test_backends_spelling_the_table_differently_take_turns_and_lose_no_row(tabl
 
 
 # -- ids restarted ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def listener_held(backend: PostgresBackend, table: str) -> Iterator[None]:
-    """Hold the listener of ``backend`` in its next read until the block ends."""
-    reading = threading.Event()
-    release = threading.Event()
-    real = backend._table.read
-
-    def held(*args: Any) -> Any:
-        if threading.current_thread() is listener_thread(table):
-            reading.set()
-            release.wait(30)
-        return real(*args)
-
-    backend._table.read = held  # type: ignore[method-assign]
-    try:
-        assert reading.wait(20)  # the listener reads at least every second
-        yield
-    finally:
-        backend._table.read = real  # type: ignore[method-assign]
-        release.set()
 
 
 def test_ids_restarted_past_the_listeners_last_one_before_it_reads_are_all_delivered(
