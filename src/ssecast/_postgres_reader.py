@@ -110,7 +110,8 @@ class Reader:
         if thread.ident is not None and thread is not threading.current_thread():
             # A read that waits (for a lock, or for a server that stopped answering) is
             # not cancelled: a cancel request may block the whole process in libpq. It
-            # is given up on after this (the thread is a daemon); keepalives end it.
+            # is given up on after this (the thread is a daemon); the server's timeouts
+            # or ANSWER_TIMEOUT end it.
             thread.join(BLOCK_SECONDS + 5.0)
 
     def _run(self) -> None:
