@@ -207,7 +207,7 @@ def test_sync_churn_leaves_no_subscriber_thread_or_memory_behind() -> None:
     round_of(CYCLES)
     gc.collect()
     end = rss_kib()
-    assert broadcaster.stats() == (0, WARM_UP + CYCLES, WARM_UP + CYCLES, 0, 0)
+    assert broadcaster.stats()[:5] == (0, WARM_UP + CYCLES, WARM_UP + CYCLES, 0, 0)
     assert len(alive) == 0
     assert threading.enumerate() == threads
     assert end <= start * 1.1, (start, end)
@@ -538,7 +538,7 @@ async def test_threads_and_a_loop_publishing_keep_one_order_and_exact_counts() -
         f"{len(published)} events published, {len(records)} subscribers, "
         f"{received} frames read, {len(evicted)} evicted; {stats}"
     )
-    assert stats == (0, len(published), received + dropped, len(evicted), rejected)
+    assert stats[:5] == (0, len(published), received + dropped, len(evicted), rejected)
     assert evicted, "the slow readers were meant to be evicted"
     assert rejected > 0
 
