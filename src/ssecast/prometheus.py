@@ -71,9 +71,6 @@ class Collector:
             if not isinstance(value, str):
                 raise ConfigurationError(f"label {name!r} must be a str, got {value!r}")
 
-    def __repr__(self) -> str:
-        return f"<Collector {self._labels!r} of {self._broadcaster!r}>"
-
     def describe(self) -> list[Metric]:
         """Return no metric, so that the registry takes several collectors.
 
