@@ -20,6 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from ssecast import _fork
+from ssecast._availability import Availability
 from ssecast._exceptions import BackendUnavailableError
 
 __all__ = [
@@ -59,7 +60,7 @@ _Result = TypeVar("_Result")
 
 
 @contextlib.contextmanager
-def unavailable(doing: str) -> Iterator[None]:
+def unavailable(doing: str, availability: Availability) -> Iterator[None]:
     """Raise [`BackendUnavailableError`][ssecast.BackendUnavailableError] for any psycopg error.
 
     Unreachable, timed out, terminated, or refused (a read-only standby, a missing
@@ -67,21 +68,29 @@ def unavailable(doing: str) -> Iterator[None]:
     names no host or password; the error's own text is kept.
 
     :param doing: what failed, such as `"could not publish"`.
+    :param availability: told whether the statements inside reached PostgreSQL.
     """
     try:
         yield
-    except psycopg.OperationalError as error:
-        raise BackendUnavailableError(
+    except psycopg.Error as error:
+        failure = BackendUnavailableError(_failure(doing, error))
+        availability.failed(failure)
+        raise failure from error
+    availability.succeeded()
+
+
+def _failure(doing: str, error: psycopg.Error) -> str:
+    if isinstance(error, psycopg.OperationalError):
+        return (
             f"{doing}: PostgreSQL is unreachable, did not answer in time, or ended the "
             f"session ({type(error).__name__}: {str(error).strip()}); check that it runs "
             "and that the DSN is right"
-        ) from error
-    except psycopg.Error as error:
-        raise BackendUnavailableError(
-            f"{doing}: PostgreSQL refused the statement ({type(error).__name__}: "
-            f"{str(error).strip()}); check that the table is ssecast's and that the user "
-            "may write it"
-        ) from error
+        )
+    return (
+        f"{doing}: PostgreSQL refused the statement ({type(error).__name__}: "
+        f"{str(error).strip()}); check that the table is ssecast's and that the user "
+        "may write it"
+    )
 
 
 def connect(conninfo: str, application_name: str) -> Connection:
@@ -172,6 +181,8 @@ class Connections:
     def __init__(self, conninfo: str, application_name: str) -> None:
         self.conninfo = conninfo
         self.application_name = application_name
+        # Whether the last statement reached PostgreSQL; every one runs in `unavailable`.
+        self.availability = Availability(f"PostgreSQL ({application_name})")
         # A leaf lock (see the table in _broadcaster.py): the idle connections, how many
         # are lent, and whether it is closed. Never held while psycopg runs.
         self._lock = threading.Lock()
@@ -206,7 +217,7 @@ class Connections:
             self._lent += 1
         try:
             if conn is None:
-                with unavailable("could not connect"):
+                with unavailable("could not connect", self.availability):
                     conn = self.connect()
             try:
                 yield conn

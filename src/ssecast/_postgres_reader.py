@@ -20,7 +20,8 @@ skipping it:
   token, so this is seen at the first read after the first publish of the generation.
 
 It reconnects with exponential backoff (0.05 s doubling to 2 s, with jitter), creating the
-table again if it is gone, and goes on after the last id it delivered.
+table again if it is gone, and goes on after the last id it delivered. The outage itself is
+logged once, by the backend's `Availability`; its attempts only at DEBUG.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Final, NamedTuple
 
 import psycopg
 
+from ssecast._availability import Availability
 from ssecast._backend import Deliver, ReportGap
 from ssecast._exceptions import BackendUnavailableError, BroadcasterClosedError
 from ssecast._postgres_connections import Connection, unavailable
@@ -71,6 +73,7 @@ class Reader:
     :param conn: a connection of its own, listening already; the thread closes it.
     :param connect: opens a new connection, after this one is lost.
     :param start: the newest row when listening began.
+    :param availability: told whether its statements reach PostgreSQL.
     """
 
     def __init__(
@@ -82,8 +85,10 @@ class Reader:
         deliver: Deliver,
         report_gap: ReportGap,
         start: Newest,
+        availability: Availability,
     ) -> None:
         self._conn: Connection | None = conn
+        self._availability = availability
         self._table = table
         self._connect = connect
         self._deliver = deliver
@@ -132,17 +137,17 @@ class Reader:
             try:
                 if self._conn is None:
                     # Connect again, create the table if it is gone, and listen.
-                    with unavailable("could not reconnect"):
+                    with unavailable("could not reconnect", self._availability):
                         self._conn = self._connect()
                         self._table.ensure(self._conn)
                         self._table.listen(self._conn)
-                    logger.warning(
+                    logger.debug(
                         "PostgreSQL listener of %s reconnected after %d failed attempts",
                         self._table.name,
                         failures,
                     )
                     failures = 0
-                with unavailable("could not read events"):
+                with unavailable("could not read events", self._availability):
                     page = self._table.read(self._conn, self._position.id + 1, LAST_ID, _READ_BATCH)
                 if self._take(page) < _READ_BATCH:
                     self._wait(self._conn)
@@ -159,7 +164,7 @@ class Reader:
 
     def _wait(self, conn: Connection) -> None:
         """Wait for a notification, a stop, or a second; take in what arrived."""
-        with unavailable("could not read notifications"):
+        with unavailable("could not read notifications", self._availability):
             # A notification that came with the last read's results is queued already
             # (psycopg took it in), and the socket shows nothing: read again at once.
             if _drained(conn):
@@ -216,14 +221,12 @@ class Reader:
 
     def _log_failure(self, error: Exception, failures: int) -> None:
         name = self._table.name
-        if failures > 1:
-            logger.debug("PostgreSQL listener of %s: attempt %d failed: %s", name, failures, error)
-        elif isinstance(error, BackendUnavailableError) and isinstance(
-            error.__cause__, psycopg.OperationalError
+        # A lost connection was logged already, as the backend's outage.
+        if failures > 1 or (
+            isinstance(error, BackendUnavailableError)
+            and isinstance(error.__cause__, psycopg.OperationalError)
         ):
-            logger.warning(
-                "PostgreSQL listener of %s lost its connection (%s); reconnecting", name, error
-            )
+            logger.debug("PostgreSQL listener of %s: attempt %d failed: %s", name, failures, error)
         else:  # refused (a missing privilege), or a bug: worth a traceback
             logger.exception("PostgreSQL listener of %s failed; retrying", name)
 

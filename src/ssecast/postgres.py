@@ -192,7 +192,7 @@ class PostgresBackend:
                 )
             self._listening = True
         try:
-            with unavailable("could not start listening"):
+            with unavailable("could not start listening", self._connections.availability):
                 conn = self._connections.connect()
                 try:
                     self._table.ensure(conn)
@@ -211,6 +211,7 @@ class PostgresBackend:
                         deliver=deliver,
                         report_gap=report_gap,
                         start=start,
+                        availability=self._connections.availability,
                     )
                     self._origin = start
             if closed:
@@ -230,7 +231,10 @@ class PostgresBackend:
         :param draft: the validated, encoded event.
         :raises BackendUnavailableError: PostgreSQL could not be reached or refused.
         """
-        with self._connections.borrow() as conn, unavailable("could not publish"):
+        with (
+            self._connections.borrow() as conn,
+            unavailable("could not publish", self._connections.availability),
+        ):
             try:
                 return self._table.insert(conn, draft)
             except psycopg.errors.UndefinedTable:
@@ -278,7 +282,10 @@ class PostgresBackend:
             end = known[1] if known is not None and known[0] == token else None
         if end is None:
             return None  # the client's id is of another table than this process's
-        with self._connections.borrow() as conn, unavailable("could not read history"):
+        with (
+            self._connections.borrow() as conn,
+            unavailable("could not read history", self._connections.availability),
+        ):
             if first <= end:
                 return self._range(conn, token, first, end, channels)
             page = self._table.read(conn, first, first, 1)
@@ -312,6 +319,28 @@ class PostgresBackend:
                 return events
             cursor = page.rows[-1].id
 
+    # -- health ------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Run `SELECT 1` on a new connection; return when PostgreSQL answers.
+
+        A new connection, rather than a pooled one: its connect timeout (2 seconds)
+        bounds the whole check even when the server accepts connections and never
+        answers, which no statement timeout would.
+
+        :raises BackendUnavailableError: PostgreSQL could not be reached or did not answer.
+        """
+        with (
+            unavailable("the health check failed", self._connections.availability),
+            self._connections.connect() as conn,
+        ):
+            conn.execute("SELECT 1")
+
+    @property
+    def available(self) -> bool:
+        """Whether the last statement reached PostgreSQL (`True` before the first); no I/O."""
+        return self._connections.availability.up
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
@@ -320,6 +349,7 @@ class PostgresBackend:
         It may wait a few seconds for a statement in flight; `aclose` waits in a worker
         thread.
         """
+        self._connections.availability.close()  # what fails as it closes is no outage
         with self._lock:
             self._closed = True
             reader, self._reader = self._reader, None
