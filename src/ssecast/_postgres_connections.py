@@ -44,6 +44,9 @@ STATEMENT_TIMEOUT: Final = "10s"
 _SETTINGS: Final = (
     f"-c lock_timeout={LOCK_TIMEOUT} -c statement_timeout={STATEMENT_TIMEOUT}"
     f" -c idle_in_transaction_session_timeout={STATEMENT_TIMEOUT}"
+    # A publish is one query of two statements: an implicit transaction, which only the
+    # session's default isolation reaches.
+    r" -c default_transaction_isolation=read\ committed"
 )
 # libpq's tcp_user_timeout, in milliseconds: unacknowledged data fails the connection.
 TCP_USER_TIMEOUT: Final = 10_000
@@ -109,7 +112,7 @@ def connect(conninfo: str, application_name: str) -> Connection:
     :raises psycopg.Error: it could not connect.
     """
     options = conninfo_to_dict(conninfo).get("options")
-    conn = _Bounded.connect(
+    return _Bounded.connect(
         conninfo,
         autocommit=True,
         options=f"{options} {_SETTINGS}" if options else _SETTINGS,
@@ -123,8 +126,6 @@ def connect(conninfo: str, application_name: str) -> Connection:
         keepalives_interval=2,
         keepalives_count=3,
     )
-    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-    return conn
 
 
 class _Bounded(psycopg.Connection[TupleRow]):

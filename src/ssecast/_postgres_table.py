@@ -35,7 +35,7 @@ import re
 import secrets
 from typing import Final, LiteralString, NamedTuple
 
-from psycopg import Connection, sql
+from psycopg import ClientCursor, Connection, errors, sql
 from psycopg.rows import TupleRow
 
 from ssecast._event import Draft, Event
@@ -124,18 +124,22 @@ class Table:
             " seq bigint NOT NULL, type text NOT NULL, channel text NOT NULL,"
             " data bytea NOT NULL, body bytea NOT NULL)"
         ).format(table)
-        # The highest row's token and seq, read after the lock is taken (a statement of
-        # its own, so its snapshot sees every earlier publish); its id, to see the
-        # sequence set back.
+        # Two statements sent as one query, so a publish is one round trip and runs as
+        # one transaction. The highest row's token and seq are read after the lock is
+        # taken (by a statement of their own, whose snapshot sees every earlier publish).
+        # SQL has no RAISE: dividing by zero aborts the transaction, lock and row, when
+        # the identity handed out an id not above the highest row's (it was set back).
         self._insert = sql.SQL(
-            "WITH last AS (SELECT id, token, seq FROM {table} ORDER BY id DESC LIMIT 1),"
+            "SELECT pg_advisory_xact_lock(%s);"
+            " WITH last AS (SELECT id, token, seq FROM {table} ORDER BY id DESC LIMIT 1),"
             " new AS (INSERT INTO {table} (token, seq, type, channel, data, body)"
             "  SELECT coalesce((SELECT token FROM last), %s),"
             "   coalesce((SELECT seq FROM last), 0) + 1, %s, %s, %s, %s"
             "  RETURNING id, token, seq),"
             " trimmed AS (DELETE FROM {table}"
             "  WHERE id <= (SELECT id FROM new) - %s AND (SELECT seq FROM new) %% %s = 0)"
-            " SELECT new.id, new.token, (SELECT id FROM last), pg_notify(%s, new.id::text)::text"
+            " SELECT new.id, new.token, pg_notify(%s, new.id::text)::text,"
+            "  1 / (new.id > coalesce((SELECT id FROM last), 0))::int"
             " FROM new"
         ).format(table=table)
         self._read = sql.SQL(
@@ -184,20 +188,20 @@ class Table:
     def insert(self, conn: Connection[TupleRow], draft: Draft) -> Event:
         """Append `draft` in one transaction and notify its id; return its event.
 
-        The lock, the row, the trimming and the notification are sent at once (a
-        pipeline), so a publish costs one round trip and the commit.
-
         :raises IdsBehindError: the identity gave an id not above the highest row's;
             nothing was written.
         :raises psycopg.Error: the database refused (a missing table is `UndefinedTable`,
             an id given twice `UniqueViolation`).
         """
         names = self._names(conn)
-        with conn.pipeline(), conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (names.lock_key,))
-            cursor = conn.execute(
+        # Parameters bound on the client: the server takes several statements in one
+        # query only without bound parameters.
+        cursor = ClientCursor(conn)
+        try:
+            cursor.execute(
                 self._insert,
                 (
+                    names.lock_key,
                     secrets.token_hex(6),  # a new generation's, if the table is empty
                     draft.type,
                     draft.channel,
@@ -208,12 +212,12 @@ class Table:
                     names.channel,
                 ),
             )
-            row = cursor.fetchone()
-            assert row is not None  # an INSERT ... RETURNING of one row
-            number, token, highest = row[0], row[1], row[2]
-            if highest is not None and number <= highest:
-                raise IdsBehindError(self.name)  # rolled back
-        return draft.stamp(format_id(token, number))
+        except errors.DivisionByZero:
+            raise IdsBehindError(self.name) from None
+        cursor.nextset()  # past the lock's result
+        row = cursor.fetchone()
+        assert row is not None  # an INSERT ... RETURNING of one row
+        return draft.stamp(format_id(row[1], row[0]))
 
     def catch_up(self, conn: Connection[TupleRow]) -> None:
         """Move the id sequence to the highest row's id: it was set back under the rows.
