@@ -109,6 +109,10 @@ def connect(conninfo: str, application_name: str) -> Connection:
     publish reads the newest `seq` after taking the lock, which a REPEATABLE READ snapshot
     taken before it would not see (numbers would repeat), and SERIALIZABLE would fail it.
 
+    Its client encoding is UTF-8 whatever the database's: in a SQL_ASCII database psycopg
+    would read text as bytes, and in another encoding a character it cannot hold would
+    fail in psycopg, untyped, rather than be refused by the server.
+
     :raises psycopg.Error: it could not connect.
     """
     options = conninfo_to_dict(conninfo).get("options")
@@ -118,6 +122,7 @@ def connect(conninfo: str, application_name: str) -> Connection:
         options=f"{options} {_SETTINGS}" if options else _SETTINGS,
         tcp_user_timeout=TCP_USER_TIMEOUT,
         application_name=application_name,
+        client_encoding="UTF8",
         connect_timeout=CONNECT_TIMEOUT,
         # TCP keepalives: a connection whose peer vanished (a host down, a cable cut)
         # fails in about 5 + 3 x 2 s instead of hanging for the kernel's two hours.
