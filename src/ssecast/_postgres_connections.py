@@ -27,6 +27,7 @@ __all__ = [
     "ANSWER_TIMEOUT",
     "CONNECT_TIMEOUT",
     "LOCK_TIMEOUT",
+    "MAX_IDLE",
     "STATEMENT_TIMEOUT",
     "TCP_USER_TIMEOUT",
     "Connections",
@@ -55,6 +56,8 @@ TCP_USER_TIMEOUT: Final = 10_000
 # so that tcp_user_timeout and keepalives never fire, but that does not answer: stopped
 # (SIGSTOP), swapping, or stuck on a disk.
 ANSWER_TIMEOUT: Final = 15.0
+# Idle connections the pool keeps; one more, returned after a burst, is closed.
+MAX_IDLE: Final = 4
 # How long close() waits for the statements running on borrowed connections.
 _CLOSE_WAIT: Final = 5.0
 
@@ -115,7 +118,8 @@ def connect(conninfo: str, application_name: str) -> Connection:
 
     :raises psycopg.Error: it could not connect.
     """
-    options = conninfo_to_dict(conninfo).get("options")
+    params = conninfo_to_dict(conninfo)
+    options = params.get("options")
     return _Bounded.connect(
         conninfo,
         autocommit=True,
@@ -123,7 +127,7 @@ def connect(conninfo: str, application_name: str) -> Connection:
         tcp_user_timeout=TCP_USER_TIMEOUT,
         application_name=application_name,
         client_encoding="UTF8",
-        connect_timeout=CONNECT_TIMEOUT,
+        connect_timeout=_connect_timeout(params.get("connect_timeout")),
         # TCP keepalives: a connection whose peer vanished (a host down, a cable cut)
         # fails in about 5 + 3 x 2 s instead of hanging for the kernel's two hours.
         keepalives=1,
@@ -131,6 +135,14 @@ def connect(conninfo: str, application_name: str) -> Connection:
         keepalives_interval=2,
         keepalives_count=3,
     )
+
+
+def _connect_timeout(configured: str | None) -> int:
+    """Return the DSN's `connect_timeout` if it bounds the wait, else `CONNECT_TIMEOUT`."""
+    # libpq waits forever for 0, a negative number, or none at all.
+    if configured is not None and configured.strip().isdigit() and int(configured) > 0:
+        return int(configured)
+    return CONNECT_TIMEOUT
 
 
 class _Bounded(psycopg.Connection[TupleRow]):
@@ -231,10 +243,10 @@ class Connections:
                 conn.close()
                 raise
             with self._lock:
-                keep = not self._closed
+                keep = not self._closed and len(self._idle) < MAX_IDLE
                 if keep:
                     self._idle.append(conn)
-            if not keep:  # closed meanwhile
+            if not keep:  # closed meanwhile, or enough are idle
                 conn.close()
         finally:
             with self._lock:
