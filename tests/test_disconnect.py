@@ -203,6 +203,13 @@ class Relay:
     def replay(self, after: str, until: str | None, channels: frozenset[str]) -> None:
         return None
 
+    def check(self) -> None:
+        pass
+
+    @property
+    def available(self) -> bool:
+        return True
+
     def close(self) -> None:
         pass
 
