@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import threading
 import time
@@ -117,3 +118,11 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = HANG) -
             return value
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def report(label: str, clients: int, outages: int, waits: list[float]) -> None:
+    """Print the figures docs/reliability.md reports: ``waits`` are seconds to recover."""
+    print(
+        f"{label}: {clients} clients, {outages} outages, {len(waits)} recoveries, seconds to "
+        f"recover: median {statistics.median(waits):.2f}, worst {max(waits):.2f}"
+    )

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from listeners import (
     browser_records,
     by_client,
     npm_listeners,
+    report,
     wait_until,
 )
 from servers import PYTHON, TESTS, Server, free_port, running
@@ -217,14 +217,6 @@ def clients_behind(front: Server, node_modules: Path) -> Iterator[Clients]:
         yield Clients(browser, npm)
 
 
-def report(label: str, restarts: int, waits: list[float]) -> None:
-    print(
-        f"{label}: {NPM_CLIENTS + 2} clients, {restarts} restarts, {len(waits)} reconnections "
-        f"recovered, seconds to recover: median {statistics.median(waits):.2f}, "
-        f"worst {max(waits):.2f}"
-    )
-
-
 @pytest.mark.parametrize("kind", ["nginx", "caddy"])
 def test_every_client_outlives_restarts_of_the_in_memory_demo(
     kind: str, node_modules: Path, tmp_path: Path
@@ -257,7 +249,7 @@ def test_every_client_outlives_restarts_of_the_in_memory_demo(
     assert page["reloads"] >= 3  # at start and after each gap
     if kind == "nginx":  # Caddy holds a reconnect until the app is back, for up to 5 s
         assert "upstream_unavailable" in page["unavailable"]  # ssecast.js's onUnavailable
-    report(f"in memory, {kind}", 2, waits)
+    report(f"in-memory demo behind {kind}, restarted", NPM_CLIENTS + 2, 2, waits)
 
 
 def test_ssecast_js_brings_back_a_page_the_browser_gave_up_on(
@@ -343,7 +335,7 @@ def test_every_client_outlives_worker_restarts_of_the_redis_demo(
         for mine in seen:
             assert mine.ids == stream_ids(store, mine.ids[0], mine.ids[-1])  # all, once, in order
     assert not any(gave_up(records) for records in plain)
-    report("Redis, 3 workers", 4, waits)
+    report("Redis demo, 3 workers, behind nginx", NPM_CLIENTS + 2, 4, waits)
 
 
 def newest_id(store: redis.Redis) -> str:
