@@ -97,6 +97,14 @@ class LoggingBackend:
         end = len(ids) if until is None else ids.index(until) + 1
         return [e for e in self.events[ids.index(after) + 1 : end] if e.channel in channels]
 
+    def check(self) -> None:
+        if self.unavailable:
+            raise BackendUnavailableError("the store is down")
+
+    @property
+    def available(self) -> bool:
+        return not self.unavailable
+
     def close(self) -> None:
         self.closes.append("close")
 
@@ -111,6 +119,30 @@ def test_both_backends_satisfy_the_protocol() -> None:
     """The default backend and a hand-written one are both Backends."""
     assert isinstance(MemoryBackend(), Backend)
     assert isinstance(LoggingBackend(), Backend)
+
+
+async def test_check_and_stats_report_what_the_backend_says() -> None:
+    """check() passes the backend's verdict on, and stats() its last known state."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend) as b:
+        b.check()
+        await b.acheck()
+        assert b.stats().backend_up is True
+        backend.unavailable = True
+        with pytest.raises(BackendUnavailableError):
+            b.check()
+        with pytest.raises(BackendUnavailableError):
+            await b.acheck()
+        assert b.stats().backend_up is False
+    with pytest.raises(BroadcasterClosedError):
+        b.check()
+
+
+def test_the_memory_backend_is_always_available() -> None:
+    """With nothing to reach, the check passes and the backend is always up."""
+    backend = MemoryBackend()
+    backend.check()
+    assert backend.available is True
 
 
 def test_memory_backend_refuses_to_publish_before_start() -> None:

@@ -272,7 +272,7 @@ async def test_no_call_blocks_the_event_loop_even_when_the_store_never_answers(
     if harness.shares_events:
         with harness.silent() as b:
             outcomes = await asyncio.gather(
-                b.asubscribe(), b.apublish("t", 1), return_exceptions=True
+                b.asubscribe(), b.apublish("t", 1), b.acheck(), return_exceptions=True
             )
             assert all(isinstance(outcome, BackendUnavailableError) for outcome in outcomes)
             await b.aclose()
@@ -280,11 +280,28 @@ async def test_no_call_blocks_the_event_loop_even_when_the_store_never_answers(
         async with harness.broadcaster() as b:
             sub = await b.asubscribe()
             await b.apublish("t", 1)
+            await b.acheck()
             assert sub.read_nowait()
     stop.set()
     await ticker
     # A call that blocked the loop would show as a lag of its length: seconds, here.
     assert max(lags) < 1.0
+
+
+def test_check_passes_while_the_store_answers_and_is_bounded_when_it_does_not(
+    harness: Harness,
+) -> None:
+    """check() passes on a working store; on one that never answers it raises in seconds."""
+    with harness.broadcaster() as b:
+        b.check()
+        assert b.stats().backend_up
+    if harness.shares_events:
+        with harness.silent() as b:
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailableError):
+                b.check()
+            assert time.monotonic() - started < 50  # 10x the longest timeout (5 s)
+            assert not b.stats().backend_up
 
 
 def test_nothing_grows_with_the_event_loops_a_broadcaster_is_used_from(harness: Harness) -> None:

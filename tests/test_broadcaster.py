@@ -146,8 +146,14 @@ def test_a_full_subscriber_is_evicted_while_others_get_everything(
     assert live.close_reason is None
     assert live.read_nowait() == first.frame + second.frame
     assert broadcaster.stats() == Stats(
-        subscribers=1, published=2, delivered=3, evicted=1, rejected=0,
-        revoked=0, expired=0, refused=0,
+        subscribers=1,
+        published=2,
+        delivered=3,
+        evicted=1,
+        rejected=0,
+        revoked=0,
+        expired=0,
+        refused=0,
     )
 
 
@@ -160,8 +166,14 @@ def test_an_unknown_event_type_is_rejected_with_nothing_queued() -> None:
         assert caught.value.event_type == "__unknown_event__"
         assert sub.read_nowait() == b""
         assert b.stats() == Stats(
-            subscribers=1, published=0, delivered=0, evicted=0, rejected=1,
-            revoked=0, expired=0, refused=0,
+            subscribers=1,
+            published=0,
+            delivered=0,
+            evicted=0,
+            rejected=1,
+            revoked=0,
+            expired=0,
+            refused=0,
         )
 
 
@@ -436,8 +448,14 @@ def test_stats_count_each_event_once_per_subscriber(broadcaster: Broadcaster) ->
     with pytest.raises(PublishError):
         broadcaster.publish("t", math.nan)
     assert broadcaster.stats() == Stats(
-        subscribers=3, published=3, delivered=4, evicted=0, rejected=1,
-        revoked=0, expired=0, refused=0,
+        subscribers=3,
+        published=3,
+        delivered=4,
+        evicted=0,
+        rejected=1,
+        revoked=0,
+        expired=0,
+        refused=0,
     )
     subs[0].close()
     assert broadcaster.stats().subscribers == 2

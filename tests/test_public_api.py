@@ -70,6 +70,8 @@ FRAMEWORKS = (
     "fastapi",
     "uvicorn",
     "werkzeug",
+    "prometheus_client",
+    "opentelemetry",
 )
 
 TESTING_EXPORTED = [
@@ -164,13 +166,14 @@ def test_every_public_method_and_property_has_a_docstring() -> None:
 
 
 def test_importing_ssecast_loads_no_web_framework_or_redis() -> None:
-    """``import ssecast`` pulls in no framework, Redis or PostgreSQL client: it needs none."""
+    """``import ssecast`` pulls in no framework, Redis, PostgreSQL or metrics client."""
     script = (
         "import sys, ssecast\n"
         f"frameworks = {FRAMEWORKS!r}\n"
         "loaded = sorted(name for name in sys.modules\n"
         "    if name.split('.')[0] in frameworks or name.startswith('ssecast.')\n"
-        "    and name.split('.')[1] in ('asgi', 'flask', 'django', 'redis', 'postgres'))\n"
+        "    and name.split('.')[1]\n"
+        "    in ('asgi', 'flask', 'django', 'redis', 'postgres', 'prometheus', 'otel'))\n"
         "print(','.join(loaded))\n"
     )
     result = subprocess.run(

@@ -73,6 +73,9 @@ class Backend(Protocol):
       are never handed out twice, by any process or any fork of one.
     - No method blocks a running event loop: `apublish` and `aclose` do their I/O
       elsewhere, and nothing is kept per event loop that outlives it.
+    - [`check`][ssecast.Backend.check] asks the store, bounded by a timeout;
+      [`available`][ssecast.Backend.available] says, with no I/O, whether its last call
+      reached it. Health checks and metrics use them.
     """
 
     def start(self, deliver: Deliver, report_gap: ReportGap) -> None:
@@ -111,6 +114,22 @@ class Backend(Protocol):
             trimmed, or events after it may be lost: the broadcaster looks for it in its
             ring once more, and otherwise begins the stream with a gap.
         :raises BackendUnavailableError: the history could not be read.
+        """
+
+    def check(self) -> None:
+        """Return if the store answers now; for health checks.
+
+        It may block, for a few seconds at most (`acheck` calls it from a worker thread).
+
+        :raises BackendUnavailableError: the store could not be reached, or did not answer
+            in time.
+        """
+
+    @property
+    def available(self) -> bool:
+        """Whether the store answered the last call made to it; `True` before the first.
+
+        It does no I/O, so metrics read it at every scrape.
         """
 
     def close(self) -> None:
@@ -164,6 +183,14 @@ class MemoryBackend:
     def replay(self, after: str, until: str | None, channels: frozenset[str]) -> list[Event] | None:
         """Return `None`: beyond the broadcaster's ring there is no history."""
         return None
+
+    def check(self) -> None:
+        """Return: there is no store to reach."""
+
+    @property
+    def available(self) -> bool:
+        """`True`: there is no store to lose."""
+        return True
 
     def close(self) -> None:
         """Release nothing: there is no connection or thread."""

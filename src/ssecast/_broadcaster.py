@@ -22,6 +22,8 @@ order  lock (module)                           guards
 4      PostgresBackend._lock (postgres)        a leaf: its callbacks, listener, closed
 4      Connections._lock                       a leaf: closed or not, the idle
        (_postgres_connections)                 connections and how many are lent
+4      Availability._lock (_availability)      a leaf: a backend's store reachable or
+                                               not, as its last call found it
 =====  ======================================  ======================================
 ```
 """
@@ -93,6 +95,8 @@ class Stats(NamedTuple):
     [`BackendUnavailableError`][ssecast.BackendUnavailableError], which the adapters answer
     so that the client comes back later. Those answers are not errors on the wire (an
     `EventSource` gets a `200` that tells it to retry), so this counter is where they show."""
+    backend_up: bool = True
+    """Whether the backend's store answered its last call (always, for the memory backend)."""
 
 
 class Broadcaster:
@@ -539,7 +543,11 @@ class Broadcaster:
     # -- lifecycle -------------------------------------------------------------------
 
     def stats(self) -> Stats:
-        """Return the counters, all read at the same instant."""
+        """Return the counters, all read at the same instant, and the backend's state.
+
+        It does no I/O: `backend_up` is what the backend's last call found.
+        """
+        backend_up = self._backend.available
         with self._lock:
             return Stats(
                 self._subscriber_count,
@@ -550,7 +558,27 @@ class Broadcaster:
                 self._revoked,
                 self._expired,
                 self._refused,
+                backend_up,
             )
+
+    def check(self) -> None:
+        """Return if the broadcaster can serve now; for health checks and readiness probes.
+
+        It asks the backend's store (Redis: `PING`; PostgreSQL: `SELECT 1` on a new
+        connection), which takes a few seconds at most; the memory backend has nothing to
+        ask. From a coroutine, [`acheck`][ssecast.Broadcaster.acheck] leaves the loop free.
+
+        :raises BroadcasterClosedError: the broadcaster was closed.
+        :raises BackendUnavailableError: the backend's store could not be reached, or did
+            not answer in time.
+        """
+        if self._closed:
+            raise BroadcasterClosedError("the broadcaster is closed; create a new one to serve")
+        self._backend.check()
+
+    async def acheck(self) -> None:
+        """Do what [`check`][ssecast.Broadcaster.check] does, in a worker thread."""
+        await asyncio.to_thread(self.check)
 
     def close(self) -> None:
         """End every subscription (after its pending frames) and stop the backend.

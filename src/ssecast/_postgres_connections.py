@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import psycopg
+from psycopg.abc import PQGen
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from ssecast import _fork
+from ssecast._availability import Availability
 from ssecast._exceptions import BackendUnavailableError
 
 __all__ = [
+    "ANSWER_TIMEOUT",
     "CONNECT_TIMEOUT",
     "LOCK_TIMEOUT",
     "STATEMENT_TIMEOUT",
@@ -40,17 +44,26 @@ STATEMENT_TIMEOUT: Final = "10s"
 _SETTINGS: Final = (
     f"-c lock_timeout={LOCK_TIMEOUT} -c statement_timeout={STATEMENT_TIMEOUT}"
     f" -c idle_in_transaction_session_timeout={STATEMENT_TIMEOUT}"
+    # A publish is one query of two statements: an implicit transaction, which only the
+    # session's default isolation reaches.
+    r" -c default_transaction_isolation=read\ committed"
 )
 # libpq's tcp_user_timeout, in milliseconds: unacknowledged data fails the connection.
 TCP_USER_TIMEOUT: Final = 10_000
+# How long ssecast waits for any answer of the server, in seconds. The server's own
+# timeouts come first; this one is for a server whose host still acknowledges the data,
+# so that tcp_user_timeout and keepalives never fire, but that does not answer: stopped
+# (SIGSTOP), swapping, or stuck on a disk.
+ANSWER_TIMEOUT: Final = 15.0
 # How long close() waits for the statements running on borrowed connections.
 _CLOSE_WAIT: Final = 5.0
 
 Connection = psycopg.Connection[TupleRow]
+_Result = TypeVar("_Result")
 
 
 @contextlib.contextmanager
-def unavailable(doing: str) -> Iterator[None]:
+def unavailable(doing: str, availability: Availability) -> Iterator[None]:
     """Raise [`BackendUnavailableError`][ssecast.BackendUnavailableError] for any psycopg error.
 
     Unreachable, timed out, terminated, or refused (a read-only standby, a missing
@@ -58,21 +71,29 @@ def unavailable(doing: str) -> Iterator[None]:
     names no host or password; the error's own text is kept.
 
     :param doing: what failed, such as `"could not publish"`.
+    :param availability: told whether the statements inside reached PostgreSQL.
     """
     try:
         yield
-    except psycopg.OperationalError as error:
-        raise BackendUnavailableError(
+    except psycopg.Error as error:
+        failure = BackendUnavailableError(_failure(doing, error))
+        availability.failed(failure)
+        raise failure from error
+    availability.succeeded()
+
+
+def _failure(doing: str, error: psycopg.Error) -> str:
+    if isinstance(error, psycopg.OperationalError):
+        return (
             f"{doing}: PostgreSQL is unreachable, did not answer in time, or ended the "
             f"session ({type(error).__name__}: {str(error).strip()}); check that it runs "
             "and that the DSN is right"
-        ) from error
-    except psycopg.Error as error:
-        raise BackendUnavailableError(
-            f"{doing}: PostgreSQL refused the statement ({type(error).__name__}: "
-            f"{str(error).strip()}); check that the table is ssecast's and that the user "
-            "may write it"
-        ) from error
+        )
+    return (
+        f"{doing}: PostgreSQL refused the statement ({type(error).__name__}: "
+        f"{str(error).strip()}); check that the table is ssecast's and that the user "
+        "may write it"
+    )
 
 
 def connect(conninfo: str, application_name: str) -> Connection:
@@ -81,7 +102,8 @@ def connect(conninfo: str, application_name: str) -> Connection:
     Its statements are bounded: a wait for a lock fails after `LOCK_TIMEOUT`, any
     statement (or a transaction left idle) after `STATEMENT_TIMEOUT`, and data the server
     does not acknowledge after `TCP_USER_TIMEOUT` ms; these settings follow the DSN's
-    own `options`, and take precedence over them.
+    own `options`, and take precedence over them. Any wait for the server's answer
+    fails after `ANSWER_TIMEOUT` seconds, and closes the connection.
 
     Its transactions are READ COMMITTED whatever the role's or database's default: a
     publish reads the newest `seq` after taking the lock, which a REPEATABLE READ snapshot
@@ -90,7 +112,7 @@ def connect(conninfo: str, application_name: str) -> Connection:
     :raises psycopg.Error: it could not connect.
     """
     options = conninfo_to_dict(conninfo).get("options")
-    conn = psycopg.connect(
+    return _Bounded.connect(
         conninfo,
         autocommit=True,
         options=f"{options} {_SETTINGS}" if options else _SETTINGS,
@@ -104,8 +126,50 @@ def connect(conninfo: str, application_name: str) -> Connection:
         keepalives_interval=2,
         keepalives_count=3,
     )
-    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-    return conn
+
+
+class _Bounded(psycopg.Connection[TupleRow]):
+    """A connection on which no wait for the server lasts more than `ANSWER_TIMEOUT`."""
+
+    # The other arguments differ between psycopg versions (3.3 added `timeout`).
+    def wait(self, gen: PQGen[_Result], *args: Any, **kwargs: Any) -> _Result:  # noqa: ANN401
+        """Run `gen` as psycopg does; close the connection if the server stops answering.
+
+        :raises psycopg.OperationalError: nothing came from the server for `ANSWER_TIMEOUT`.
+        """
+        try:
+            return super().wait(_answered(gen, ANSWER_TIMEOUT), *args, **kwargs)
+        except NoAnswerError:
+            # Mid-statement, the connection cannot be used again; closed, it is not waited
+            # on again by the rollback psycopg would send while the error propagates.
+            self.close()
+            raise
+
+
+class NoAnswerError(psycopg.OperationalError):
+    """The server did not answer in time."""
+
+
+def _answered(gen: PQGen[_Result], seconds: float) -> PQGen[_Result]:
+    """Pass `gen`'s waits through; fail when nothing arrives for `seconds`.
+
+    psycopg resumes a waiting generator about every 0.1 s even when nothing arrived
+    (`Ready.NONE`), which is when the time is checked.
+    """
+    deadline = time.monotonic() + seconds
+    try:
+        waiting = next(gen)
+        while True:
+            ready = yield waiting
+            if ready:
+                deadline = time.monotonic() + seconds
+            elif time.monotonic() > deadline:
+                gen.close()
+                raise NoAnswerError(f"PostgreSQL did not answer for {seconds:g} s")
+            waiting = gen.send(ready)
+    except StopIteration as done:
+        result: _Result = done.value
+        return result
 
 
 class Connections:
@@ -118,6 +182,8 @@ class Connections:
     def __init__(self, conninfo: str, application_name: str) -> None:
         self.conninfo = conninfo
         self.application_name = application_name
+        # Whether the last statement reached PostgreSQL; every one runs in `unavailable`.
+        self.availability = Availability(f"PostgreSQL ({application_name})")
         # A leaf lock (see the table in _broadcaster.py): the idle connections, how many
         # are lent, and whether it is closed. Never held while psycopg runs.
         self._lock = threading.Lock()
@@ -152,7 +218,7 @@ class Connections:
             self._lent += 1
         try:
             if conn is None:
-                with unavailable("could not connect"):
+                with unavailable("could not connect", self.availability):
                     conn = self.connect()
             try:
                 yield conn

@@ -12,16 +12,16 @@ skipping it:
 
 - a number missing in the rows' `seq`: while this process was paused, or its connection
   down, others published more than `maxlen` events and the table was trimmed past what
-  it had read;
-- another table (dropped and created again: its oid changed; it then reads the new one
-  from its start) or another token (its comment was changed: ids mean something else);
-- no row as new as the last one read (the rows were deleted, or `TRUNCATE ... RESTART
-  IDENTITY` made ids begin again): it reads the table again from its start. Only an
-  empty read looks for this, so rows published with ids up to the last one read before
-  the listener reads again are skipped (with no gap): see docs/scaling.md.
+  it had read (or a number repeated: its newest rows were deleted);
+- a new generation (the highest row's token is not the one it read last): the table was
+  emptied (`TRUNCATE`, with its ids restarted or not, or dropped and created again), and
+  ids may have begun again. It reads the new generation from its start, so no new row is
+  skipped, whether its id is above the last one read or not. Each read returns that
+  token, so this is seen at the first read after the first publish of the generation.
 
 It reconnects with exponential backoff (0.05 s doubling to 2 s, with jitter), creating the
-table again if it is gone, and goes on after the last id it delivered.
+table again if it is gone, and goes on after the last id it delivered. The outage itself is
+logged once, by the backend's `Availability`; its attempts only at DEBUG.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Final, NamedTuple
 
 import psycopg
 
+from ssecast._availability import Availability
 from ssecast._backend import Deliver, ReportGap
 from ssecast._exceptions import BackendUnavailableError, BroadcasterClosedError
 from ssecast._postgres_connections import Connection, unavailable
@@ -56,12 +57,10 @@ _BACKOFF_MAX: Final = 2.0
 
 
 class Position(NamedTuple):
-    """What the listener read last, and in which table."""
+    """What the listener read last, and in which generation of the table."""
 
-    oid: int
-    """The table's oid: another one means the table was dropped and created again."""
     token: str | None
-    """The table's token, which the ids of the events delivered carry."""
+    """The generation's token; `None` when the table was empty when listening began."""
     id: int
     """The id of the last row read; reading goes on after it."""
     seq: int | None
@@ -74,6 +73,7 @@ class Reader:
     :param conn: a connection of its own, listening already; the thread closes it.
     :param connect: opens a new connection, after this one is lost.
     :param start: the newest row when listening began.
+    :param availability: told whether its statements reach PostgreSQL.
     """
 
     def __init__(
@@ -85,13 +85,15 @@ class Reader:
         deliver: Deliver,
         report_gap: ReportGap,
         start: Newest,
+        availability: Availability,
     ) -> None:
         self._conn: Connection | None = conn
+        self._availability = availability
         self._table = table
         self._connect = connect
         self._deliver = deliver
         self._report_gap = report_gap
-        self._position = Position(start.oid, start.token, start.id, start.seq)
+        self._position = Position(start.token, start.id, start.seq)
         self._gap_pending = False
         self._stopping = threading.Event()
         # stop() writes a byte here, which ends the wait for a notification at once.
@@ -113,7 +115,8 @@ class Reader:
         if thread.ident is not None and thread is not threading.current_thread():
             # A read that waits (for a lock, or for a server that stopped answering) is
             # not cancelled: a cancel request may block the whole process in libpq. It
-            # is given up on after this (the thread is a daemon); keepalives end it.
+            # is given up on after this (the thread is a daemon); the server's timeouts
+            # or ANSWER_TIMEOUT end it.
             thread.join(BLOCK_SECONDS + 5.0)
 
     def _run(self) -> None:
@@ -134,25 +137,19 @@ class Reader:
             try:
                 if self._conn is None:
                     # Connect again, create the table if it is gone, and listen.
-                    with unavailable("could not reconnect"):
+                    with unavailable("could not reconnect", self._availability):
                         self._conn = self._connect()
                         self._table.ensure(self._conn)
                         self._table.listen(self._conn)
-                    logger.warning(
+                    logger.debug(
                         "PostgreSQL listener of %s reconnected after %d failed attempts",
                         self._table.name,
                         failures,
                     )
                     failures = 0
-                with unavailable("could not read events"):
+                with unavailable("could not read events", self._availability):
                     page = self._table.read(self._conn, self._position.id + 1, LAST_ID, _READ_BATCH)
-                    if page.token is None:  # someone removed the table's comment
-                        self._table.ensure(self._conn)
-                        continue
-                    if not page.rows and self._table.newest(self._conn).id < self._position.id:
-                        self._renumbered()  # TRUNCATE ... RESTART IDENTITY, say
-                        continue
-                if self._take(page, page.token) < _READ_BATCH:
+                if self._take(page) < _READ_BATCH:
                     self._wait(self._conn)
             except BroadcasterClosedError:
                 raise
@@ -167,7 +164,7 @@ class Reader:
 
     def _wait(self, conn: Connection) -> None:
         """Wait for a notification, a stop, or a second; take in what arrived."""
-        with unavailable("could not read notifications"):
+        with unavailable("could not read notifications", self._availability):
             # A notification that came with the last read's results is queued already
             # (psycopg took it in), and the socket shows nothing: read again at once.
             if _drained(conn):
@@ -180,26 +177,23 @@ class Reader:
             if not self._stopping.is_set():
                 _drained(conn)
 
-    def _take(self, page: Page, token: str) -> int:
+    def _take(self, page: Page) -> int:
         """Deliver the rows of `page`, after a gap if some may be missing; return how many.
 
-        A page of another table, or of another token, is not delivered: the position
-        moves to the start of the new table (or stays, for a new token), after a gap.
+        A page of a new generation is not delivered: the position moves to the start of
+        the table, after a gap.
         """
-        oid, _, _, seq = self._position
-        if page.oid != oid or token != self._position.token:
+        token, _, seq = self._position
+        if token is not None and page.token not in (None, token):
             self._gap_pending = True
-            if page.oid != oid:
-                why = "the table was dropped and created again; reading the new one from its start"
-                start = 0
-            else:
-                why = "the table's token (its comment) changed: its ids mean something else now"
-                start = self._position.id
             logger.warning(
-                "PostgreSQL listener of %s: %s; subscribers get a gap", self._table.name, why
+                "PostgreSQL listener of %s: the table was emptied and its events began "
+                "again (truncated, or dropped and created again); subscribers get a gap, "
+                "then its new events from the first",
+                self._table.name,
             )
-            self._position = Position(page.oid, token, start, None)
-            return _READ_BATCH  # read again at once, in the table as it is now
+            self._position = Position(page.token, 0, None)
+            return _READ_BATCH  # read again at once, from the new generation's start
         for row in page.rows:
             if seq is not None and row.seq != seq + 1:
                 self._gap_pending = True
@@ -207,7 +201,7 @@ class Reader:
                     why = f"{row.seq - seq - 1} events were trimmed from the table before this "
                     why += "process read them (it was paused or disconnected, or maxlen is small)"
                 else:
-                    why = "the table's numbering began again (its rows were deleted)"
+                    why = "the table's numbering began again (its newest rows were deleted)"
                 logger.warning(
                     "PostgreSQL listener of %s: %s; subscribers get a gap", self._table.name, why
                 )
@@ -215,41 +209,24 @@ class Reader:
                 if self._gap_pending:
                     self._report_gap()
                     self._gap_pending = False
-                self._deliver(row.draft.stamp(format_id(token, row.id)))
+                self._deliver(row.draft.stamp(format_id(row.token, row.id)))
             except BroadcasterClosedError:
                 raise
             except Exception:  # a bug downstream: this event is lost to it, not the next ones
-                logger.exception("delivering event %s failed", format_id(token, row.id))
+                logger.exception("delivering event %s failed", format_id(row.token, row.id))
             finally:
                 seq = row.seq
-                self._position = Position(oid, token, row.id, seq)
+                self._position = Position(row.token, row.id, seq)
         return len(page.rows)
-
-    def _renumbered(self) -> None:
-        """Read the table again from its start: it holds no row as new as the last one read.
-
-        Its rows were deleted, or its ids began again (`TRUNCATE ... RESTART IDENTITY`),
-        which would hand out the ids already read to new rows: a gap, not a silent skip.
-        """
-        self._gap_pending = True
-        logger.warning(
-            "PostgreSQL listener of %s: the table's numbering began again (its rows were "
-            "deleted, or its ids restarted); subscribers get a gap",
-            self._table.name,
-        )
-        oid, token, _, _ = self._position
-        self._position = Position(oid, token, 0, None)
 
     def _log_failure(self, error: Exception, failures: int) -> None:
         name = self._table.name
-        if failures > 1:
-            logger.debug("PostgreSQL listener of %s: attempt %d failed: %s", name, failures, error)
-        elif isinstance(error, BackendUnavailableError) and isinstance(
-            error.__cause__, psycopg.OperationalError
+        # A lost connection was logged already, as the backend's outage.
+        if failures > 1 or (
+            isinstance(error, BackendUnavailableError)
+            and isinstance(error.__cause__, psycopg.OperationalError)
         ):
-            logger.warning(
-                "PostgreSQL listener of %s lost its connection (%s); reconnecting", name, error
-            )
+            logger.debug("PostgreSQL listener of %s: attempt %d failed: %s", name, failures, error)
         else:  # refused (a missing privilege), or a bug: worth a traceback
             logger.exception("PostgreSQL listener of %s failed; retrying", name)
 

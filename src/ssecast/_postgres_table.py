@@ -1,23 +1,31 @@
 """The events table: its schema, the statements ssecast runs on it, and the ids it gives.
 
-A row holds `id` (a bigint identity: never handed out twice, unless someone restarts it,
-as `TRUNCATE ... RESTART IDENTITY` does; see `_postgres_reader.py`),
-`seq`, `type`, `channel`, `data` and `body` (the encoded SSE frame without its
-`id:` line). Its primary key makes every read a range scan over `id`.
+A row holds `id` (a bigint identity), `token`, `seq`, `type`, `channel`, `data` and
+`body` (the encoded SSE frame without its `id:` line). Its primary key makes every read a
+range scan over `id`. `data` is `bytea` (UTF-8), not `text`: raw data may hold NUL, which
+`text` refuses.
 
-`data` is `bytea` (UTF-8), not `text`: raw data may hold NUL, which `text` refuses.
+Every publish takes a transaction-level advisory lock on the table, then reads the row
+with the highest id, and writes its own:
 
-`seq` counts the rows without a hole: each publish takes a transaction-level advisory
-lock on the table, then writes the newest row's `seq` plus one. So a reader that finds a
-number missing knows that rows were trimmed before it read them. The same lock makes rows
-commit in id order: a row becomes visible before the next id is drawn, so a reader that
-reads "after the last id it delivered" never skips a row that commits late.
+- `seq` is that row's plus one: the rows are numbered without a hole, so a reader that
+  finds a number missing knows that rows were trimmed before it read them. The same lock
+  makes rows commit in id order: a row becomes visible before the next id is drawn, so a
+  reader that reads "after the last id it delivered" never skips a row that commits late.
+- `token` is that row's, or, in an empty table, 12 random hex digits: a *generation* of
+  the table. An event id is `<token>-<id>`. Ids are handed out again only after the table
+  was emptied (`TRUNCATE ... RESTART IDENTITY`, or dropped and created again), and the
+  first publish after that begins a new generation, so an id of before it carries another
+  token: foreign (a gap), never replayed from the new rows. So is an id from another
+  database. The identity restarted while rows remain (`ALTER ... RESTART`, `setval`)
+  shows as a new id not above the highest one: the publish is rolled back, and the
+  sequence is moved past the rows (`catch_up`) before it is tried again.
 
-The table's comment holds its *token*, `ssecast <12 hex digits>`, drawn when ssecast
-creates the table (or finds it without one). An event id is `<token>-<id>`: an id from a
-dropped and recreated table, another database, or another backend carries another token,
-so it is foreign (a gap), never replayed from the wrong rows. A dump restored elsewhere
-keeps its comment and identity, so its ids stay good.
+So the rows of a table, at any moment, carry one token, and their ids increase with
+`seq`. A trigger on `TRUNCATE` would miss a restarted sequence and need the table's owner;
+the token costs the publish nothing it did not read already. A dump restored elsewhere
+keeps its rows, tokens and identity, so its ids stay good. Not seen: the newest rows
+deleted, then the identity set back among their ids (which no row holds any more).
 """
 
 from __future__ import annotations
@@ -27,24 +35,22 @@ import re
 import secrets
 from typing import Final, LiteralString, NamedTuple
 
-from psycopg import Connection, sql
+from psycopg import ClientCursor, Connection, errors, sql
 from psycopg.rows import TupleRow
 
 from ssecast._event import Draft, Event
 from ssecast._exceptions import BackendUnavailableError, ConfigurationError
 
-__all__ = ["LAST_ID", "Newest", "NoTokenError", "Page", "Row", "Table", "format_id", "parse_id"]
+__all__ = ["LAST_ID", "IdsBehindError", "Newest", "Page", "Row", "Table", "format_id", "parse_id"]
 
 LAST_ID: Final = 2**63 - 1
 """The largest id a bigint holds: reading up to it reads to the end."""
 
 _PART = r"[A-Za-z_][A-Za-z0-9_]{0,62}"
 _NAME = re.compile(rf"{_PART}(\.{_PART})?")
-_TOKEN = re.compile(r"[0-9a-f]{12}")
 _EVENT_ID = re.compile(r"([0-9a-f]{12})-([1-9][0-9]{0,18})")
-_COMMENT_PREFIX: Final = "ssecast "
-_COLUMNS: Final = frozenset({"id", "seq", "type", "channel", "data", "body"})
-# NOTIFY channel names are identifiers: at most 63 bytes, with "ssecast:" before the name.
+_COLUMNS: Final = frozenset({"id", "token", "seq", "type", "channel", "data", "body"})
+# application_name, "ssecast <table>", is cut at 63 bytes.
 _MAX_NAME: Final = 55
 
 
@@ -52,30 +58,38 @@ class Row(NamedTuple):
     """One row of the table, as read: its event wants only its id."""
 
     id: int
+    token: str
+    """The generation of the table the row belongs to, which its event id carries."""
     seq: int
     draft: Draft
 
 
 class Page(NamedTuple):
-    """What one read of the table found: which table it is, and rows in id order."""
+    """What one read of the table found: its generation now, and rows in id order."""
 
-    oid: int
-    """The table's oid: it changes when the table is dropped and created again."""
     token: str | None
-    """The token in its comment; `None` when it has none (someone removed it)."""
+    """The token of the row with the highest id; `None` when the table is empty."""
     rows: list[Row]
 
 
 class Newest(NamedTuple):
-    """The newest row of a table when it was looked at: where reading after it begins."""
+    """The row with the highest id when the table was looked at: reading begins after it."""
 
-    oid: int
     token: str | None
-    """The table's token; `None` when it has none (someone removed it)."""
+    """Its token; `None` for an empty table."""
     id: int
     """Its id; 0 for an empty table."""
     seq: int
     """Its number; 0 for an empty table."""
+
+
+class _Resolved(NamedTuple):
+    """What the table's schema-qualified name gives: the same for every spelling of it."""
+
+    lock_key: int
+    """The key of the publishers' advisory lock."""
+    channel: str
+    """The NOTIFY channel: each publish sends its id there, never its payload."""
 
 
 class Table:
@@ -93,75 +107,72 @@ class Table:
                 f"at most {_MAX_NAME} characters, got {name!r}"
             )
         self.name = name
-        self.channel: Final = "ssecast:" + name
-        """The NOTIFY channel: each publish sends its id there, never its payload."""
         self._maxlen = maxlen
         # Trimming runs on every step-th publish and deletes a range of old ids by the
         # primary key: about maxlen rows stay (up to step - 1 more), with no full scan.
         self._step = max(1, min(100, maxlen // 10))
         parts = name.split(".")
         self._regclass = ".".join(f'"{part}"' for part in parts)
-        # The publishers' lock is keyed on the schema-qualified name, resolved on first
-        # use: backends that spell the table differently (`x`, `public.x`) share it.
-        self._lock_key: int | None = None
+        # The lock key and the channel come from the schema-qualified name, resolved on
+        # first use: backends that spell the table differently (`x`, `public.x`, or `x`
+        # under another search_path) take the same lock and hear each other.
+        self._resolved: _Resolved | None = None
         table = sql.Identifier(*parts)
         self._create = sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} ("
-            " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, token text NOT NULL,"
             " seq bigint NOT NULL, type text NOT NULL, channel text NOT NULL,"
             " data bytea NOT NULL, body bytea NOT NULL)"
         ).format(table)
-        self._ident = table
-        # The newest row's seq, read after the lock is taken (a statement of its own, so
-        # its snapshot sees every earlier publish), plus one.
+        # Two statements sent as one query, so a publish is one round trip and runs as
+        # one transaction. The highest row's token and seq are read after the lock is
+        # taken (by a statement of their own, whose snapshot sees every earlier publish).
+        # SQL has no RAISE: dividing by zero aborts the transaction, lock and row, when
+        # the identity handed out an id not above the highest row's (it was set back).
         self._insert = sql.SQL(
-            "WITH last AS (SELECT seq FROM {table} ORDER BY id DESC LIMIT 1),"
-            " new AS (INSERT INTO {table} (seq, type, channel, data, body)"
-            "  SELECT coalesce((SELECT seq FROM last), 0) + 1, %s, %s, %s, %s"
-            "  RETURNING id, seq),"
+            "SELECT pg_advisory_xact_lock(%s);"
+            " WITH last AS (SELECT id, token, seq FROM {table} ORDER BY id DESC LIMIT 1),"
+            " new AS (INSERT INTO {table} (token, seq, type, channel, data, body)"
+            "  SELECT coalesce((SELECT token FROM last), %s),"
+            "   coalesce((SELECT seq FROM last), 0) + 1, %s, %s, %s, %s"
+            "  RETURNING id, token, seq),"
             " trimmed AS (DELETE FROM {table}"
             "  WHERE id <= (SELECT id FROM new) - %s AND (SELECT seq FROM new) %% %s = 0)"
-            " SELECT new.id, obj_description(%s::regclass, 'pg_class'),"
-            "  pg_notify(%s, new.id::text)::text"
+            " SELECT new.id, new.token, pg_notify(%s, new.id::text)::text,"
+            "  1 / (new.id > coalesce((SELECT id FROM last), 0))::int"
             " FROM new"
         ).format(table=table)
         self._read = sql.SQL(
-            "WITH meta AS (SELECT %s::regclass::oid AS oid,"
-            "  obj_description(%s::regclass, 'pg_class') AS comment)"
-            " SELECT meta.oid, meta.comment, e.id, e.seq, e.type, e.channel, e.data, e.body"
-            " FROM meta LEFT JOIN LATERAL (SELECT * FROM {} WHERE id >= %s AND id <= %s"
+            "SELECT newest.token, e.id, e.token, e.seq, e.type, e.channel, e.data, e.body"
+            " FROM (SELECT (SELECT token FROM {table} ORDER BY id DESC LIMIT 1) AS token) newest"
+            " LEFT JOIN LATERAL (SELECT * FROM {table} WHERE id >= %s AND id <= %s"
             "  ORDER BY id LIMIT %s) e ON true ORDER BY e.id"
-        ).format(table)
-        self._newest = sql.SQL(
-            "SELECT %s::regclass::oid, obj_description(%s::regclass, 'pg_class'),"
-            " (SELECT id FROM {table} ORDER BY id DESC LIMIT 1),"
-            " (SELECT seq FROM {table} ORDER BY id DESC LIMIT 1)"
         ).format(table=table)
-        self._listen = sql.SQL("LISTEN {}").format(sql.Identifier(self.channel))
+        self._newest = sql.SQL("SELECT token, id, seq FROM {} ORDER BY id DESC LIMIT 1").format(
+            table
+        )
+        self._catch_up = sql.SQL(
+            "SELECT setval(pg_get_serial_sequence(%s, 'id'), max(id)) FROM {}"
+        ).format(table)
 
     # -- statements --------------------------------------------------------------------
 
-    def ensure(self, conn: Connection[TupleRow]) -> str:
-        """Create the table if it is missing, give it a token if it has none; return it.
+    def ensure(self, conn: Connection[TupleRow]) -> None:
+        """Create the table if it is missing; check that an existing one is ssecast's.
 
         Run under the publishers' lock, so that processes starting at once agree.
 
-        :raises BackendUnavailableError: the table exists without a token and lacks a
-            column of ssecast's: it is not ssecast's, and is left as it is.
+        :raises BackendUnavailableError: the table lacks a column of ssecast's: it is not
+            ssecast's, and is left as it is.
         :raises psycopg.Error: the database refused or could not be reached.
         """
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._key(conn),))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._names(conn).lock_key,))
             # CREATE TABLE IF NOT EXISTS would need CREATE on the schema even when the
             # table exists, which a user who may only write it lacks.
             if self._value(conn, "SELECT to_regclass(%s)") is None:
                 conn.execute(self._create)
-            found = self._token(
-                self._value(conn, "SELECT obj_description(%s::regclass, 'pg_class')")
-            )
-            if found is not None:
-                return found
-            # Another's table, which a comment must not overwrite: leave it as it is.
+                return
             columns = self._value(
                 conn,
                 "SELECT array_agg(attname::text) FROM pg_attribute"
@@ -173,81 +184,84 @@ class Table:
                     f"the table {self.name} is not ssecast's: it has no column "
                     f"{', '.join(missing)}; nothing was written to it (choose another table)"
                 )
-            token = secrets.token_hex(6)
-            comment = sql.Literal(_COMMENT_PREFIX + token)
-            conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(self._ident, comment))
-            return token
 
     def insert(self, conn: Connection[TupleRow], draft: Draft) -> Event:
         """Append `draft` in one transaction and notify its id; return its event.
 
-        The lock, the row, the trimming and the notification are sent at once (a
-        pipeline), so a publish costs one round trip and the commit.
-
-        :raises NoTokenError: the table has no token; nothing was written.
-        :raises psycopg.Error: the database refused (a missing table is `UndefinedTable`).
+        :raises IdsBehindError: the identity gave an id not above the highest row's;
+            nothing was written.
+        :raises psycopg.Error: the database refused (a missing table is `UndefinedTable`,
+            an id given twice `UniqueViolation`).
         """
-        key = self._key(conn)
-        with conn.pipeline(), conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-            cursor = conn.execute(
+        names = self._names(conn)
+        # Parameters bound on the client: the server takes several statements in one
+        # query only without bound parameters.
+        cursor = ClientCursor(conn)
+        try:
+            cursor.execute(
                 self._insert,
                 (
+                    names.lock_key,
+                    secrets.token_hex(6),  # a new generation's, if the table is empty
                     draft.type,
                     draft.channel,
                     draft.data.encode(),
                     draft.body,
                     self._maxlen,
                     self._step,
-                    self._regclass,
-                    self.channel,
+                    names.channel,
                 ),
             )
-            row = cursor.fetchone()
-            assert row is not None  # an INSERT ... RETURNING of one row
-            token = self._token(row[1])
-            if token is None:
-                # Rolled back: the caller gives the table a token and tries again.
-                raise NoTokenError
-        return draft.stamp(format_id(token, row[0]))
+        except errors.DivisionByZero:
+            raise IdsBehindError(self.name) from None
+        cursor.nextset()  # past the lock's result
+        row = cursor.fetchone()
+        assert row is not None  # an INSERT ... RETURNING of one row
+        return draft.stamp(format_id(row[1], row[0]))
+
+    def catch_up(self, conn: Connection[TupleRow]) -> None:
+        """Move the id sequence to the highest row's id: it was set back under the rows.
+
+        :raises psycopg.Error: the database refused (`setval` wants `UPDATE` on the
+            sequence), or could not be reached.
+        """
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._names(conn).lock_key,))
+            conn.execute(self._catch_up, (self._regclass,))
 
     def read(self, conn: Connection[TupleRow], first: int, last: int, limit: int) -> Page:
         """Return the rows with ids from `first` to `last`, at most `limit` of them.
 
         :raises psycopg.Error: the database refused (a missing table is `UndefinedTable`).
         """
-        cursor = conn.execute(self._read, (self._regclass, self._regclass, first, last, limit))
-        found = cursor.fetchall()
-        oid, comment = found[0][0], found[0][1]
+        found = conn.execute(self._read, (first, last, limit)).fetchall()
         rows = [
-            Row(row[2], row[3], Draft(row[4], row[5], bytes(row[6]).decode(), bytes(row[7])))
-            for row in found
-            if row[2] is not None  # the table holds none of those ids
+            Row(r[1], r[2], r[3], Draft(r[4], r[5], bytes(r[6]).decode(), bytes(r[7])))
+            for r in found
+            if r[1] is not None  # the table holds none of those ids
         ]
-        return Page(oid, self._token(comment), rows)
+        return Page(found[0][0], rows)
 
     def newest(self, conn: Connection[TupleRow]) -> Newest:
-        """Return the newest row now.
+        """Return the row with the highest id now.
 
         :raises psycopg.Error: the database refused (a missing table is `UndefinedTable`).
         """
-        cursor = conn.execute(self._newest, (self._regclass, self._regclass))
-        found = cursor.fetchone()
-        assert found is not None  # a SELECT without FROM gives one row
-        return Newest(found[0], self._token(found[1]), found[2] or 0, found[3] or 0)
+        found = conn.execute(self._newest).fetchone()
+        return Newest(None, 0, 0) if found is None else Newest(*found)
 
     def listen(self, conn: Connection[TupleRow]) -> None:
         """Have `conn` receive the notifications of publishes (it must be in autocommit)."""
-        conn.execute(self._listen)
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._names(conn).channel)))
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _key(self, conn: Connection[TupleRow]) -> int:
-        """Return the publishers' lock key: a hash of the table's schema-qualified name.
+    def _names(self, conn: Connection[TupleRow]) -> _Resolved:
+        """Return the lock key and channel, from the table's schema-qualified name.
 
         The name is the table's if it exists, else the one `CREATE TABLE` would give it.
         """
-        if self._lock_key is None:
+        if self._resolved is None:
             cursor = conn.execute(
                 "SELECT coalesce("
                 " (SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
@@ -258,12 +272,12 @@ class Table:
             )
             found = cursor.fetchone()
             assert found is not None  # a SELECT without FROM gives one row
-            self._lock_key = int.from_bytes(
-                hashlib.blake2b(f"ssecast {found[0]}".encode(), digest_size=8).digest(),
-                "big",
-                signed=True,
+            digest = hashlib.blake2b(f"ssecast {found[0]}".encode(), digest_size=8).digest()
+            # A channel name is at most 63 bytes, which a schema-qualified name may pass.
+            self._resolved = _Resolved(
+                int.from_bytes(digest, "big", signed=True), "ssecast:" + digest.hex()
             )
-        return self._lock_key
+        return self._resolved
 
     def _value(self, conn: Connection[TupleRow], query: LiteralString) -> object:
         """Return the one value `query` gives for this table's name."""
@@ -272,20 +286,23 @@ class Table:
         assert found is not None  # a SELECT without FROM gives one row
         return found[0]
 
-    @staticmethod
-    def _token(comment: object) -> str | None:
-        if not isinstance(comment, str) or not comment.startswith(_COMMENT_PREFIX):
-            return None
-        token = comment.removeprefix(_COMMENT_PREFIX)
-        return token if _TOKEN.fullmatch(token) else None
 
+class IdsBehindError(BackendUnavailableError):
+    """The identity gave an id not above the table's highest: it was set back under its rows.
 
-class NoTokenError(Exception):
-    """The table has lost its token (its comment): what was written was rolled back."""
+    The publish that raises it is rolled back; the caller catches up and tries again once.
+    """
+
+    def __init__(self, table: str) -> None:
+        super().__init__(
+            f"the identity of the table {table} was set back below its newest row; nothing "
+            "was published (move it past the rows: ALTER TABLE ... ALTER COLUMN id RESTART "
+            "WITH <the highest id plus one>)"
+        )
 
 
 def format_id(token: str, number: int) -> str:
-    """Return the event id of row `number` in the table whose token is `token`."""
+    """Return the event id of row `number` of the generation `token`."""
     return f"{token}-{number}"
 
 

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from ssecast import _fork
+from ssecast._availability import Availability
 from ssecast._exceptions import BackendUnavailableError
 from ssecast._redis_entries import PUBLISH_SCRIPT
 
@@ -34,7 +35,7 @@ _PROTOCOL: Final = 2
 
 
 @contextlib.contextmanager
-def unavailable(doing: str) -> Iterator[None]:
+def unavailable(doing: str, availability: Availability) -> Iterator[None]:
     """Raise [`BackendUnavailableError`][ssecast.BackendUnavailableError] for a Redis error inside.
 
     Unreachable, timed out, or refused (READONLY after a failover, OOM, NOPERM, a key of
@@ -42,15 +43,19 @@ def unavailable(doing: str) -> Iterator[None]:
     message names no host or password; the Redis error's own text is kept.
 
     :param doing: what failed, such as `"could not publish"`.
+    :param availability: told whether the commands inside reached Redis.
     """
     try:
         yield
     except RedisError as error:
-        raise BackendUnavailableError(
+        failure = BackendUnavailableError(
             f"{doing}: Redis is unreachable, did not answer, or refused the command "
             f"({type(error).__name__}: {error}); check that it runs, that the URL is right "
             "and that it accepts writes"
-        ) from error
+        )
+        availability.failed(failure)
+        raise failure from error
+    availability.succeeded()
 
 
 class Connections:
@@ -63,6 +68,8 @@ class Connections:
     def __init__(self, url: str, client_name: str) -> None:
         self._url = url
         self._client_name = client_name
+        # Whether the last command reached Redis; every command runs in `unavailable`.
+        self.availability = Availability(f"Redis (client name {client_name})")
         # A leaf lock (see the table in _broadcaster.py): whether it is closed, and how
         # many commands run on the shared client. Never held while redis-py runs.
         self._lock = threading.Lock()

@@ -22,7 +22,8 @@ follow the old ones, and skips every entry up to its old cursor: those it delive
 before, or ones of a new stream whose clock is behind, which come before the gap.
 
 It reconnects with exponential backoff (0.05 s doubling to 2 s, with jitter) and resumes
-after the last id it read, so that subscribers stay connected throughout an outage.
+after the last id it read, so that subscribers stay connected throughout an outage. The
+outage itself is logged once, by the backend's `Availability`; its attempts only at DEBUG.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Final, NamedTuple, cast
 import redis
 from redis.exceptions import ResponseError
 
+from ssecast._availability import Availability
 from ssecast._backend import Deliver, ReportGap
 from ssecast._exceptions import BackendUnavailableError, BroadcasterClosedError
 from ssecast._redis_connections import unavailable
@@ -73,6 +75,7 @@ class Reader:
     :param client: a client of its own, with one connection, which `stop` shuts.
     :param key: the stream.
     :param start: where to begin (see `locate`).
+    :param availability: told whether its reads reach Redis.
     """
 
     def __init__(
@@ -83,8 +86,10 @@ class Reader:
         deliver: Deliver,
         report_gap: ReportGap,
         start: Position,
+        availability: Availability,
     ) -> None:
         self._client = client
+        self._availability = availability
         self._key = key
         self._deliver = deliver
         self._report_gap = report_gap
@@ -131,13 +136,13 @@ class Reader:
             try:
                 if failures:
                     self._reconnected()
-                    logger.warning(
+                    logger.debug(
                         "Redis reader of %s reconnected after %d failed attempts",
                         self._key,
                         failures,
                     )
                     failures = 0
-                with unavailable("could not read events"):
+                with unavailable("could not read events", self._availability):
                     reply = self._client.xread(
                         {self._key: self._position.cursor},
                         count=_READ_BATCH,
@@ -192,7 +197,7 @@ class Reader:
     def _reconnected(self) -> None:
         """After a lost connection: note a gap if events may have been lost meanwhile."""
         cursor, seq, run_id = self._position
-        with unavailable("could not resume reading events"):
+        with unavailable("could not resume reading events", self._availability):
             now = _run_id(self._client)
             restarted = run_id is not None and now is not None and now != run_id
             gone = cursor != STREAM_START and not self._client.xrange(
@@ -218,14 +223,14 @@ class Reader:
         self._gap_pending = self._gap_pending or restarted or gone
 
     def _log_failure(self, error: Exception, failures: int) -> None:
-        if failures > 1:
-            logger.debug("Redis reader of %s: attempt %d failed: %s", self._key, failures, error)
-        elif isinstance(error, BackendUnavailableError) and isinstance(
-            error.__cause__, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
-        ):
-            logger.warning(
-                "Redis reader of %s lost its connection (%s); reconnecting", self._key, error
+        # A lost connection was logged already, as the backend's outage.
+        if failures > 1 or (
+            isinstance(error, BackendUnavailableError)
+            and isinstance(
+                error.__cause__, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
             )
+        ):
+            logger.debug("Redis reader of %s: attempt %d failed: %s", self._key, failures, error)
         else:  # refused (WRONGTYPE, NOPERM), or a bug: worth a traceback
             logger.exception("Redis reader of %s failed; retrying", self._key)
 

@@ -74,6 +74,8 @@ from typing import Any, TypeAlias
 from ssecast._broadcaster import Broadcaster
 from ssecast._event import check_field
 from ssecast._exceptions import (
+    BackendUnavailableError,
+    BroadcasterClosedError,
     ConfigurationError,
     InvalidFieldError,
 )
@@ -84,11 +86,12 @@ from ssecast._http import (
     UNAVAILABLE,
     refusal,
     resume_id,
+    unavailable_reason,
 )
 from ssecast._pump import Pump
 from ssecast._subscription import Subscription
 
-__all__ = ["EventStream", "close_on_signal"]
+__all__ = ["EventStream", "HealthCheck", "close_on_signal"]
 
 # ASGI's types, written here as Starlette's types.py writes them, so that no framework
 # is needed.
@@ -244,6 +247,39 @@ class EventStream:
             listener.cancel()
 
 
+class HealthCheck:
+    """An ASGI application that answers whether a broadcaster can serve: a readiness probe.
+
+    A GET runs [`Broadcaster.acheck`][ssecast.Broadcaster.acheck] off the event loop and
+    answers `200` with `ok`, or `503` with a short reason and `Retry-After` when the
+    backend is unreachable or the broadcaster closed; the reason names no host nor
+    credentials. Other methods get `405`.
+
+    :param broadcaster: the broadcaster to check.
+    """
+
+    def __init__(self, broadcaster: Broadcaster) -> None:
+        self._broadcaster = broadcaster
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one HTTP request.
+
+        :raises ValueError: the connection is not HTTP (a lifespan, a websocket).
+        """
+        if scope["type"] != "http":
+            raise ValueError(f"HealthCheck serves HTTP, not ASGI {scope['type']!r} connections")
+        if scope["method"] != _ALLOWED_METHOD:
+            await _refuse(send, 405, "method not allowed; use GET", ("allow", _ALLOWED_METHOD))
+            return
+        try:
+            await self._broadcaster.acheck()
+        except (BackendUnavailableError, BroadcasterClosedError) as error:
+            reason = unavailable_reason(error)
+            await _refuse(send, 503, reason, ("retry-after", str(RETRY_AFTER_SECONDS)))
+            return
+        await _refuse(send, 200, "ok")
+
+
 def _picked(channels: Sequence[str]) -> tuple[str, ...]:
     """Check what a channels callable returned."""
     if isinstance(channels, str):
@@ -276,6 +312,7 @@ async def _close_on_disconnect(receive: Receive, sub: Subscription) -> None:
 
 
 async def _refuse(send: Send, status: int, reason: str, *extra: tuple[str, str]) -> None:
+    """Answer with `reason` as a short text (a refusal, or a health check's `ok`)."""
     body = f"{reason}\n".encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),

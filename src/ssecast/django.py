@@ -34,6 +34,8 @@ except ModuleNotFoundError as error:  # pragma: no cover - tested in a subproces
 
 from ssecast._broadcaster import Broadcaster
 from ssecast._exceptions import (
+    BackendUnavailableError,
+    BroadcasterClosedError,
     InvalidFieldError,
 )
 from ssecast._http import (
@@ -43,12 +45,19 @@ from ssecast._http import (
     UNAVAILABLE,
     refusal,
     resume_id,
+    unavailable_reason,
 )
 from ssecast._subscription import Subscription
 from ssecast._wsgi import WSGIStream, close_on_sigterm
 from ssecast.asgi import Receive, Scope, Send, close_on_signal
 
-__all__ = ["EventStreamView", "close_on_sigterm", "get_asgi_application", "stream"]
+__all__ = [
+    "EventStreamView",
+    "close_on_sigterm",
+    "get_asgi_application",
+    "health",
+    "stream",
+]
 
 
 def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> HttpResponseBase:
@@ -91,6 +100,33 @@ def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> Ht
     else:
         body = WSGIStream(subscription, request.META)
     return _with_stream_headers(StreamingHttpResponse(body))
+
+
+def health(request: HttpRequest, broadcaster: Broadcaster) -> HttpResponse:
+    """Return a health check's response: whether `broadcaster` can serve now.
+
+    `200` with `ok`, or `503` with a short reason and `Retry-After` when its backend is
+    unreachable or it was closed; the reason names no host nor credentials. It runs
+    [`Broadcaster.check`][ssecast.Broadcaster.check], which asks the backend's store and
+    takes a few seconds at most, so call it from a plain (sync) view: under ASGI, Django
+    runs that in a thread.
+
+    ```python
+    path("health/", lambda request: ssecast.django.health(request, broadcaster))
+    ```
+
+    :param request: the request being answered.
+    :param broadcaster: the broadcaster to check.
+    """
+    try:
+        broadcaster.check()
+    except (BackendUnavailableError, BroadcasterClosedError) as error:
+        refused = HttpResponse(
+            unavailable_reason(error) + "\n", status=503, content_type="text/plain; charset=utf-8"
+        )
+        refused["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return refused
+    return HttpResponse("ok\n", content_type="text/plain; charset=utf-8")
 
 
 def _with_stream_headers(response: HttpResponseBase) -> HttpResponseBase:

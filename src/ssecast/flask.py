@@ -31,6 +31,8 @@ from werkzeug.exceptions import BadRequest, ServiceUnavailable
 
 from ssecast._broadcaster import Broadcaster
 from ssecast._exceptions import (
+    BackendUnavailableError,
+    BroadcasterClosedError,
     InvalidFieldError,
 )
 from ssecast._http import (
@@ -39,10 +41,11 @@ from ssecast._http import (
     UNAVAILABLE,
     refusal,
     resume_id,
+    unavailable_reason,
 )
 from ssecast._wsgi import WSGIStream, close_on_sigterm
 
-__all__ = ["close_on_sigterm", "stream"]
+__all__ = ["close_on_sigterm", "health", "stream"]
 
 
 def stream(broadcaster: Broadcaster, *channels: str) -> flask.Response:
@@ -78,3 +81,29 @@ def stream(broadcaster: Broadcaster, *channels: str) -> flask.Response:
             return flask.Response(refused.stream, headers=STREAM_HEADERS)
         raise ServiceUnavailable(refused.reason, retry_after=RETRY_AFTER_SECONDS) from error
     return flask.Response(WSGIStream(subscription, request.environ), headers=STREAM_HEADERS)
+
+
+def health(broadcaster: Broadcaster) -> flask.Response:
+    """Return a health check's response: whether `broadcaster` can serve now.
+
+    `200` with `ok`, or `503` with a short reason and `Retry-After` when its backend is
+    unreachable or it was closed; the reason names no host nor credentials. It runs
+    [`Broadcaster.check`][ssecast.Broadcaster.check], which asks the backend's store and
+    takes a few seconds at most:
+
+    ```python
+    app.add_url_rule("/health", view_func=lambda: ssecast.flask.health(broadcaster))
+    ```
+
+    :param broadcaster: the broadcaster to check.
+    """
+    try:
+        broadcaster.check()
+    except (BackendUnavailableError, BroadcasterClosedError) as error:
+        return flask.Response(
+            unavailable_reason(error) + "\n",
+            status=503,
+            mimetype="text/plain",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    return flask.Response("ok\n", mimetype="text/plain")

@@ -14,7 +14,8 @@ Every backend with the same database and `table` shares the events in that table
   last one it delivered whenever a notification comes, and delivers them in id order.
   A process therefore holds one listening connection however many SSE clients it serves.
 - `replay` reads a range of ids by the primary key, and checks that no row of it was
-  trimmed (its numbering) and that the id is this table's (its token).
+  trimmed (its numbering) and that the client's id is of the table's generation now (its
+  token: a table emptied, with its ids restarted or not, begins a new one).
 
 Faults
 ------
@@ -24,8 +25,9 @@ Faults
   back, except once after creating a missing table. When the connection is lost during
   the commit, the event may still have been published.
 - The listener reconnects with backoff and reads what was published meanwhile from the
-  table; where rows were trimmed before it read them, or the table was replaced, every
-  subscriber of the process gets an `ssecast.gap` event: never a silent hole.
+  table; where rows were trimmed before it read them, or the table was emptied (a new
+  generation), every subscriber of the process gets an `ssecast.gap` event: never a
+  silent hole.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ssecast._postgres_connections import Connection, Connections, unavailable
 from ssecast._postgres_reader import Reader
-from ssecast._postgres_table import Newest, NoTokenError, Table, format_id, parse_id
+from ssecast._postgres_table import IdsBehindError, Newest, Table, format_id, parse_id
 
 __all__ = ["PostgresBackend"]
 
@@ -190,7 +192,7 @@ class PostgresBackend:
                 )
             self._listening = True
         try:
-            with unavailable("could not start listening"):
+            with unavailable("could not start listening", self._connections.availability):
                 conn = self._connections.connect()
                 try:
                     self._table.ensure(conn)
@@ -209,6 +211,7 @@ class PostgresBackend:
                         deliver=deliver,
                         report_gap=report_gap,
                         start=start,
+                        availability=self._connections.availability,
                     )
                     self._origin = start
             if closed:
@@ -228,11 +231,16 @@ class PostgresBackend:
         :param draft: the validated, encoded event.
         :raises BackendUnavailableError: PostgreSQL could not be reached or refused.
         """
-        with self._connections.borrow() as conn, unavailable("could not publish"):
+        with (
+            self._connections.borrow() as conn,
+            unavailable("could not publish", self._connections.availability),
+        ):
             try:
                 return self._table.insert(conn, draft)
-            except (psycopg.errors.UndefinedTable, NoTokenError):
+            except psycopg.errors.UndefinedTable:
                 self._table.ensure(conn)  # the first publish ever, or the table was dropped
+            except (IdsBehindError, psycopg.errors.UniqueViolation):
+                self._table.catch_up(conn)  # its identity was set back under its rows
             return self._table.insert(conn, draft)
 
     async def apublish(self, draft: Draft) -> Event:
@@ -255,9 +263,10 @@ class PostgresBackend:
             newest row when `listen` ran.
         :param channels: the channels to keep.
         :returns: an [`Ahead`][ssecast.Ahead] when `after` is in the table but newer
-            than `until`; `None` when it is not an id of this table (malformed, from
-            another table or database), is not in it (trimmed), or events after it may
-            be lost (a number missing in `seq`).
+            than `until`; `None` when it is not an id of this table's generation
+            (malformed, from another table or database, or from before the table was
+            emptied), is not in it (trimmed), or events after it may be lost (a number
+            missing in `seq`).
         :raises BackendUnavailableError: PostgreSQL could not be reached or refused.
         """
         wanted = parse_id(after)
@@ -266,17 +275,21 @@ class PostgresBackend:
         token, first = wanted
         if until is None:
             origin = self._origin
-            end = origin.id if origin is not None and origin.token == token else None
+            # An origin in an empty table (no token) comes before its rows, whatever theirs.
+            end = origin.id if origin is not None and origin.token in (None, token) else None
         else:
             known = parse_id(until)
             end = known[1] if known is not None and known[0] == token else None
         if end is None:
             return None  # the client's id is of another table than this process's
-        with self._connections.borrow() as conn, unavailable("could not read history"):
+        with (
+            self._connections.borrow() as conn,
+            unavailable("could not read history", self._connections.availability),
+        ):
             if first <= end:
                 return self._range(conn, token, first, end, channels)
             page = self._table.read(conn, first, first, 1)
-        if page.token != token or not page.rows:
+        if not page.rows or page.rows[0].token != token:
             return None  # never published, or lost: a gap
         # The client saw it through a faster process; this one has yet to deliver it.
         return Ahead(lambda event_id: _follows(event_id, token, first))
@@ -288,10 +301,12 @@ class PostgresBackend:
         events: list[Event] = []
         cursor = first
         while True:
-            # Each page begins with its cursor's row: if it is still there, no row after
-            # it was trimmed before the page was read.
+            # Each page begins with its cursor's row: if it is still there, of the client's
+            # generation, no row after it was trimmed before the page was read, and the
+            # page's rows are of that generation (a table holds one at a time).
             page = self._table.read(conn, cursor, end, _REPLAY_PAGE)
-            if page.token != token or not page.rows or page.rows[0].id != cursor:
+            first_row = page.rows[0] if page.rows else None
+            if first_row is None or first_row.id != cursor or first_row.token != token:
                 return None
             seq = page.rows[0].seq
             for row in page.rows[1:]:
@@ -304,6 +319,28 @@ class PostgresBackend:
                 return events
             cursor = page.rows[-1].id
 
+    # -- health ------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Run `SELECT 1` on a new connection; return when PostgreSQL answers.
+
+        A new connection, rather than a pooled one: its connect timeout (2 seconds)
+        bounds the whole check even when the server accepts connections and never
+        answers, which no statement timeout would.
+
+        :raises BackendUnavailableError: PostgreSQL could not be reached or did not answer.
+        """
+        with (
+            unavailable("the health check failed", self._connections.availability),
+            self._connections.connect() as conn,
+        ):
+            conn.execute("SELECT 1")
+
+    @property
+    def available(self) -> bool:
+        """Whether the last statement reached PostgreSQL (`True` before the first); no I/O."""
+        return self._connections.availability.up
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
@@ -312,6 +349,7 @@ class PostgresBackend:
         It may wait a few seconds for a statement in flight; `aclose` waits in a worker
         thread.
         """
+        self._connections.availability.close()  # what fails as it closes is no outage
         with self._lock:
             self._closed = True
             reader, self._reader = self._reader, None

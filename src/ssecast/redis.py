@@ -178,7 +178,7 @@ class RedisBackend:
             self._listening = True
             client = self._connecting = self._connections.client(max_connections=1)
         try:
-            with unavailable("could not start reading events"):
+            with unavailable("could not start reading events", self._connections.availability):
                 start = locate(client, self.key)
             reader = Reader(
                 client,
@@ -186,6 +186,7 @@ class RedisBackend:
                 deliver=deliver,
                 report_gap=report_gap,
                 start=start,
+                availability=self._connections.availability,
             )
             with self._lock:
                 if self._closed:
@@ -209,7 +210,10 @@ class RedisBackend:
         :param draft: the validated, encoded event.
         :raises BackendUnavailableError: Redis could not be reached or did not answer.
         """
-        with self._connections.shared() as (client, script), unavailable("could not publish"):
+        with (
+            self._connections.shared() as (client, script),
+            unavailable("could not publish", self._connections.availability),
+        ):
             stream_id = script(
                 keys=[self.key], args=publish_args(self._maxlen, draft), client=client
             )
@@ -244,7 +248,10 @@ class RedisBackend:
         if start is None:
             return None
         end = self._origin if until is None else until
-        with self._connections.shared() as (client, _), unavailable("could not read history"):
+        with (
+            self._connections.shared() as (client, _),
+            unavailable("could not read history", self._connections.availability),
+        ):
             if start <= (parse_id(end) or start):
                 return self._range(client, after, end, channels)
             if not client.xrange(self.key, after, after, count=1):
@@ -277,6 +284,26 @@ class RedisBackend:
                 return events
             cursor = raws[-1][0].decode()
 
+    # -- health ----------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Ping Redis; return when it answers.
+
+        It waits 2 seconds at most to connect and 5 for the answer.
+
+        :raises BackendUnavailableError: Redis could not be reached or did not answer.
+        """
+        with (
+            self._connections.shared() as (client, _),
+            unavailable("the health check failed", self._connections.availability),
+        ):
+            client.ping()
+
+    @property
+    def available(self) -> bool:
+        """Whether the last command reached Redis (`True` before the first); no I/O."""
+        return self._connections.availability.up
+
     # -- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:
@@ -285,6 +312,7 @@ class RedisBackend:
         It may wait a few seconds for a command in flight;
         [`aclose`][ssecast.redis.RedisBackend.aclose] waits in a worker thread.
         """
+        self._connections.availability.close()  # before the reader's connection is cut
         with self._lock:
             self._closed = True
             reader, self._reader = self._reader, None
