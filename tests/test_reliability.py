@@ -339,8 +339,11 @@ LIMIT = 50
 
 
 async def connect_and_hold(port: int) -> tuple[int, str | None, asyncio.StreamWriter]:
-    """Open a stream; return its status, its Retry-After and the open writer."""
-    _, writer, response = await open_stream(port, "/events?channel=limit")
+    """Open a stream; return its status, its Retry-After and the open writer.
+
+    Not as an EventSource, which would be refused with a 200 that asks it to retry.
+    """
+    _, writer, response = await open_stream(port, "/events?channel=limit", {"Accept": "*/*"})
     return response.status, response.headers.get("retry-after"), writer
 
 

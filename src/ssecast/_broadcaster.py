@@ -31,10 +31,11 @@ order  lock (module)                           guards
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import NamedTuple, Self, cast
 
@@ -43,6 +44,7 @@ from ssecast._backend import Ahead, Backend, MemoryBackend
 from ssecast._encoder import GAP_EVENT_TYPE, Encoder, Payload, Serializer
 from ssecast._event import Draft, Event, check_field
 from ssecast._exceptions import (
+    REFUSED_FOR_NOW,
     BackendUnavailableError,
     BroadcasterClosedError,
     ConfigurationError,
@@ -87,7 +89,12 @@ class Stats(NamedTuple):
     expired: int
     """Streams ended because their `lifetime` ran out."""
     refused: int
-    """Subscriptions refused for a while (a limit, a backend down, a shutdown)."""
+    """`subscribe` calls refused for a while: they raised
+    [`TooManySubscribersError`][ssecast.TooManySubscribersError],
+    [`BroadcasterClosedError`][ssecast.BroadcasterClosedError] or
+    [`BackendUnavailableError`][ssecast.BackendUnavailableError], which the adapters answer
+    so that the client comes back later. Those answers are not errors on the wire (an
+    `EventSource` gets a `200` that tells it to retry), so this counter is where they show."""
     backend_up: bool = True
     """Whether the backend's store answered its last call (always, for the memory backend)."""
 
@@ -332,12 +339,13 @@ class Broadcaster:
         :raises BackendUnavailableError: the backend is unreachable.
         """
         request = self._request(channels, last_event_id, queue_size)
-        self._listen()
-        begun = self._begin(request)
-        if isinstance(begun, Subscription):
-            return begun
-        older = self._backend.replay(begun.last_event_id, begun.newest, begun.channels)
-        return self._finish(begun, older)
+        with self._counting_refusals():
+            self._listen()
+            begun = self._begin(request)
+            if isinstance(begun, Subscription):
+                return begun
+            older = self._backend.replay(begun.last_event_id, begun.newest, begun.channels)
+            return self._finish(begun, older)
 
     async def asubscribe(
         self, *channels: str, last_event_id: str | None = None, queue_size: int | None = None
@@ -347,19 +355,30 @@ class Broadcaster:
         A backend's I/O does not block the running loop.
         """
         request = self._request(channels, last_event_id, queue_size)
-        if not self._listening:
-            await asyncio.to_thread(self._listen)
-        begun = self._begin(request)
-        if isinstance(begun, Subscription):
-            return begun
-        if type(self._backend) is MemoryBackend:
-            # It keeps no history of its own: no call, and no thread, for a stale id.
-            # (A subclass may keep some, so it is asked like any other backend.)
-            return self._finish(begun, None)
-        older = await asyncio.to_thread(
-            self._backend.replay, begun.last_event_id, begun.newest, begun.channels
-        )
-        return self._finish(begun, older)
+        with self._counting_refusals():
+            if not self._listening:
+                await asyncio.to_thread(self._listen)
+            begun = self._begin(request)
+            if isinstance(begun, Subscription):
+                return begun
+            if type(self._backend) is MemoryBackend:
+                # It keeps no history of its own: no call, and no thread, for a stale id.
+                # (A subclass may keep some, so it is asked like any other backend.)
+                return self._finish(begun, None)
+            older = await asyncio.to_thread(
+                self._backend.replay, begun.last_event_id, begun.newest, begun.channels
+            )
+            return self._finish(begun, older)
+
+    @contextlib.contextmanager
+    def _counting_refusals(self) -> Iterator[None]:
+        """Count a subscribe call that raised a refusal for a while, as `stats().refused`."""
+        try:
+            yield
+        except REFUSED_FOR_NOW:
+            with self._lock:
+                self._refused += 1
+            raise
 
     def _request(
         self, channels: tuple[str, ...], last_event_id: str | None, queue_size: int | None

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import random
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
+from ssecast import _wire
+from ssecast._encoder import UNAVAILABLE_EVENT_TYPE
 from ssecast._exceptions import (
+    REFUSED_FOR_NOW,
     BackendUnavailableError,
     BroadcasterClosedError,
     SsecastError,
@@ -18,6 +23,8 @@ __all__ = [
     "RETRY_AFTER_SECONDS",
     "STREAM_HEADERS",
     "UNAVAILABLE",
+    "Refusal",
+    "refusal",
     "resume_id",
     "unavailable_reason",
 ]
@@ -33,14 +40,26 @@ STREAM_HEADERS: tuple[tuple[str, str], ...] = (
 # before the first event.
 OPENING = HEARTBEAT
 
-# What subscribe() raises when the client should come back later: a 503 with Retry-After.
-UNAVAILABLE = (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError)
+# What subscribe() raises when the client should come back later: see refusal().
+UNAVAILABLE = REFUSED_FOR_NOW
 
 CLOSED_REASON = "the broadcaster is closed (the server is stopping, or a lifespan closed it)"
 """What a 503 says when the broadcaster was closed, however subscribe() worded it."""
 
-# Seconds a client refused for lack of room (503) is asked to wait.
+# Seconds a client refused for a while (503) is asked to wait.
 RETRY_AFTER_SECONDS = 5
+
+# How long an EventSource refused for a while waits before it reconnects, by reason: the
+# reason's name (the event's data) and the least and most milliseconds. Never under a
+# second, so that refused clients cannot hammer a struggling server; drawn at random from a
+# window two to three times as wide as its start, so that they do not all come back at once
+# (after a restart, say). A closed broadcaster is mostly a restart or a deploy, over within
+# seconds; a backend or a full server may take longer.
+_RETRY_WINDOWS: tuple[tuple[type[SsecastError], str, int, int], ...] = (
+    (BroadcasterClosedError, "closed", 1000, 3000),
+    (BackendUnavailableError, "backend_unavailable", 2000, 6000),
+    (TooManySubscribersError, "too_many_subscribers", 2000, 6000),
+)
 
 # EventSource cannot set headers on its first request; this query parameter stands in.
 RESUME_QUERY_PARAMETER = "lastEventId"
@@ -67,3 +86,43 @@ def unavailable_reason(error: SsecastError) -> str:
     if isinstance(error, BroadcasterClosedError):
         return CLOSED_REASON
     return str(error)
+
+
+class Refusal(NamedTuple):
+    """How to answer a request that `subscribe()` refused for a while."""
+
+    status: int
+    """`200` for an `EventSource`, which then reconnects by itself; else `503`."""
+    reason: str
+    """The text of a `503`'s body; never the backend's address."""
+    stream: bytes
+    """For a `200`, the whole body: a `retry:` field and one `ssecast.unavailable` event."""
+
+
+def refusal(error: SsecastError, accept: str | None) -> Refusal:
+    """Decide how to turn a client away for a while, `error` being what subscribe() raised.
+
+    An `EventSource` (it sends `Accept: text/event-stream`) takes any status but 200 as
+    final and never reconnects, so it gets a stream that sets its reconnection delay, says
+    why in one `ssecast.unavailable` event, and ends: it comes back after the delay with its
+    `Last-Event-ID`. Other clients (curl, health checks, `fetch`) get a 503, which the
+    adapters send with `Retry-After`.
+
+    :param error: what subscribe() raised, one of `UNAVAILABLE`.
+    :param accept: the request's `Accept` header, if any.
+    """
+    reason = unavailable_reason(error)
+    if not _wants_event_stream(accept):
+        return Refusal(503, reason, b"")
+    name, least, most = next(
+        window[1:] for window in _RETRY_WINDOWS if isinstance(error, window[0])
+    )
+    data = b'{"reason":"%s"}' % name.encode()
+    event = _wire.encode_body(_wire.event_prefix(UNAVAILABLE_EVENT_TYPE), data)
+    return Refusal(200, reason, _wire.retry(random.randint(least, most)) + event)
+
+
+def _wants_event_stream(accept: str | None) -> bool:
+    """Whether `accept` names `text/event-stream`, as every `EventSource` request does."""
+    types = (part.split(";")[0].strip().lower() for part in (accept or "").split(","))
+    return "text/event-stream" in types

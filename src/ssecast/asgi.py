@@ -84,6 +84,7 @@ from ssecast._http import (
     RETRY_AFTER_SECONDS,
     STREAM_HEADERS,
     UNAVAILABLE,
+    refusal,
     resume_id,
     unavailable_reason,
 )
@@ -137,9 +138,12 @@ class EventStream:
     Refusals are short `text/plain` answers: `405` (with `Allow`) for a method
     other than GET, `404` when the `channels` callable raises `LookupError`, `400`
     for an invalid channel name, `403` when `authorize` says no (nothing is
-    subscribed), and `503` with `Retry-After` when `max_subscribers` are open or
-    the broadcaster is closed or its backend is unavailable. Exceptions raised by
-    `channels` or `authorize` for other reasons propagate to the server as bugs.
+    subscribed). When `max_subscribers` are open, or the broadcaster is closed, or its
+    backend is unavailable, the refusal is for a while: an `EventSource` (a request with
+    `Accept: text/event-stream`) gets a `200` stream holding a `retry:` field and one
+    `ssecast.unavailable` event, which makes it reconnect after that delay; any other
+    client gets `503` with `Retry-After`. Exceptions raised by `channels` or
+    `authorize` for other reasons propagate to the server as bugs.
 
     :param broadcaster: where the events come from.
     :param channels: the channels every request receives, or a callable taking the ASGI
@@ -207,9 +211,14 @@ class EventStream:
                 return
         try:
             sub = await self._broadcaster.asubscribe(*channels, last_event_id=_resume_id(scope))
-        except UNAVAILABLE as e:
-            reason = unavailable_reason(e)
-            await _refuse(send, 503, reason, ("retry-after", str(RETRY_AFTER_SECONDS)))
+        except UNAVAILABLE as error:
+            refused = refusal(error, _header(scope, b"accept"))
+            if refused.stream:
+                await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+                await send({"type": "http.response.body", "body": refused.stream})
+            else:
+                retry_after = ("retry-after", str(RETRY_AFTER_SECONDS))
+                await _refuse(send, refused.status, refused.reason, retry_after)
             return
         await self._stream(sub, receive, send)
 
@@ -323,14 +332,16 @@ async def _lifespan(receive: Receive, send: Send) -> None:
     await send({"type": "lifespan.shutdown.complete"})
 
 
-def _resume_id(scope: Scope) -> str | None:
-    header = None
+def _header(scope: Scope, wanted: bytes) -> str | None:
     for name, value in scope["headers"]:
-        if name == _LAST_EVENT_ID:
-            header = value.decode("latin-1")
-            break
+        if name == wanted:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _resume_id(scope: Scope) -> str | None:
     query = scope.get("query_string", b"")
-    return resume_id(header, query.decode("latin-1") if query else "")
+    return resume_id(_header(scope, _LAST_EVENT_ID), query.decode("latin-1") if query else "")
 
 
 def _checked_channels(channels: Sequence[str]) -> tuple[str, ...]:

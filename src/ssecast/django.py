@@ -43,6 +43,7 @@ from ssecast._http import (
     RETRY_AFTER_SECONDS,
     STREAM_HEADERS,
     UNAVAILABLE,
+    refusal,
     resume_id,
     unavailable_reason,
 )
@@ -66,7 +67,9 @@ def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> Ht
     clients that cannot set headers, a `lastEventId` query parameter. Refusals come
     back as ordinary responses rather than exceptions: 400 for an invalid channel name,
     503 with `Retry-After` when the broadcaster is full (`max_subscribers`) or closed,
-    or its backend is unreachable.
+    or its backend is unreachable; but then an `EventSource` (`Accept:
+    text/event-stream`) gets a `200` stream instead, a `retry:` field and one
+    `ssecast.unavailable` event, so that it reconnects after that delay rather than give up.
 
     :param request: the request being answered; an `ASGIRequest` gets an async stream.
     :param broadcaster: where the events come from.
@@ -83,11 +86,14 @@ def stream(request: HttpRequest, broadcaster: Broadcaster, *channels: str) -> Ht
     except InvalidFieldError as error:
         return HttpResponseBadRequest(str(error), content_type="text/plain; charset=utf-8")
     except UNAVAILABLE as error:
-        refused = HttpResponse(
-            unavailable_reason(error), status=503, content_type="text/plain; charset=utf-8"
+        refused = refusal(error, request.headers.get("Accept"))
+        if refused.stream:
+            return _with_stream_headers(HttpResponse(refused.stream))
+        response = HttpResponse(
+            refused.reason, status=refused.status, content_type="text/plain; charset=utf-8"
         )
-        refused["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        return refused
+        response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
     body: _ASGIStream | WSGIStream
     if isinstance(request, ASGIRequest):
         body = _ASGIStream(subscription)

@@ -39,6 +39,7 @@ from ssecast._http import (
     RETRY_AFTER_SECONDS,
     STREAM_HEADERS,
     UNAVAILABLE,
+    refusal,
     resume_id,
     unavailable_reason,
 )
@@ -59,7 +60,9 @@ def stream(broadcaster: Broadcaster, *channels: str) -> flask.Response:
     :raises werkzeug.exceptions.BadRequest: a channel name is invalid (400).
     :raises werkzeug.exceptions.ServiceUnavailable: the broadcaster is full
         (`max_subscribers`) or closed, or its backend is unreachable (503, with
-        `Retry-After`).
+        `Retry-After`); but an `EventSource` (`Accept: text/event-stream`) gets a `200`
+        stream instead, a `retry:` field and one `ssecast.unavailable` event, so that it
+        reconnects after that delay rather than give up.
     """
     request = flask.request
     if request.method == "HEAD":
@@ -73,8 +76,10 @@ def stream(broadcaster: Broadcaster, *channels: str) -> flask.Response:
     except InvalidFieldError as error:
         raise BadRequest(str(error)) from error
     except UNAVAILABLE as error:
-        reason = unavailable_reason(error)
-        raise ServiceUnavailable(reason, retry_after=RETRY_AFTER_SECONDS) from error
+        refused = refusal(error, request.headers.get("Accept"))
+        if refused.stream:
+            return flask.Response(refused.stream, headers=STREAM_HEADERS)
+        raise ServiceUnavailable(refused.reason, retry_after=RETRY_AFTER_SECONDS) from error
     return flask.Response(WSGIStream(subscription, request.environ), headers=STREAM_HEADERS)
 
 

@@ -38,6 +38,12 @@ def events() -> ResponseReturnValue:
     return stream(broadcaster, *request.args.getlist("channel"))
 
 
+@app.get("/prices")
+def prices() -> ResponseReturnValue:
+    """The ``prices`` channel, open to everyone: what a page's EventSource can reach."""
+    return stream(broadcaster, "prices")
+
+
 @app.post("/publish")
 def publish() -> ResponseReturnValue:
     return jsonify(ids=publish_batch(broadcaster, request.get_json()))
