@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from servers import TESTS
 from ssecast import Broadcaster
+
+JS = TESTS / "js"
 
 
 @pytest.fixture
@@ -14,3 +21,25 @@ def broadcaster() -> Iterator[Broadcaster]:
     """A broadcaster with default settings, closed after the test."""
     with Broadcaster() as b:
         yield b
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """tests/js/node_modules as its package-lock.json says; ``npm ci`` when it is not."""
+    lock = (JS / "package-lock.json").read_bytes()
+    stamp = JS / "node_modules" / ".ssecast-lock-sha256"
+    digest = hashlib.sha256(lock).hexdigest()
+    if stamp.is_file() and stamp.read_text() == digest:
+        return JS / "node_modules"
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail(
+            "the browser and EventSource tests need npm to install the packages tests/js/"
+            "package-lock.json pins: install Node.js with npm (Debian: apt-get install npm)"
+        )
+    command = [npm, "ci", "--prefix", str(JS), "--ignore-scripts", "--no-audit", "--no-fund"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    stamp.write_text(digest)
+    return JS / "node_modules"

@@ -26,6 +26,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from servers import PYTHON, Server, free_port, running
 from sse_client import aevents
 from ssecast import (
+    UNAVAILABLE_EVENT_TYPE,
     Broadcaster,
     BroadcasterClosedError,
     ConfigurationError,
@@ -697,26 +698,52 @@ async def test_websocket_is_closed_and_other_scopes_are_refused() -> None:
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": "use GET"}]
 
 
-def test_one_stream_too_many_for_its_key_is_a_429_with_retry_after() -> None:
-    """Beyond `max_subscribers_per_key` a key's next stream is refused 429; others go on."""
+def test_one_stream_too_many_for_its_key_is_a_429_or_a_retry_stream() -> None:
+    """Beyond `max_subscribers_per_key` a key's next stream is refused for a while.
+
+    A plain client gets 429 with `Retry-After`, an EventSource a 200 retry stream; other
+    keys, and streams without one, go on.
+    """
+    plain = {"Accept": "*/*"}
     with Broadcaster(max_subscribers_per_key=1) as broadcaster:
         app = EventStream(broadcaster, key=lambda scope: scope["query_string"].decode() or None)
-        with testing.stream(app, "/?alice") as held, testing.stream(app, "/?alice") as refused:
-            assert (held.status, refused.status) == (200, 429)
+        with (
+            testing.stream(app, "/?alice") as held,
+            testing.stream(app, "/?alice", headers=plain) as refused,
+            testing.stream(app, "/?alice") as told,
+        ):
+            assert (held.status, refused.status, told.status) == (200, 429, 200)
             assert refused.headers["retry-after"] == "5"
             assert "with this key" in refused.read().decode()
+            event = told.next_event()
+            assert (event.event, event.data) == (
+                UNAVAILABLE_EVENT_TYPE,
+                '{"reason":"too_many_subscribers"}',
+            )
             with testing.stream(app, "/?bob") as other, testing.stream(app) as keyless:
                 assert (other.status, keyless.status) == (200, 200)
         fixed = EventStream(broadcaster, key="everyone", lifetime=60)
-        with testing.stream(fixed) as held, testing.stream(fixed) as refused:
+        with testing.stream(fixed) as held, testing.stream(fixed, headers=plain) as refused:
             assert (held.status, refused.status) == (200, 429)
-        assert broadcaster.stats().refused == 2
+        assert broadcaster.stats().refused == 3
 
 
-def test_a_closed_broadcaster_is_a_503_that_says_so() -> None:
-    """After ``close()`` (a lifespan's end, say) a request is refused with a body naming why."""
+def test_a_closed_broadcaster_tells_an_eventsource_to_come_back_and_others_503() -> None:
+    """After ``close()`` an EventSource gets a retry stream; other clients a 503 naming why."""
     broadcaster = Broadcaster()
     broadcaster.close()
-    with testing.stream(EventStream(broadcaster)) as refused:
+    app = EventStream(broadcaster, headers={"Access-Control-Allow-Origin": "*"})
+    with testing.stream(app) as told:
+        assert told.status == 200
+        assert told.headers["access-control-allow-origin"] == "*"  # CORS pages get it too
+        event = told.next_event()
+        assert (event.event, event.data) == (UNAVAILABLE_EVENT_TYPE, '{"reason":"closed"}')
+        assert event.retry is not None
+        assert 1000 <= event.retry <= 3000
+        with pytest.raises(EOFError):
+            told.next_event()  # the stream ends: the EventSource reconnects after retry
+    with testing.stream(app, headers={"Accept": "*/*"}) as refused:
         assert refused.status == 503
+        assert refused.headers["retry-after"] == "5"
         assert refused.read().decode().startswith("the broadcaster is closed")
+    assert broadcaster.stats().refused == 2

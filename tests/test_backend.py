@@ -23,6 +23,7 @@ from ssecast import (
     Deliver,
     Draft,
     Event,
+    InvalidFieldError,
     MemoryBackend,
     ReportGap,
     Subscription,
@@ -635,3 +636,39 @@ def test_closing_a_held_subscription_or_the_broadcaster_ends_it() -> None:
     b.close()
     assert two.close_reason is CloseReason.SHUTDOWN
     assert next(two, None) is None
+
+
+def test_every_refusal_for_a_while_is_counted_and_nothing_else() -> None:
+    """stats().refused counts subscribe calls that were full, closed or without a backend."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend, history=1, max_subscribers=2) as b:
+
+        async def subscribe_async(last_event_id: str | None = None) -> None:
+            await b.asubscribe(last_event_id=last_event_id)
+
+        backend.unavailable = True
+        with pytest.raises(BackendUnavailableError):
+            b.subscribe()  # listening fails
+        with pytest.raises(BackendUnavailableError):
+            asyncio.run(subscribe_async())
+        backend.unavailable = False
+        b.subscribe().close()  # listening now
+        first = b.publish("t", 1)
+        b.publish("t", 2)
+        b.publish("t", 3)
+        backend.unavailable = True
+        with pytest.raises(BackendUnavailableError):
+            b.subscribe(last_event_id=first.id)  # resuming past the ring needs the backend
+        with pytest.raises(BackendUnavailableError):
+            asyncio.run(subscribe_async(first.id))
+        backend.unavailable = False
+        with pytest.raises(InvalidFieldError):
+            b.subscribe("bad\nchannel")  # permanent: not counted
+        b.subscribe()
+        b.subscribe()
+        with pytest.raises(TooManySubscribersError):
+            b.subscribe()
+        assert b.stats().refused == 5
+    with pytest.raises(BroadcasterClosedError):
+        b.subscribe()
+    assert b.stats().refused == 6

@@ -12,12 +12,13 @@ import httpx
 import pytest
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from django.http import StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from django.test import AsyncRequestFactory, RequestFactory
 
-from ssecast import Broadcaster
+from ssecast import UNAVAILABLE_EVENT_TYPE, Broadcaster
 from ssecast._http import OPENING
 from ssecast.django import EventStreamView, stream
+from ssecast.testing import parse
 
 pytest.register_assert_rewrite("flask_django_checks")
 
@@ -290,3 +291,39 @@ def test_a_closed_broadcaster_is_a_503_that_says_so(
     assert refused.status_code == 503
     assert refused["Retry-After"]
     assert refused.content.decode().startswith("the broadcaster is closed")
+    assert broadcaster.stats().refused == 1
+
+
+def test_a_closed_broadcaster_tells_an_eventsource_to_come_back(
+    factories: tuple[RequestFactory, AsyncRequestFactory],
+) -> None:
+    """An EventSource's request gets a 200 stream: a retry delay and ssecast.unavailable."""
+    broadcaster = Broadcaster()
+    broadcaster.close()
+    request = factories[0].get("/events", headers={"Accept": "text/event-stream"})
+    told = stream(request, broadcaster)
+    assert isinstance(told, HttpResponse)
+    assert told.status_code == 200
+    assert told["Content-Type"] == "text/event-stream; charset=utf-8"
+    (event,) = parse(told.content)
+    assert (event.event, event.data) == (UNAVAILABLE_EVENT_TYPE, '{"reason":"closed"}')
+    assert event.retry is not None
+    assert 1000 <= event.retry <= 3000
+
+
+def test_ssecast_js_is_a_static_file_of_the_ssecast_app() -> None:
+    """With ``"ssecast"`` in INSTALLED_APPS, Django's static files finder finds ssecast.js."""
+    script = (
+        "import django\n"
+        "from django.conf import settings\n"
+        "settings.configure(\n"
+        "    INSTALLED_APPS=['django.contrib.staticfiles', 'ssecast'], STATIC_URL='/static/'\n"
+        ")\n"
+        "django.setup()\n"
+        "from django.contrib.staticfiles import finders\n"
+        "print(finders.find('ssecast.js'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip().endswith("ssecast/static/ssecast.js")

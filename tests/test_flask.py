@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import flask
 import pytest
 
-from ssecast import Broadcaster, testing
+from ssecast import UNAVAILABLE_EVENT_TYPE, Broadcaster, testing
 from ssecast._http import OPENING
 from ssecast.flask import stream
 
@@ -203,13 +203,23 @@ def test_head_answers_the_headers_and_subscribes_nothing(broadcaster: Broadcaste
     assert broadcaster.stats().subscribers == 0
 
 
-def test_a_closed_broadcaster_is_a_503_that_says_so() -> None:
-    """After ``close()`` a request is refused with 503, ``Retry-After`` and a body naming why."""
+def test_a_closed_broadcaster_tells_an_eventsource_to_come_back_and_others_503() -> None:
+    """After ``close()`` an EventSource gets a retry stream; other clients a 503 naming why."""
     broadcaster = Broadcaster()
     broadcaster.close()
     app = flask.Flask(__name__)
     app.add_url_rule("/events", view_func=lambda: stream(broadcaster))
-    with testing.stream(app, "/events") as refused:
+    with testing.stream(app, "/events") as told:
+        assert told.status == 200
+        assert told.headers["content-type"] == "text/event-stream; charset=utf-8"
+        event = told.next_event()
+        assert (event.event, event.data) == (UNAVAILABLE_EVENT_TYPE, '{"reason":"closed"}')
+        assert event.retry is not None
+        assert 1000 <= event.retry <= 3000
+        with pytest.raises(EOFError):
+            told.next_event()
+    with testing.stream(app, "/events", headers={"Accept": "*/*"}) as refused:
         assert refused.status == 503
-        assert "retry-after" in refused.headers
+        assert refused.headers["retry-after"] == "5"
         assert "the broadcaster is closed" in refused.read().decode()
+    assert broadcaster.stats().refused == 2

@@ -13,10 +13,7 @@ under 2 s. The 30 s bound of each wait is there only to catch a hang.
 
 from __future__ import annotations
 
-import hashlib
 import re
-import shutil
-import subprocess
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -45,28 +42,6 @@ RECORD_ERRORS = (
     "window.pageErrors = [];"
     "window.addEventListener('error', (e) => window.pageErrors.push(e.message));"
 )
-
-
-@pytest.fixture(scope="session")
-def node_modules() -> Path:
-    """tests/js/node_modules as its package-lock.json says; ``npm ci`` when it is not."""
-    lock = (JS / "package-lock.json").read_bytes()
-    stamp = JS / "node_modules" / ".ssecast-lock-sha256"
-    digest = hashlib.sha256(lock).hexdigest()
-    if stamp.is_file() and stamp.read_text() == digest:
-        return JS / "node_modules"
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.fail(
-            "the htmx browser tests need npm to install the htmx versions tests/js/"
-            "package-lock.json pins: install Node.js with npm (Debian: apt-get install npm)"
-        )
-    command = [npm, "ci", "--prefix", str(JS), "--ignore-scripts", "--no-audit", "--no-fund"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
-    stamp.write_text(digest)
-    return JS / "node_modules"
 
 
 def doc_section(title: str) -> dict[str, str]:

@@ -22,6 +22,7 @@ NAMES = {
     "ssecast_rejected_total": "rejected",
     "ssecast_revoked_total": "revoked",
     "ssecast_expired_total": "expired",
+    "ssecast_refused_total": "refused",
     "ssecast_backend_up": "backend_up",
 }
 

@@ -42,6 +42,7 @@ def expected(stats: Stats, **labels: str) -> Samples:
         ("ssecast_rejected_total", key): stats.rejected,
         ("ssecast_revoked_total", key): stats.revoked,
         ("ssecast_expired_total", key): stats.expired,
+        ("ssecast_refused_total", key): stats.refused,
         ("ssecast_backend_up", key): int(stats.backend_up),
     }
 

@@ -40,6 +40,7 @@ EXPORTED = [
     "Stats",
     "Subscription",
     "TooManySubscribersError",
+    "UNAVAILABLE_EVENT_TYPE",
     "UnknownEventTypeError",
     "__version__",
 ]

@@ -747,6 +747,8 @@ def test_lifespan_runs_only_when_asked_and_can_close_the_broadcaster() -> None:
     with stream(app, "/events", timeout=HANG, lifespan=True) as s:
         assert s.status == 200
     with stream(app, "/events", timeout=HANG) as s:
+        assert s.next_event().event == "ssecast.unavailable"  # come back later
+    with stream(app, "/events", headers={"Accept": "*/*"}, timeout=HANG) as s:
         assert s.status == 503
         assert b"the broadcaster is closed" in s.read()
 

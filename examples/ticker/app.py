@@ -2,9 +2,10 @@
 
 Routes:
 
-- ``GET /``: the page, which listens with the browser's ``EventSource``.
+- ``GET /``: the page, which listens with ``ssecast.js``, a wrapper of ``EventSource``.
 - ``GET /events``: the stream of ``price_update`` and ``alert`` events (ssecast's ASGI
   adapter); it resumes after ``Last-Event-ID``.
+- ``GET /static/ssecast.js``: the client helper the page listens with, from the package.
 - ``GET /state``: recent prices and alerts, which the page loads at start and after a gap.
 - ``GET /history/{ticker}?limit=N``: one ticker's recent prices.
 
@@ -27,7 +28,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from ssecast import Broadcaster
 from ssecast.asgi import EventStream, close_on_signal
@@ -112,6 +114,8 @@ def create_app() -> Starlette:
             Route("/state", state_route),
             Route("/history/{ticker}", history_route),
             Route("/events", EventStream(broadcaster, ["prices", "alerts"])),
+            # ssecast.js, from the installed ssecast package.
+            Mount("/static", StaticFiles(packages=[("ssecast", "static")])),
         ],
         lifespan=lifespan,
     )

@@ -6,7 +6,7 @@ Framework adapters live in their own modules (`ssecast.asgi`, `ssecast.flask`,
 
 from ssecast._backend import Ahead, Backend, Deliver, MemoryBackend, ReportGap
 from ssecast._broadcaster import DEFAULT_CHANNEL, Broadcaster, Stats
-from ssecast._encoder import GAP_EVENT_TYPE, Payload, Serializer
+from ssecast._encoder import GAP_EVENT_TYPE, UNAVAILABLE_EVENT_TYPE, Payload, Serializer
 from ssecast._event import Draft, Event
 from ssecast._exceptions import (
     BackendUnavailableError,
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_CHANNEL",
     "GAP_EVENT_TYPE",
+    "UNAVAILABLE_EVENT_TYPE",
     "Ahead",
     "Backend",
     "BackendUnavailableError",

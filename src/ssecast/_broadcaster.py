@@ -31,13 +31,14 @@ order  lock (module)                           guards
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import random
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import NamedTuple, Self, cast
 
@@ -46,6 +47,7 @@ from ssecast._backend import Ahead, Backend, MemoryBackend
 from ssecast._encoder import GAP_EVENT_TYPE, Encoder, Payload, Serializer
 from ssecast._event import Draft, Event, check_channel, check_field
 from ssecast._exceptions import (
+    REFUSED_FOR_NOW,
     BackendUnavailableError,
     BroadcasterClosedError,
     ConfigurationError,
@@ -90,7 +92,12 @@ class Stats(NamedTuple):
     expired: int
     """Subscriptions ended because their `lifetime` ran out."""
     refused: int
-    """Subscriptions refused for a while (a limit, a backend down, a shutdown)."""
+    """`subscribe` calls refused for a while: they raised
+    [`TooManySubscribersError`][ssecast.TooManySubscribersError],
+    [`BroadcasterClosedError`][ssecast.BroadcasterClosedError] or
+    [`BackendUnavailableError`][ssecast.BackendUnavailableError], which the adapters answer
+    so that the client comes back later. Those answers are not errors on the wire (an
+    `EventSource` gets a `200` that tells it to retry), so this counter is where they show."""
     backend_up: bool = True
     """Whether the backend's store answered its last call (always, for the memory backend)."""
 
@@ -364,12 +371,13 @@ class Broadcaster:
         :raises BackendUnavailableError: the backend is unreachable.
         """
         request = self._request(channels, last_event_id, queue_size, key, lifetime)
-        self._listen()
-        begun = self._begin(request)
-        if isinstance(begun, Subscription):
-            return begun
-        older = self._backend.replay(begun.last_event_id, begun.newest, begun.channels)
-        return self._finish(begun, older)
+        with self._counting_refusals():
+            self._listen()
+            begun = self._begin(request)
+            if isinstance(begun, Subscription):
+                return begun
+            older = self._backend.replay(begun.last_event_id, begun.newest, begun.channels)
+            return self._finish(begun, older)
 
     async def asubscribe(
         self,
@@ -384,19 +392,30 @@ class Broadcaster:
         A backend's I/O does not block the running loop.
         """
         request = self._request(channels, last_event_id, queue_size, key, lifetime)
-        if not self._listening:
-            await asyncio.to_thread(self._listen)
-        begun = self._begin(request)
-        if isinstance(begun, Subscription):
-            return begun
-        if type(self._backend) is MemoryBackend:
-            # It keeps no history of its own: no call, and no thread, for a stale id.
-            # (A subclass may keep some, so it is asked like any other backend.)
-            return self._finish(begun, None)
-        older = await asyncio.to_thread(
-            self._backend.replay, begun.last_event_id, begun.newest, begun.channels
-        )
-        return self._finish(begun, older)
+        with self._counting_refusals():
+            if not self._listening:
+                await asyncio.to_thread(self._listen)
+            begun = self._begin(request)
+            if isinstance(begun, Subscription):
+                return begun
+            if type(self._backend) is MemoryBackend:
+                # It keeps no history of its own: no call, and no thread, for a stale id.
+                # (A subclass may keep some, so it is asked like any other backend.)
+                return self._finish(begun, None)
+            older = await asyncio.to_thread(
+                self._backend.replay, begun.last_event_id, begun.newest, begun.channels
+            )
+            return self._finish(begun, older)
+
+    @contextlib.contextmanager
+    def _counting_refusals(self) -> Iterator[None]:
+        """Count a subscribe call that raised a refusal for a while, as `stats().refused`."""
+        try:
+            yield
+        except REFUSED_FOR_NOW:
+            with self._lock:
+                self._refused += 1
+            raise
 
     def _request(
         self,
@@ -496,7 +515,6 @@ class Broadcaster:
         key = request.key
         limit = self._max_per_key
         if key is not None and limit is not None and len(self._keyed.get(key, ())) >= limit:
-            self._refused += 1
             raise TooManySubscribersError(limit, key)
 
     def _register(self, request: _Request, head: list[bytes]) -> Subscription:

@@ -17,7 +17,7 @@ from ssecast._exceptions import (
     UnknownEventTypeError,
 )
 
-__all__ = ["GAP_EVENT_TYPE", "Encoder", "Payload", "Serializer"]
+__all__ = ["GAP_EVENT_TYPE", "UNAVAILABLE_EVENT_TYPE", "Encoder", "Payload", "Serializer"]
 
 Payload: TypeAlias = Any
 """What `publish` takes as data: JSON values by default, anything the serializer takes."""
@@ -27,6 +27,12 @@ Serializer = Callable[[Payload], str | bytes]
 
 GAP_EVENT_TYPE = "ssecast.gap"
 """Begins a resumed stream whose missed events are no longer known."""
+
+UNAVAILABLE_EVENT_TYPE = "ssecast.unavailable"
+"""The one event of a stream refused for a while; its data names the reason.
+
+Its data is `{"reason": "closed"}`, `"backend_unavailable"` or `"too_many_subscribers"`,
+and the stream's `retry:` field tells the `EventSource` when to come back."""
 
 # Caches of validated event types and channels stop growing here, so that a publisher
 # inventing names cannot grow memory; names beyond it are simply checked every time.

@@ -20,6 +20,7 @@ SsecastError
 from __future__ import annotations
 
 __all__ = [
+    "REFUSED_FOR_NOW",
     "BackendUnavailableError",
     "BroadcasterClosedError",
     "ConfigurationError",
@@ -128,3 +129,7 @@ class TooManySubscribersError(SsecastError, RuntimeError):
 
 class BackendUnavailableError(SsecastError, ConnectionError):
     """The backend (for example Redis) could not be reached; nothing was published."""
+
+
+REFUSED_FOR_NOW = (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError)
+"""What `subscribe()` raises when the client may come back later: a refusal for a while."""

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 from urllib.parse import parse_qsl
 
+from ssecast import _wire
 from ssecast._broadcaster import check_lifetime
+from ssecast._encoder import UNAVAILABLE_EVENT_TYPE
 from ssecast._exceptions import (
+    REFUSED_FOR_NOW,
     BackendUnavailableError,
     BroadcasterClosedError,
     SsecastError,
@@ -21,9 +25,10 @@ __all__ = [
     "RETRY_AFTER_SECONDS",
     "STREAM_HEADERS",
     "UNAVAILABLE",
+    "Refusal",
     "checked_lifetime",
     "per_request",
-    "refusal_status",
+    "refusal",
     "resume_id",
     "unavailable_reason",
 ]
@@ -42,15 +47,26 @@ STREAM_HEADERS: tuple[tuple[str, str], ...] = (
 # before the first event.
 OPENING = HEARTBEAT
 
-# What subscribe() raises when the client should come back later: a 503 with Retry-After,
-# or a 429 for the per-key limit.
-UNAVAILABLE = (TooManySubscribersError, BroadcasterClosedError, BackendUnavailableError)
+# What subscribe() raises when the client should come back later: see refusal().
+UNAVAILABLE = REFUSED_FOR_NOW
 
 CLOSED_REASON = "the broadcaster is closed (the server is stopping, or a lifespan closed it)"
 """What a 503 says when the broadcaster was closed, however subscribe() worded it."""
 
-# Seconds a client refused for lack of room (503) is asked to wait.
+# Seconds a client refused for a while (503) is asked to wait.
 RETRY_AFTER_SECONDS = 5
+
+# How long an EventSource refused for a while waits before it reconnects, by reason: the
+# reason's name (the event's data) and the least and most milliseconds. Never under a
+# second, so that refused clients cannot hammer a struggling server; drawn at random from a
+# window two to three times as wide as its start, so that they do not all come back at once
+# (after a restart, say). A closed broadcaster is mostly a restart or a deploy, over within
+# seconds; a backend or a full server may take longer.
+_RETRY_WINDOWS: tuple[tuple[type[SsecastError], str, int, int], ...] = (
+    (BroadcasterClosedError, "closed", 1000, 3000),
+    (BackendUnavailableError, "backend_unavailable", 2000, 6000),
+    (TooManySubscribersError, "too_many_subscribers", 2000, 6000),
+)
 
 # EventSource cannot set headers on its first request; this query parameter stands in.
 RESUME_QUERY_PARAMETER = "lastEventId"
@@ -79,11 +95,46 @@ def unavailable_reason(error: SsecastError) -> str:
     return str(error)
 
 
-def refusal_status(error: SsecastError) -> int:
-    """Return the status of a refusal in `UNAVAILABLE`: 429 for the per-key limit, else 503."""
-    if isinstance(error, TooManySubscribersError) and error.key is not None:
-        return 429
-    return 503
+class Refusal(NamedTuple):
+    """How to answer a request that `subscribe()` refused for a while."""
+
+    status: int
+    """`200` for an `EventSource`, which then reconnects by itself; else `429` for the
+    per-key limit, `503` for the others."""
+    reason: str
+    """The text of a `503`'s body; never the backend's address."""
+    stream: bytes
+    """For a `200`, the whole body: a `retry:` field and one `ssecast.unavailable` event."""
+
+
+def refusal(error: SsecastError, accept: str | None) -> Refusal:
+    """Decide how to turn a client away for a while, `error` being what subscribe() raised.
+
+    An `EventSource` (it sends `Accept: text/event-stream`) takes any status but 200 as
+    final and never reconnects, so it gets a stream that sets its reconnection delay, says
+    why in one `ssecast.unavailable` event, and ends: it comes back after the delay with its
+    `Last-Event-ID`. Other clients (curl, health checks, `fetch`) get a 503, or a 429 for
+    `max_subscribers_per_key`, which the adapters send with `Retry-After`.
+
+    :param error: what subscribe() raised, one of `UNAVAILABLE`.
+    :param accept: the request's `Accept` header, if any.
+    """
+    reason = unavailable_reason(error)
+    if not _wants_event_stream(accept):
+        per_key = isinstance(error, TooManySubscribersError) and error.key is not None
+        return Refusal(429 if per_key else 503, reason, b"")
+    name, least, most = next(
+        window[1:] for window in _RETRY_WINDOWS if isinstance(error, window[0])
+    )
+    data = b'{"reason":"%s"}' % name.encode()
+    event = _wire.encode_body(_wire.event_prefix(UNAVAILABLE_EVENT_TYPE), data)
+    return Refusal(200, reason, _wire.retry(random.randint(least, most)) + event)
+
+
+def _wants_event_stream(accept: str | None) -> bool:
+    """Whether `accept` names `text/event-stream`, as every `EventSource` request does."""
+    types = (part.split(";")[0].strip().lower() for part in (accept or "").split(","))
+    return "text/event-stream" in types
 
 
 def checked_lifetime(lifetime: _T) -> _T:

@@ -46,6 +46,12 @@ METRICS = (
         "ssecast_expired_total", "Streams ended because their lifetime ran out.", True, "expired"
     ),
     MetricSpec(
+        "ssecast_refused_total",
+        "Subscriptions refused for a while: a limit, the backend down, a shutdown.",
+        True,
+        "refused",
+    ),
+    MetricSpec(
         "ssecast_backend_up",
         "1 when the backend's store answered its last call, else 0.",
         False,

@@ -137,12 +137,11 @@ def connect(conninfo: str, application_name: str) -> Connection:
     )
 
 
-def _connect_timeout(configured: str | None) -> int:
+def _connect_timeout(configured: object) -> int:
     """Return the DSN's `connect_timeout` if it bounds the wait, else `CONNECT_TIMEOUT`."""
     # libpq waits forever for 0, a negative number, or none at all.
-    if configured is not None and configured.strip().isdigit() and int(configured) > 0:
-        return int(configured)
-    return CONNECT_TIMEOUT
+    text = str(configured).strip()
+    return int(text) if text.isdigit() and int(text) > 0 else CONNECT_TIMEOUT
 
 
 class _Bounded(psycopg.Connection[TupleRow]):

@@ -261,6 +261,9 @@ def stream(
     :param path: the path, with a query string if any, e.g. `"/events?channel=prices"`.
     :param headers: request headers, added to (or replacing) an `EventSource`'s
         `Accept: text/event-stream`, `Cache-Control: no-cache` and `Host: localhost`.
+        A refusal for a while (a full or closed broadcaster) answers an `EventSource` with
+        a stream of one `ssecast.unavailable` event; `{"Accept": "*/*"}` gets the `503`
+        other clients get.
     :param last_event_id: sent as `Last-Event-ID`, as a reconnecting `EventSource` does:
         not at all when it is `""`, the id of events that came with none.
     :param timeout: the default number of seconds any read of the stream may wait, and

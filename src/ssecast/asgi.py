@@ -86,7 +86,7 @@ from ssecast._http import (
     UNAVAILABLE,
     checked_lifetime,
     per_request,
-    refusal_status,
+    refusal,
     resume_id,
     unavailable_reason,
 )
@@ -145,12 +145,14 @@ class EventStream:
     `lifetime`, then the broadcaster's limits. Refusals are short `text/plain` answers:
     `405` (with `Allow`) for a method other than GET, `404` when the `channels` callable
     raises `LookupError`, `400` for an invalid channel name, `403` when `authorize` says
-    no (nothing is subscribed), `429` with `Retry-After` when `max_subscribers_per_key`
-    streams with its key are open, and `503` with `Retry-After` when `max_subscribers`
-    are open or the broadcaster is closed or its backend is unavailable. With
-    `authorize`, an unknown channel is answered as a refusal (`403 forbidden`), so that
-    a caller cannot learn which channels exist. Exceptions raised by the callables
-    for other reasons propagate to the server as bugs.
+    no (nothing is subscribed). With `authorize`, an unknown channel is answered as a
+    refusal (`403 forbidden`), so that a caller cannot learn which channels exist. When
+    `max_subscribers` (or `max_subscribers_per_key` with its key) are open, or the
+    broadcaster is closed, or its backend is unavailable, the refusal is for a while: an
+    `EventSource` (a request with `Accept: text/event-stream`) gets a `200` stream holding a
+    `retry:` field and one `ssecast.unavailable` event, which makes it reconnect after that
+    delay; any other client gets `503` with `Retry-After` (`429` for the per-key limit).
+    Exceptions raised by the callables for other reasons propagate to the server as bugs.
 
     :param broadcaster: where the events come from.
     :param channels: the channels every request receives, or a callable taking the ASGI
@@ -238,10 +240,14 @@ class EventStream:
                 key=key,
                 lifetime=per_request(self._lifetime, scope),
             )
-        except UNAVAILABLE as e:
-            reason = unavailable_reason(e)
-            retry_after = ("retry-after", str(RETRY_AFTER_SECONDS))
-            await _refuse(send, refusal_status(e), reason, retry_after)
+        except UNAVAILABLE as error:
+            refused = refusal(error, _header(scope, b"accept"))
+            if refused.stream:
+                await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+                await send({"type": "http.response.body", "body": refused.stream})
+            else:
+                retry_after = ("retry-after", str(RETRY_AFTER_SECONDS))
+                await _refuse(send, refused.status, refused.reason, retry_after)
             return
         await self._stream(sub, receive, send)
 
@@ -355,14 +361,16 @@ async def _lifespan(receive: Receive, send: Send) -> None:
     await send({"type": "lifespan.shutdown.complete"})
 
 
-def _resume_id(scope: Scope) -> str | None:
-    header = None
+def _header(scope: Scope, wanted: bytes) -> str | None:
     for name, value in scope["headers"]:
-        if name == _LAST_EVENT_ID:
-            header = value.decode("latin-1")
-            break
+        if name == wanted:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _resume_id(scope: Scope) -> str | None:
     query = scope.get("query_string", b"")
-    return resume_id(header, query.decode("latin-1") if query else "")
+    return resume_id(_header(scope, _LAST_EVENT_ID), query.decode("latin-1") if query else "")
 
 
 def _checked_channels(channels: Sequence[str]) -> tuple[str, ...]:

@@ -45,7 +45,7 @@ from ssecast._http import (
     STREAM_HEADERS,
     UNAVAILABLE,
     per_request,
-    refusal_status,
+    refusal,
     resume_id,
     unavailable_reason,
 )
@@ -81,8 +81,10 @@ def stream(
     back as ordinary responses rather than exceptions: 400 for an invalid channel name,
     429 with `Retry-After` when `max_subscribers_per_key` streams with this key are
     open, 503 with `Retry-After` when the broadcaster is full (`max_subscribers`) or
-    closed, or its backend is unreachable. Call it after the view's own checks: `key`,
-    then `lifetime`, are worked out after.
+    closed, or its backend is unreachable; but then an `EventSource` (`Accept:
+    text/event-stream`) gets a `200` stream instead, a `retry:` field and one
+    `ssecast.unavailable` event, so that it reconnects after that delay rather than give up.
+    Call it after the view's own checks: `key`, then `lifetime`, are worked out after.
 
     :param request: the request being answered; an `ASGIRequest` gets an async stream.
     :param broadcaster: where the events come from.
@@ -111,13 +113,14 @@ def stream(
     except InvalidFieldError as error:
         return HttpResponseBadRequest(str(error), content_type="text/plain; charset=utf-8")
     except UNAVAILABLE as error:
-        refused = HttpResponse(
-            unavailable_reason(error),
-            status=refusal_status(error),
-            content_type="text/plain; charset=utf-8",
+        refused = refusal(error, request.headers.get("Accept"))
+        if refused.stream:
+            return _with_stream_headers(HttpResponse(refused.stream))
+        response = HttpResponse(
+            refused.reason, status=refused.status, content_type="text/plain; charset=utf-8"
         )
-        refused["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        return refused
+        response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
     body: _ASGIStream | WSGIStream
     if isinstance(request, ASGIRequest):
         body = _ASGIStream(subscription)

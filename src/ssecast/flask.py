@@ -42,7 +42,7 @@ from ssecast._http import (
     STREAM_HEADERS,
     UNAVAILABLE,
     per_request,
-    refusal_status,
+    refusal,
     resume_id,
     unavailable_reason,
 )
@@ -77,7 +77,9 @@ def stream(
         with this key are open (429, with `Retry-After`).
     :raises werkzeug.exceptions.ServiceUnavailable: the broadcaster is full
         (`max_subscribers`) or closed, or its backend is unreachable (503, with
-        `Retry-After`).
+        `Retry-After`); but an `EventSource` (`Accept: text/event-stream`) gets a `200`
+        stream instead, a `retry:` field and one `ssecast.unavailable` event, so that it
+        reconnects after that delay rather than give up.
     :raises ssecast.ConfigurationError: `lifetime` is out of range.
     """
     request = flask.request
@@ -96,8 +98,11 @@ def stream(
     except InvalidFieldError as error:
         raise BadRequest(str(error)) from error
     except UNAVAILABLE as error:
-        refused = TooManyRequests if refusal_status(error) == 429 else ServiceUnavailable
-        raise refused(unavailable_reason(error), retry_after=RETRY_AFTER_SECONDS) from error
+        refused = refusal(error, request.headers.get("Accept"))
+        if refused.stream:
+            return flask.Response(refused.stream, headers=STREAM_HEADERS)
+        refuse = TooManyRequests if refused.status == 429 else ServiceUnavailable
+        raise refuse(refused.reason, retry_after=RETRY_AFTER_SECONDS) from error
     return flask.Response(WSGIStream(subscription, request.environ), headers=STREAM_HEADERS)
 
 

@@ -43,6 +43,12 @@ def events() -> ResponseReturnValue:
     )
 
 
+@app.get("/prices")
+def prices() -> ResponseReturnValue:
+    """The ``prices`` channel, open to everyone: what a page's EventSource can reach."""
+    return stream(broadcaster, "prices")
+
+
 @app.post("/publish")
 def publish() -> ResponseReturnValue:
     return jsonify(ids=publish_batch(broadcaster, request.get_json()))

@@ -37,9 +37,10 @@ _SEQ = re.compile(rb'\ndata: \{"seq":(\d+),')
 def request_bytes(
     path: str, host: str = "127.0.0.1", headers: dict[str, str] | None = None
 ) -> bytes:
-    """Return a GET request for ``path``."""
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Accept: text/event-stream"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    """Return a GET request for ``path``, as an EventSource's unless ``headers`` say otherwise."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}"]
+    merged = {"Accept": "text/event-stream", **(headers or {})}
+    lines += [f"{name}: {value}" for name, value in merged.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
