@@ -411,8 +411,24 @@ def test_events_published_while_the_backend_replays_follow_the_replay() -> None:
             assert sub.read_nowait() == _frames(published[1:])
 
 
-def test_more_events_during_the_replay_than_the_ring_holds_give_a_gap() -> None:
-    """If the ring lost some of what arrived during the backend's I/O, the client is told."""
+def test_more_events_during_a_replay_than_the_ring_holds_are_asked_for_again() -> None:
+    """A reader catching up during the backend's I/O: the backend is asked again, no gap."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend, history=2) as b:
+        published = [b.publish("t", number) for number in range(5)]
+
+        def catch_up() -> None:
+            backend.during_replay = lambda: None
+            published.extend(b.publish("t", n) for n in range(5, 9))
+
+        backend.during_replay = catch_up
+        with b.subscribe(last_event_id=published[0].id) as sub:
+            assert sub.read_nowait() == _frames(published[1:])
+    assert [until for _, until, _ in backend.replays] == [published[4].id, published[8].id]
+
+
+def test_more_events_during_every_replay_than_the_ring_holds_give_a_gap() -> None:
+    """If the ring lost some of what arrived during each of the backend's reads, the client is told."""
     backend = LoggingBackend()
     with Broadcaster(backend=backend, history=2) as b:
         published = [b.publish("t", number) for number in range(5)]

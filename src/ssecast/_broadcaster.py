@@ -65,6 +65,9 @@ logger = logging.getLogger("ssecast")
 DEFAULT_CHANNEL = "default"
 """The channel `publish` and `subscribe` use when given none."""
 _DEFAULT_CHANNELS = frozenset((DEFAULT_CHANNEL,))
+# A resume asks the backend again when more events were delivered while it read than the
+# ring holds (a reader catching up); after this many reads, the client gets a gap.
+_REPLAY_TRIES = 3
 
 # While a publish call runs its backend's publish, the evictions its delivery causes,
 # logged once that returns: the backend may hold its lock meanwhile, and a logging
@@ -374,10 +377,12 @@ class Broadcaster:
         with self._counting_refusals():
             self._listen()
             begun = self._begin(request)
-            if isinstance(begun, Subscription):
-                return begun
-            older = self._backend.replay(begun.last_event_id, begun.newest, begun.channels)
-            return self._finish(begun, older)
+            tries = _REPLAY_TRIES
+            while isinstance(begun, _Resume):
+                tries -= 1
+                older = self._backend.replay(begun.last_event_id, begun.newest, begun.channels)
+                begun = self._finish(begun, older, last_try=tries == 0)
+            return begun
 
     async def asubscribe(
         self,
@@ -396,16 +401,18 @@ class Broadcaster:
             if not self._listening:
                 await asyncio.to_thread(self._listen)
             begun = self._begin(request)
-            if isinstance(begun, Subscription):
-                return begun
-            if type(self._backend) is MemoryBackend:
-                # It keeps no history of its own: no call, and no thread, for a stale id.
-                # (A subclass may keep some, so it is asked like any other backend.)
-                return self._finish(begun, None)
-            older = await asyncio.to_thread(
-                self._backend.replay, begun.last_event_id, begun.newest, begun.channels
-            )
-            return self._finish(begun, older)
+            tries = _REPLAY_TRIES
+            while isinstance(begun, _Resume):
+                tries -= 1
+                older: list[Event] | Ahead | None = None
+                # A MemoryBackend keeps no history of its own: no call, and no thread, for
+                # a stale id. (A subclass may keep some, so it is asked like any other.)
+                if type(self._backend) is not MemoryBackend:
+                    older = await asyncio.to_thread(
+                        self._backend.replay, begun.last_event_id, begun.newest, begun.channels
+                    )
+                begun = self._finish(begun, older, last_try=tries == 0)
+            return begun
 
     @contextlib.contextmanager
     def _counting_refusals(self) -> Iterator[None]:
@@ -485,8 +492,14 @@ class Broadcaster:
                 return self._register(request, _joined(self._prelude, replayed))
             return _Resume(request, self._history.mark, self._history.last_id)
 
-    def _finish(self, resume: _Resume, older: list[Event] | Ahead | None) -> Subscription:
-        """Subscribe with what the backend replayed; the ring fills in what came since."""
+    def _finish(
+        self, resume: _Resume, older: list[Event] | Ahead | None, *, last_try: bool
+    ) -> Subscription | _Resume:
+        """Subscribe with what the backend replayed; the ring fills in what came since.
+
+        When more came since than the ring holds, and this is not the `last_try`, return
+        what to ask the backend again, up to the newest event delivered now.
+        """
         request = resume.request
         with self._lock:
             self._check_room(request)
@@ -498,6 +511,8 @@ class Broadcaster:
                     return self._hold(request, resume.last_event_id, older)
             else:
                 recent = self._history.since(resume.mark, request.channels)
+                if recent is None and not last_try:
+                    return _Resume(request, self._history.mark, self._history.last_id)
                 replayed = None if recent is None else older + recent
             if replayed is None:
                 head = [*self._prelude, _gap(self._history.last_id)]
