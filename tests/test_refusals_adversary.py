@@ -271,3 +271,41 @@ def test_ssecast_js_closed_while_waiting_opens_nothing_more(node_modules: Path) 
                 wait_until(lambda: len(http.get("/control/seen").json()) > requests, "", 2.0)
             assert len(http.get("/control/seen").json()) == requests
             assert page.states()[-1] == "closed"
+
+
+# --- The nginx recipe -------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="docs/deployment.md's @sse_retry answers without CORS headers, so a cross-origin "
+    "EventSource fails its CORS check and closes for good while the app is down; fix: in "
+    "@sse_retry add `add_header Access-Control-Allow-Origin $http_origin always;` and "
+    "`add_header Access-Control-Allow-Credentials true always;` (for the origins the app "
+    "allows, through a map), and the same `header` lines in the Caddy recipe",
+)
+def test_a_cross_origin_eventsource_behind_the_nginx_recipe_outlives_the_app_being_down(
+    tmp_path: Path,
+) -> None:
+    """The page on one origin, its events on another (``www.`` and ``api.``, here
+    127.0.0.1 and localhost) behind the documented nginx while the app is down: nginx's
+    retry stream must pass the browser's CORS check, or the EventSource gives up for good.
+    """
+    from test_deployment import nginx
+
+    with chromium() as browser, nginx(free_port(), tmp_path) as front:
+        browser.get(front.url + "/")  # nginx's own 502 page: any page of that origin
+        events = f"http://localhost:{front.port}/events"
+        browser.execute_script(_CROSS_ORIGIN, events)
+
+        def seen() -> list[dict[str, Any]]:
+            records: list[dict[str, Any]] = browser.execute_script("return window.seen")
+            return records
+
+        wait_until(
+            lambda: [r for r in seen() if r["state"] == 2]
+            or len([r for r in seen() if r["kind"] == "ssecast.unavailable"]) >= 2,
+            "told twice to retry, or closed for good",
+        )
+        browser.execute_script("window.source.close()")
+        assert [record for record in seen() if record["state"] == 2] == []
