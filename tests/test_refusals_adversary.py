@@ -227,6 +227,37 @@ def test_a_cross_origin_eventsource_with_credentials_keeps_retrying_when_refused
             assert [record for record in records if record["state"] == 2] == []
 
 
+def _django_wsgi(port: int) -> list[str]:
+    return [
+        *(PYTHON, "-m", "gunicorn", "-c", "apps/django_project/gunicorn_conf.py"),
+        *("-b", f"127.0.0.1:{port}", "apps.django_project.wsgi:application"),
+    ]
+
+
+@pytest.mark.parametrize("name", ["asgi", "flask", "django-asgi", "django-wsgi"])
+def test_each_refusal_is_counted_once_in_every_adapter(name: str) -> None:
+    """Withstood: three EventSource refusals (200) and two plain ones (503) make
+    ``stats().refused`` exactly 5 in each adapter on its real server, Django under both
+    ASGI (uvicorn) and WSGI (gunicorn)."""
+    from test_restarts import ADAPTERS
+
+    adapter = ADAPTERS[name.split("-")[0]]
+    argv = _django_wsgi if name == "django-wsgi" else adapter.argv
+    port = free_port()
+    env = {**adapter.env, "SSECAST_TEST_MAX_SUBSCRIBERS": "1"}
+    with (
+        running(argv(port), port=port, env=env) as server,
+        httpx.Client(base_url=server.url, timeout=10) as http,
+        http.stream("GET", adapter.events, headers=EVENT_STREAM) as holder,
+    ):
+        assert holder.status_code == 200
+        statuses = [http.get(adapter.events, headers=EVENT_STREAM).status_code for _ in range(3)]
+        statuses += [http.get(adapter.events, headers={"accept": "*/*"}).status_code]
+        statuses += [http.get(adapter.events).status_code]
+        assert statuses == [200, 200, 200, 503, 503]
+        assert http.get(adapter.stats).json()["refused"] == 5
+
+
 # --- ssecast.js -------------------------------------------------------------------------
 
 
