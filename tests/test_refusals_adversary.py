@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,9 @@ def publish(http: httpx.Client) -> str:
 
 
 def test_several_accept_header_lines_are_one_accept_header() -> None:
-    """RFC 9110: field lines of one name are one comma-joined list; werkzeug and Django join
+    """An EventSource's request with two ``Accept`` lines gets the 200 refusal stream.
+
+    RFC 9110: field lines of one name are one comma-joined list; werkzeug and Django join
     them, so Flask and Django see ``text/event-stream`` here. The ASGI adapter read only the
     first line, so this request got a 503 from EventStream and a 200 from the others.
 
@@ -127,9 +130,11 @@ def test_several_accept_header_lines_are_one_accept_header() -> None:
 
 
 def test_an_accept_header_that_refuses_event_streams_gets_the_503() -> None:
-    """``text/event-stream;q=0`` says "not this type" (RFC 9110, 12.4.2): such a client (a
-    health check written to insist on JSON, say) must see the outage as a 503, not a
-    ``200 text/event-stream`` it never asked for.
+    """A client whose ``Accept`` refuses ``text/event-stream`` (``q=0``) gets the 503.
+
+    ``q=0`` says "not this type" (RFC 9110, 12.4.2): such a client (a health check written
+    to insist on JSON, say) must see the outage as a 503, not a ``200 text/event-stream``
+    it never asked for.
 
     Failed before the fix (200).
     """
@@ -155,8 +160,11 @@ def test_an_accept_header_that_refuses_event_streams_gets_the_503() -> None:
     ],
 )
 def test_what_an_accept_header_decides(accept: str | None, status: int) -> None:
-    """Withstood: browsers send ``text/event-stream`` exactly; variants decide as a user
-    expects, and ``*/*`` or no header (curl, probes) still gets the 503."""
+    """Withstood: each ``Accept`` variant decides as a user expects.
+
+    Browsers send ``text/event-stream`` exactly; ``*/*`` or no header (curl, probes) still
+    gets the 503.
+    """
     with app_server(SSECAST_TEST_MAX_SUBSCRIBERS="1") as server, held(server, 1):
         got, answer = raw_get(server.port, *([f"Accept: {accept}"] if accept else []))
         assert got == status, answer
@@ -166,10 +174,14 @@ def test_what_an_accept_header_decides(accept: str | None, status: int) -> None:
 
 
 def test_refusals_carry_the_streams_cors_headers_no_id_and_a_spread_delay() -> None:
-    """Withstood: forty EventSource refusals each carry the CORS headers the stream carries
-    (else a cross-origin EventSource fails for good), no ``id:`` line (which would reset the
-    client's Last-Event-ID), and a ``retry:`` drawn over the 2-6 s window (so a crowd refused
-    together does not come back together); each is counted once in ``stats().refused``."""
+    """Withstood: a refusal carries the stream's CORS headers, no id, a spread delay.
+
+    Forty EventSource refusals each carry the CORS headers the stream carries (else a
+    cross-origin EventSource fails for good), no ``id:`` line (which would reset the
+    client's Last-Event-ID), and a ``retry:`` drawn over the 2-6 s window (so a crowd
+    refused together does not come back together); each is counted once in
+    ``stats().refused``.
+    """
     origin = "http://localhost:1"
     with (
         app_server(SSECAST_TEST_MAX_SUBSCRIBERS="1", SSECAST_TEST_ALLOW_ORIGIN=origin) as server,
@@ -204,8 +216,11 @@ for (const type of ["tick", "ssecast.unavailable"]) {
 
 
 def test_a_cross_origin_eventsource_with_credentials_keeps_retrying_when_refused() -> None:
-    """Withstood: Chromium's credentialed cross-origin EventSource, refused at the limit,
-    is not stopped by CORS: it reconnects after each refusal and streams once room frees."""
+    """Withstood: a credentialed cross-origin EventSource keeps retrying when refused.
+
+    Chromium's EventSource, refused at the limit, is not stopped by CORS: it reconnects
+    after each refusal and streams once room frees.
+    """
     with chromium() as browser:
         port = free_port()
         page_origin = f"http://127.0.0.1:{port}"
@@ -236,9 +251,12 @@ def _django_wsgi(port: int) -> list[str]:
 
 @pytest.mark.parametrize("name", ["asgi", "flask", "django-asgi", "django-wsgi"])
 def test_each_refusal_is_counted_once_in_every_adapter(name: str) -> None:
-    """Withstood: three EventSource refusals (200) and two plain ones (503) make
-    ``stats().refused`` exactly 5 in each adapter on its real server, Django under both
-    ASGI (uvicorn) and WSGI (gunicorn)."""
+    """Withstood: each refusal is counted once, whatever the adapter.
+
+    Three EventSource refusals (200) and two plain ones (503) make ``stats().refused``
+    exactly 5 in each adapter on its real server, Django under both ASGI (uvicorn) and WSGI
+    (gunicorn).
+    """
     from test_restarts import ADAPTERS
 
     adapter = ADAPTERS[name.split("-")[0]]
@@ -258,13 +276,56 @@ def test_each_refusal_is_counted_once_in_every_adapter(name: str) -> None:
         assert http.get(adapter.stats).json()["refused"] == 5
 
 
+def test_a_crowd_refused_together_comes_back_spread_over_the_window(node_modules: Path) -> None:
+    """Withstood: a crowd refused together comes back spread out.
+
+    60 npm EventSources refused at the same moment reconnect over the 2-6 s window, not in
+    lockstep, and the server answers other requests meanwhile.
+    """
+    from listeners import by_client, npm_listeners
+
+    clients = 60
+    with (
+        app_server(SSECAST_TEST_MAX_SUBSCRIBERS="1") as server,
+        held(server, 1) as http,
+        npm_listeners(
+            node_modules, server.url + "/events", clients, ["ssecast.unavailable"]
+        ) as npm,
+    ):
+
+        def refused_twice() -> list[list[dict[str, Any]]]:
+            told = [
+                [r for r in mine if r["kind"] == "ssecast.unavailable"]
+                for mine in by_client(npm.records()).values()
+            ]
+            return told if len(told) == clients and all(len(t) >= 2 for t in told) else []
+
+        deadline = time.monotonic() + HANG
+        while not (told := refused_twice()):
+            assert time.monotonic() < deadline, "not every client refused twice"
+            assert http.get("/control/stats", timeout=HANG).status_code == 200
+            time.sleep(0.2)
+        assert all(r["state"] != 2 for r in npm.records())
+    waits = sorted(mine[1]["ms"] - mine[0]["ms"] for mine in told)
+    assert waits[0] >= 1900  # never under the window (less a timer's slack)
+    assert waits[-1] - waits[0] >= 2000  # spread, where one retry value would be ~0
+    busiest = max(sum(1 for w in waits if start <= w < start + 500) for start in waits)
+    print(
+        f"{clients} refused together: back after {waits[0]}-{waits[-1]} ms,"
+        f" busiest 0.5 s: {busiest}"
+    )
+    assert busiest <= clients // 2  # uniform: about 15; in lockstep: all 60
+
+
 # --- ssecast.js -------------------------------------------------------------------------
 
 
 def test_ssecast_js_resumes_after_its_last_event_when_the_url_names_a_last_event_id(
     node_modules: Path,
 ) -> None:
-    """A page that opens ``SsecastSource("/events?lastEventId=" + saved)`` (resuming after
+    """ssecast.js reopening a URL with its own ``lastEventId`` resumes after its last event.
+
+    A page that opens ``SsecastSource("/events?lastEventId=" + saved)`` (resuming after
     what it kept from a previous visit) and later has to reopen must resume after the last
     event it dispatched, not the one in its URL: ssecast.js appended a second
     ``lastEventId`` parameter, the server reads the first, and the page got every event
@@ -289,19 +350,24 @@ def test_ssecast_js_resumes_after_its_last_event_when_the_url_names_a_last_event
 
 
 def test_ssecast_js_closed_while_waiting_opens_nothing_more(node_modules: Path) -> None:
-    """Withstood: ``close()`` while SsecastSource waits to reopen cancels its timer; the
-    server sees no request after it."""
-    with app_server() as server, httpx.Client(base_url=server.url, timeout=10) as http:
-        with ssecast_js(node_modules, f"{server.url}/events", close_after="waiting") as page:
-            wait_until(lambda: "open" in page.states(), "SsecastSource open")
-            http.get("/control/cut", params={"fail": 1})
-            wait_until(lambda: page.seen("closed"), "closed while waiting")
-            requests = len(http.get("/control/seen").json())
-            # Ten times the longest first delay (minDelay 200 ms) it would have waited.
-            with contextlib.suppress(AssertionError):
-                wait_until(lambda: len(http.get("/control/seen").json()) > requests, "", 2.0)
-            assert len(http.get("/control/seen").json()) == requests
-            assert page.states()[-1] == "closed"
+    """Withstood: ``close()`` while SsecastSource waits to reopen cancels its timer.
+
+    The server sees no request after it.
+    """
+    with (
+        app_server() as server,
+        httpx.Client(base_url=server.url, timeout=10) as http,
+        ssecast_js(node_modules, f"{server.url}/events", close_after="waiting") as page,
+    ):
+        wait_until(lambda: "open" in page.states(), "SsecastSource open")
+        http.get("/control/cut", params={"fail": 1})
+        wait_until(lambda: page.seen("closed"), "closed while waiting")
+        requests = len(http.get("/control/seen").json())
+        # Ten times the longest first delay (minDelay 200 ms) it would have waited.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: len(http.get("/control/seen").json()) > requests, "", 2.0)
+        assert len(http.get("/control/seen").json()) == requests
+        assert page.states()[-1] == "closed"
 
 
 # --- The nginx recipe -------------------------------------------------------------------
@@ -318,9 +384,11 @@ def test_ssecast_js_closed_while_waiting_opens_nothing_more(node_modules: Path) 
 def test_a_cross_origin_eventsource_behind_the_nginx_recipe_outlives_the_app_being_down(
     tmp_path: Path,
 ) -> None:
-    """The page on one origin, its events on another (``www.`` and ``api.``, here
-    127.0.0.1 and localhost) behind the documented nginx while the app is down: nginx's
-    retry stream must pass the browser's CORS check, or the EventSource gives up for good.
+    """A cross-origin EventSource behind the nginx recipe keeps retrying while the app is down.
+
+    The page on one origin, its events on another (``www.`` and ``api.``, here 127.0.0.1
+    and localhost) behind the documented nginx: nginx's retry stream must pass the
+    browser's CORS check, or the EventSource gives up for good.
     """
     from test_deployment import nginx
 
@@ -334,8 +402,10 @@ def test_a_cross_origin_eventsource_behind_the_nginx_recipe_outlives_the_app_bei
             return records
 
         wait_until(
-            lambda: [r for r in seen() if r["state"] == 2]
-            or len([r for r in seen() if r["kind"] == "ssecast.unavailable"]) >= 2,
+            lambda: (
+                [r for r in seen() if r["state"] == 2]
+                or len([r for r in seen() if r["kind"] == "ssecast.unavailable"]) >= 2
+            ),
             "told twice to retry, or closed for good",
         )
         browser.execute_script("window.source.close()")

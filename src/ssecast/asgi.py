@@ -340,7 +340,7 @@ def _header(scope: Scope, wanted: bytes) -> str | None:
 
 
 def _accept(scope: Scope) -> str:
-    """The request's `Accept` lines as one list: RFC 9110 joins field lines with commas."""
+    """Return the request's `Accept` lines as one list: RFC 9110 joins them with commas."""
     return ", ".join(
         value.decode("latin-1") for name, value in scope["headers"] if name == b"accept"
     )
