@@ -428,7 +428,7 @@ def test_more_events_during_a_replay_than_the_ring_holds_are_asked_for_again() -
 
 
 def test_more_events_during_every_replay_than_the_ring_holds_give_a_gap() -> None:
-    """If the ring lost some of what arrived during each of the backend's reads, the client is told."""
+    """If the ring lost some of what arrived during each backend read, the client is told."""
     backend = LoggingBackend()
     with Broadcaster(backend=backend, history=2) as b:
         published = [b.publish("t", number) for number in range(5)]

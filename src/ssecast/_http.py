@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 from urllib.parse import parse_qsl
@@ -68,6 +69,9 @@ _RETRY_WINDOWS: tuple[tuple[type[SsecastError], str, int, int], ...] = (
     (TooManySubscribersError, "too_many_subscribers", 2000, 6000),
 )
 
+# An Accept parameter that says the type is not acceptable (RFC 9110, 12.4.2).
+_NOT_ACCEPTABLE = re.compile(r"q=0(\.0{0,3})?")
+
 # EventSource cannot set headers on its first request; this query parameter stands in.
 RESUME_QUERY_PARAMETER = "lastEventId"
 
@@ -132,9 +136,15 @@ def refusal(error: SsecastError, accept: str | None) -> Refusal:
 
 
 def _wants_event_stream(accept: str | None) -> bool:
-    """Whether `accept` names `text/event-stream`, as every `EventSource` request does."""
-    types = (part.split(";")[0].strip().lower() for part in (accept or "").split(","))
-    return "text/event-stream" in types
+    """Whether `accept` names `text/event-stream`, as every `EventSource` request does.
+
+    A client that names it with `q=0` says it does not want it, and gets the `503`.
+    """
+    for part in (accept or "").split(","):
+        media_type, *parameters = ("".join(piece.split()).lower() for piece in part.split(";"))
+        if media_type == "text/event-stream":
+            return not any(_NOT_ACCEPTABLE.fullmatch(parameter) for parameter in parameters)
+    return False
 
 
 def checked_lifetime(lifetime: _T) -> _T:

@@ -241,7 +241,7 @@ class EventStream:
                 lifetime=per_request(self._lifetime, scope),
             )
         except UNAVAILABLE as error:
-            refused = refusal(error, _header(scope, b"accept"))
+            refused = refusal(error, _accept(scope))
             if refused.stream:
                 await send({"type": "http.response.start", "status": 200, "headers": self._headers})
                 await send({"type": "http.response.body", "body": refused.stream})
@@ -366,6 +366,13 @@ def _header(scope: Scope, wanted: bytes) -> str | None:
         if name == wanted:
             return str(value.decode("latin-1"))
     return None
+
+
+def _accept(scope: Scope) -> str:
+    """Return the request's `Accept` lines as one list: RFC 9110 joins them with commas."""
+    return ", ".join(
+        value.decode("latin-1") for name, value in scope["headers"] if name == b"accept"
+    )
 
 
 def _resume_id(scope: Scope) -> str | None:

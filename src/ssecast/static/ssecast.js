@@ -52,10 +52,12 @@ class SsecastSource extends EventTarget {
 
   _open() {
     const { minDelay, maxDelay, withCredentials } = this._options;
-    const resume = this.lastEventId
-      ? (this.url.includes("?") ? "&" : "?") + "lastEventId=" + encodeURIComponent(this.lastEventId)
-      : "";
-    const source = (this._source = new EventSource(this.url + resume, { withCredentials }));
+    const url = new URL(this.url, globalThis.document?.baseURI ?? globalThis.location?.href);
+    if (this.lastEventId) { // replacing the URL's own lastEventId: the server reads the first
+      const kept = url.search.slice(1).split("&").filter((p) => p && !p.startsWith("lastEventId="));
+      url.search = [...kept, "lastEventId=" + encodeURIComponent(this.lastEventId)].join("&");
+    }
+    const source = (this._source = new EventSource(url.href, { withCredentials }));
     source.onopen = () => {
       this._failures = 0;
       this._setState("open");
