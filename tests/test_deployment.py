@@ -109,6 +109,8 @@ def nginx(app_port: int, folder: Path, *, retries: bool = True) -> Iterator[Serv
         doc_block("nginx", "nginx"),
         ("server 127.0.0.1:8000;", f"server 127.0.0.1:{app_port};"),
         ("listen 8080;", f"listen 127.0.0.1:{port};"),
+        # The page that opens the stream from another origin, in the cross-origin test.
+        ('"https://www.example.com"', f'"http://127.0.0.1:{port}"'),
         *([] if retries else [("error_page 502 504 = @sse_retry;", "")]),
     )
     config = folder / "nginx.conf"
@@ -321,8 +323,9 @@ def test_every_client_outlives_worker_restarts_of_the_redis_demo(
             times = recovered(clients, functools.partial(streaming_after, newest))
             # Only the clients of the killed worker were cut, and count.
             cut = [n for n, seen in enumerate(clients.seen()) if seen.opens > opens[n]]
-            assert cut
+            # A worker may hold none of the clients: the kernel spreads them at random.
             waits += [times[n] - killed for n in cut]
+        assert waits, "no killed worker held a client"
         demo.stop(signal.SIGTERM)
         newest = newest_id(store)
         time.sleep(DOWN)

@@ -373,14 +373,6 @@ def test_ssecast_js_closed_while_waiting_opens_nothing_more(node_modules: Path) 
 # --- The nginx recipe -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/deployment.md's @sse_retry answers without CORS headers, so a cross-origin "
-    "EventSource fails its CORS check and closes for good while the app is down; fix: in "
-    "@sse_retry add `add_header Access-Control-Allow-Origin $http_origin always;` and "
-    "`add_header Access-Control-Allow-Credentials true always;` (for the origins the app "
-    "allows, through a map), and the same `header` lines in the Caddy recipe",
-)
 def test_a_cross_origin_eventsource_behind_the_nginx_recipe_outlives_the_app_being_down(
     tmp_path: Path,
 ) -> None:
