@@ -8,12 +8,10 @@ client: raw HTTP over a socket, httpx, the npm ``eventsource`` package driving
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import socket
 import statistics
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ import httpx
 import pytest
 
 from browser import chromium
-from listeners import HANG, wait_until
+from listeners import HANG, NpmListeners, wait_until
 from servers import PYTHON, TESTS, Server, free_port, running
 
 pytestmark = pytest.mark.slow
@@ -63,25 +61,11 @@ def raw_get(port: int, *header_lines: str) -> tuple[int, bytes]:
     return int(answer.split(b" ", 2)[1]), answer
 
 
-class SsecastJs:
+class SsecastJs(NpmListeners):
     """One SsecastSource in a Node process: what it printed so far."""
 
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process = process
-        self._lines: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._lock:
-                self._lines.append(json.loads(line))
-
     def seen(self, kind: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [line for line in self._lines if line["kind"] == kind]
+        return [line for line in self.records() if line["kind"] == kind]
 
     def states(self) -> list[str]:
         return [line["state"] for line in self.seen("state")]
