@@ -39,6 +39,11 @@ Servers (``--servers``):
 - ``sse-starlette-queues``: sse-starlette with one ``asyncio.Queue`` per client.
 - ``sse-starlette-broadcaster``: sse-starlette with ``broadcaster.Broadcast("memory://")``.
 - ``ssecast-starlette`` (not in the default set): the adapter mounted in Starlette.
+- ``ssecast-ops`` (not in the default set; needs prometheus-client): ``ssecast`` as an
+  operator runs it: a ``ssecast.prometheus.Collector`` registered on a registry that a
+  task of the server's loop scrapes once a second (``generate_latest``, the text a
+  ``/metrics`` endpoint would answer), and ``key=`` on every stream (the client's port:
+  one key per connection). Run it with ``ssecast`` to see what the metrics and keys cost.
 - ``ssecast-redis`` (not in the default set; needs Redis at 127.0.0.1:6379, or
   ``HTTP_FANOUT_REDIS_URL``): two uvicorn workers with ``RedisBackend`` holding the
   clients (spread over both), and a third process publishing through Redis.
@@ -126,6 +131,7 @@ SERVERS = {
     "floor": Deployment("floor (asyncio, transport.write)", ("floor",)),
     "ssecast": Deployment("ssecast EventStream (uvicorn)", ("ssecast",)),
     "ssecast-starlette": Deployment("ssecast in Starlette (uvicorn)", ("ssecast-starlette",)),
+    "ssecast-ops": Deployment("ssecast + Collector scraped 1/s, key per stream", ("ssecast-ops",)),
     "sse-starlette-queues": Deployment(
         "sse-starlette + Queue per client", ("sse-starlette-queues",)
     ),
@@ -283,7 +289,10 @@ async def measure_server(
                     extra: dict[str, Any] = {}
                     if redis is not None and deployment.pubsub:
                         extra["redis_subscribed"] = await redis.wait_subscribed(count, 10)
+                    scrapes = await scrape_count(target)
                     result = await clients.run(rate, options.duration, burst, options.grace, thread)
+                    if scrapes is not None:
+                        extra["scrapes"] = (await scrape_count(target) or 0) - scrapes
                     if redis is not None:
                         # Now, when every process has connected: the publisher does so lazily.
                         extra["redis_connections"] = redis.connections()
@@ -298,6 +307,12 @@ async def measure_server(
             clients.stop()
             if redis is not None:
                 redis.close()
+
+
+async def scrape_count(target: Target) -> int | None:
+    """Return how many times the server has scraped its metrics, if it does (``ssecast-ops``)."""
+    stats = await http_json(target.host, target.control_port, "GET", "/stats")
+    return int(stats["scrapes"]) if "scrapes" in stats else None
 
 
 async def worker_pids(target: Target) -> Target:
@@ -544,6 +559,12 @@ def main() -> None:
             print(
                 f"note: {row['server']} C={row['C']} {row['mode']}: "
                 f"the publisher failed: {row['publisher_error']}"
+            )
+    for row in rows:
+        if "scrapes" in row:
+            print(
+                f"note: {row['server']} C={row['C']} {options.label(row['mode'])}: "
+                f"{row['scrapes']} scrapes of its metrics during the run and its grace"
             )
     for line in redis_hop(rows, options.label):
         print(line)

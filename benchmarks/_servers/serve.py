@@ -21,6 +21,7 @@ from _control import setup_process
 SERVERS = {
     "ssecast": ("ssecast_app", "main"),
     "ssecast-starlette": ("ssecast_app", "main_starlette"),
+    "ssecast-ops": ("ssecast_app", "main_ops"),
     "sse-starlette-queues": ("sse_starlette_queues", "main"),
     "sse-starlette-broadcaster": ("sse_starlette_broadcaster", "main"),
     "floor": ("floor", "main"),
