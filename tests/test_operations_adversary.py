@@ -1,0 +1,305 @@
+"""An adversary's tests of issue 11: revocation, keys, the per-key limit and lifetimes.
+
+Each test is an attack a demanding user would try: an order sent by a process that never
+listens, resumes across and from the control message's own id, disconnects racing with
+subscribes and expiries from many threads, and per-request `key`/`lifetime` callables
+that return what they should not, served by real servers (uvicorn and werkzeug, run in
+threads of the test) to a real client (httpx).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flask
+import httpx
+import psycopg
+import pytest
+import redis
+import uvicorn
+from werkzeug.serving import make_server
+
+import ssecast.flask
+from backends import POSTGRES_DSN, REDIS_URL
+from servers import free_port
+from ssecast import Broadcaster, CloseReason, Subscription, TooManySubscribersError
+from ssecast.asgi import EventStream
+from ssecast.postgres import PostgresBackend
+from ssecast.redis import RedisBackend
+
+HANG = 30.0
+"""Seconds after which a wait counts as hung; what the tests wait for takes milliseconds."""
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    """Return once ``condition()`` holds; fail if it does not within HANG."""
+    deadline = time.monotonic() + HANG
+    while not condition():
+        assert time.monotonic() < deadline, "hung"
+        time.sleep(0.01)
+
+
+def read_until(sub: Subscription, marker: bytes) -> bytes:
+    """Read ``sub`` in this thread until ``marker`` arrived; return what was read."""
+    body = b""
+    deadline = time.monotonic() + HANG
+    for chunk in sub:
+        body += chunk
+        if marker in body:
+            return body
+        assert time.monotonic() < deadline, body
+    raise AssertionError(f"the subscription ended before {marker!r}: {body!r}")
+
+
+# -- an order through a shared backend --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def shared_store(kind: str) -> Iterator[Callable[[], Broadcaster]]:
+    """Yield a maker of broadcasters on one new Redis stream or PostgreSQL table."""
+    name = uuid.uuid4().hex[:16]
+    made: list[Broadcaster] = []
+
+    def make() -> Broadcaster:
+        backend: RedisBackend | PostgresBackend
+        if kind == "redis":
+            backend = RedisBackend(REDIS_URL, prefix=f"ssecast-adv-{name}:")
+        else:
+            backend = PostgresBackend(POSTGRES_DSN, table=f"ssecast_adv_{name}")
+        made.append(Broadcaster(backend=backend, heartbeat=0.2))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for broadcaster in made:
+            broadcaster.close()
+        if kind == "redis":
+            with redis.Redis.from_url(REDIS_URL) as admin:
+                admin.delete(f"ssecast-adv-{name}:events")
+        else:
+            with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+                admin.execute(f"DROP TABLE IF EXISTS ssecast_adv_{name}")
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+def test_a_publish_only_process_s_disconnect_reaches_the_serving_ones_and_no_client(
+    kind: str,
+) -> None:
+    """A process that never listens (a management command) revokes alice everywhere.
+
+    Bob's stream, live and resumed across the order, never shows it; stats() agree.
+    """
+    with shared_store(kind) as make:
+        serving, command = make(), make()
+        alice = serving.subscribe("room", key="alice")
+        bob = serving.subscribe("room", key="bob")
+        before = command.publish("t", "before", channel="room")
+        assert command.disconnect(key="alice") == 0  # none in this process
+        after = command.publish("t", "after", channel="room")
+        live = read_until(bob, after.id.encode())
+        assert alice.close_reason is CloseReason.REVOKED  # the order came before "after"
+        assert b"ssecast." not in live
+        assert bob.close_reason is None
+        with serving.subscribe("room", last_event_id=before.id) as resumed:
+            assert resumed.read_nowait() == after.frame
+        stats = serving.stats()
+        assert (stats.revoked, stats.subscribers) == (1, 1)
+        assert command.stats().revoked == 0
+
+
+def test_a_resume_from_the_control_message_s_own_id_shows_no_order_and_hangs_not() -> None:
+    """Last-Event-ID set to the order's id (read from Redis) replays what came after it."""
+    with shared_store("redis") as make:
+        serving = make()
+        bob = serving.subscribe("room", key="bob")
+        before = serving.publish("t", "before", channel="room")
+        serving.disconnect(key="alice")
+        with redis.Redis.from_url(REDIS_URL) as admin:
+            ((entry_id, fields),) = admin.xrevrange(serving_key(serving), count=1)
+        assert fields[b"channel"] == b"ssecast.control", fields
+        order_id = entry_id.decode()
+        after = serving.publish("t", "after", channel="room")
+        read_until(bob, after.id.encode())
+        with serving.subscribe("room", last_event_id=order_id) as resumed:
+            assert resumed.read_nowait() == after.frame
+        # From a process that delivered the order and nothing since: no hold, no order.
+        with serving.subscribe("room", last_event_id=before.id) as resumed:
+            assert resumed.read_nowait() == after.frame
+
+
+def serving_key(broadcaster: Broadcaster) -> str:
+    """The Redis stream of a broadcaster made by `shared_store`."""
+    backend = broadcaster._backend
+    assert isinstance(backend, RedisBackend)
+    return backend.key
+
+
+# -- racing threads, the per-key limit, lifetimes ------------------------------------------
+
+
+def test_disconnects_racing_with_subscribes_and_expiries_leave_every_count_right() -> None:
+    """Threads subscribe as alice (limit 2, short lifetimes) while another revokes her.
+
+    Every subscription ends one way, counted once; nothing stays taken; alice gets her
+    two slots back, and a third is refused.
+    """
+    with Broadcaster(max_subscribers_per_key=2, heartbeat=None) as broadcaster:
+        subs: list[Subscription] = []
+        refused = [0]
+        revoked = [0]
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def subscriber(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(150):
+                try:
+                    sub = broadcaster.subscribe("room", key="alice", lifetime=rng.choice([0.001, 5]))
+                except TooManySubscribersError as error:
+                    assert error.key == "alice"
+                    with lock:
+                        refused[0] += 1
+                    continue
+                with lock:
+                    subs.append(sub)
+                if rng.random() < 0.3:
+                    sub.close()
+                elif rng.random() < 0.5:
+                    for _ in sub:  # reads until revoked or expired
+                        pass
+
+        def revoker() -> None:
+            while not stop.is_set():
+                count = broadcaster.disconnect(key="alice")
+                with lock:
+                    revoked[0] += count
+                time.sleep(0.0005)
+
+        threads = [threading.Thread(target=subscriber, args=(seed,)) for seed in range(4)]
+        revoking = threading.Thread(target=revoker)
+        revoking.start()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(HANG)
+            assert not thread.is_alive()
+        stop.set()
+        revoking.join(HANG)
+        revoked[0] += broadcaster.disconnect(key="alice")
+        assert all(sub.closed for sub in subs)
+        reasons = [sub.close_reason for sub in subs]
+        stats = broadcaster.stats()
+        assert stats.revoked == revoked[0] == reasons.count(CloseReason.REVOKED)
+        assert stats.expired == reasons.count(CloseReason.EXPIRED)
+        assert stats.subscribers == 0
+        assert stats.refused == refused[0]
+        # alice may come back up to her limit, and no further.
+        again = [broadcaster.subscribe("room", key="alice") for _ in range(2)]
+        with pytest.raises(TooManySubscribersError):
+            broadcaster.subscribe("room", key="alice")
+        for sub in again:
+            sub.close()
+        assert broadcaster.stats().subscribers == 0
+
+
+# -- per-request callables that return what they should not ------------------------------------
+
+
+@contextlib.contextmanager
+def uvicorn_serving(app: Any) -> Iterator[str]:
+    """Serve the ASGI ``app`` with uvicorn in a thread of this process; yield its URL."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        wait_for(lambda: server.started)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(HANG)
+
+
+@contextlib.contextmanager
+def werkzeug_serving(app: flask.Flask) -> Iterator[str]:
+    """Serve the Flask ``app`` with werkzeug's threaded server in a thread; yield its URL."""
+    port = free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        thread.join(HANG)
+
+
+ODD_LIFETIMES = [0, -1, math.nan, math.inf, True, 1e300, "5"]
+
+
+@pytest.mark.parametrize("lifetime", ODD_LIFETIMES, ids=repr)
+def test_an_odd_lifetime_from_the_callable_is_a_clean_500_on_uvicorn(lifetime: object) -> None:
+    """EventStream(lifetime=callable) returning a non-positive, odd or huge number: a 500."""
+    with Broadcaster() as broadcaster:
+        app = EventStream(broadcaster, lifetime=lambda scope: lifetime)
+        with uvicorn_serving(app) as url:
+            response = httpx.get(f"{url}/", timeout=HANG)
+        assert response.status_code == 500
+        assert broadcaster.stats().subscribers == 0
+
+
+@pytest.mark.parametrize("lifetime", ODD_LIFETIMES, ids=repr)
+def test_an_odd_lifetime_from_the_callable_is_a_clean_500_on_werkzeug(lifetime: object) -> None:
+    """ssecast.flask.stream(lifetime=callable) returning an odd value: a 500, never a stream."""
+    app = flask.Flask(__name__)
+    with Broadcaster() as broadcaster:
+        app.add_url_rule(
+            "/events",
+            view_func=lambda: ssecast.flask.stream(broadcaster, lifetime=lambda request: lifetime),
+        )
+        with werkzeug_serving(app) as url:
+            response = httpx.get(f"{url}/events", timeout=HANG)
+        assert response.status_code == 500
+        assert broadcaster.stats().subscribers == 0
+
+
+class User:
+    """What an app's key callable might hand back by mistake: its user object, not an id."""
+
+    def __repr__(self) -> str:
+        return "<User alice@example.com password-hash=pbkdf2$secret>"
+
+
+@pytest.mark.parametrize("key", [42, User()], ids=["int", "object"])
+def test_a_key_callable_returning_a_non_str_is_the_app_s_500_on_uvicorn(key: object) -> None:
+    """The app's bug (a user id as an int, a user object) is a 500: nothing told to the client."""
+    with Broadcaster() as broadcaster:
+        app = EventStream(broadcaster, key=lambda scope: key)
+        with uvicorn_serving(app) as url:
+            response = httpx.get(f"{url}/", timeout=HANG)
+        assert response.status_code == 500
+        assert b"alice" not in response.content
+
+
+@pytest.mark.parametrize("key", [42, User()], ids=["int", "object"])
+def test_a_key_callable_returning_a_non_str_is_the_app_s_500_on_werkzeug(key: object) -> None:
+    """As with uvicorn: not a 400 that blames the client and shows it the value."""
+    app = flask.Flask(__name__)
+    with Broadcaster() as broadcaster:
+        app.add_url_rule(
+            "/events",
+            view_func=lambda: ssecast.flask.stream(broadcaster, key=lambda request: key),
+        )
+        with werkzeug_serving(app) as url:
+            response = httpx.get(f"{url}/events", timeout=HANG)
+        assert b"alice" not in response.content, response.content
+        assert response.status_code == 500
