@@ -162,11 +162,12 @@ def test_disconnects_racing_with_subscribes_and_expiries_leave_every_count_right
             rng = random.Random(seed)
             for _ in range(150):
                 try:
-                    sub = broadcaster.subscribe("room", key="alice", lifetime=rng.choice([0.001, 5]))
+                    sub = broadcaster.subscribe(
+                        "room", key="alice", lifetime=rng.choice([0.001, 5])
+                    )
                 except TooManySubscribersError as error:
-                    assert error.key == "alice"
                     with lock:
-                        refused[0] += 1
+                        refused[0] += error.key == "alice"
                     continue
                 with lock:
                     subs.append(sub)
@@ -247,7 +248,7 @@ ODD_LIFETIMES = [0, -1, math.nan, math.inf, True, 1e300, "5"]
 
 
 @pytest.mark.parametrize("lifetime", ODD_LIFETIMES, ids=repr)
-def test_an_odd_lifetime_from_the_callable_is_a_clean_500_on_uvicorn(lifetime: object) -> None:
+def test_an_odd_lifetime_from_the_callable_is_a_clean_500_on_uvicorn(lifetime: Any) -> None:
     """EventStream(lifetime=callable) returning a non-positive, odd or huge number: a 500."""
     with Broadcaster() as broadcaster:
         app = EventStream(broadcaster, lifetime=lambda scope: lifetime)
@@ -258,7 +259,7 @@ def test_an_odd_lifetime_from_the_callable_is_a_clean_500_on_uvicorn(lifetime: o
 
 
 @pytest.mark.parametrize("lifetime", ODD_LIFETIMES, ids=repr)
-def test_an_odd_lifetime_from_the_callable_is_a_clean_500_on_werkzeug(lifetime: object) -> None:
+def test_an_odd_lifetime_from_the_callable_is_a_clean_500_on_werkzeug(lifetime: Any) -> None:
     """ssecast.flask.stream(lifetime=callable) returning an odd value: a 500, never a stream."""
     app = flask.Flask(__name__)
     with Broadcaster() as broadcaster:
@@ -280,7 +281,7 @@ class User:
 
 
 @pytest.mark.parametrize("key", [42, User()], ids=["int", "object"])
-def test_a_key_callable_returning_a_non_str_is_the_app_s_500_on_uvicorn(key: object) -> None:
+def test_a_key_callable_returning_a_non_str_is_the_app_s_500_on_uvicorn(key: Any) -> None:
     """The app's bug (a user id as an int, a user object) is a 500: nothing told to the client."""
     with Broadcaster() as broadcaster:
         app = EventStream(broadcaster, key=lambda scope: key)
@@ -291,7 +292,7 @@ def test_a_key_callable_returning_a_non_str_is_the_app_s_500_on_uvicorn(key: obj
 
 
 @pytest.mark.parametrize("key", [42, User()], ids=["int", "object"])
-def test_a_key_callable_returning_a_non_str_is_the_app_s_500_on_werkzeug(key: object) -> None:
+def test_a_key_callable_returning_a_non_str_is_the_app_s_500_on_werkzeug(key: Any) -> None:
     """As with uvicorn: not a 400 that blames the client and shows it the value."""
     app = flask.Flask(__name__)
     with Broadcaster() as broadcaster:
