@@ -46,6 +46,7 @@ from ssecast._http import (
     UNAVAILABLE,
     per_request,
     refusal,
+    request_key,
     resume_id,
     unavailable_reason,
 )
@@ -103,11 +104,12 @@ def stream(
     last_event_id = resume_id(
         request.headers.get("Last-Event-ID"), str(request.META.get("QUERY_STRING", ""))
     )
+    subscription_key = request_key(key, request)
     try:
         subscription = broadcaster.subscribe(
             *channels,
             last_event_id=last_event_id,
-            key=per_request(key, request),
+            key=subscription_key,
             lifetime=per_request(lifetime, request),
         )
     except InvalidFieldError as error:

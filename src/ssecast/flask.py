@@ -43,6 +43,7 @@ from ssecast._http import (
     UNAVAILABLE,
     per_request,
     refusal,
+    request_key,
     resume_id,
     unavailable_reason,
 )
@@ -89,7 +90,7 @@ def stream(
     last_event_id = resume_id(
         request.headers.get("Last-Event-ID"), request.query_string.decode("latin-1")
     )
-    key = per_request(key, request)
+    key = request_key(key, request)
     lifetime = per_request(lifetime, request)
     try:
         subscription = broadcaster.subscribe(
