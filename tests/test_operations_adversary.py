@@ -27,7 +27,7 @@ import uvicorn
 from werkzeug.serving import make_server
 
 import ssecast.flask
-from backends import POSTGRES_DSN, REDIS_URL
+from backends import POSTGRES_DSN, REDIS_URL, RedisHarness
 from servers import free_port
 from ssecast import Broadcaster, CloseReason, Subscription, TooManySubscribersError
 from ssecast.asgi import EventStream
@@ -304,3 +304,52 @@ def test_a_key_callable_returning_a_non_str_is_the_app_s_500_on_werkzeug(key: An
             response = httpx.get(f"{url}/events", timeout=HANG)
         assert b"alice" not in response.content, response.content
         assert response.status_code == 500
+
+
+# -- a disconnect while a resume is being read from the store -----------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "A resume that asks the store (older than the ring) registers after the store "
+        "answers; a disconnect that ran meanwhile did not see it, so the revoked user's "
+        "stream, authorized before the revocation, lives on. Proposed fix: count the "
+        "disconnects (by channel and key) in Broadcaster; _Resume notes the count at "
+        "_begin, and _finish ends the new feed with REVOKED (counted) when a disconnect "
+        "since then matches its channels or key."
+    ),
+)
+def test_a_resume_mid_replay_is_ended_by_a_disconnect_of_its_key_meanwhile() -> None:
+    """alice resumes from an old id on a worker whose store is slow; she is revoked meanwhile.
+
+    Her other stream ends; the one whose replay was being read must not come out alive.
+    """
+    harness = RedisHarness()
+    try:
+        with (
+            harness.lagging(history=1) as (slow, held_up),
+            harness.broadcaster() as fast,
+        ):
+            probe = slow.subscribe("room")  # listening
+            old = fast.publish("t", "old", channel="room")
+            newest = [fast.publish("t", n, channel="room") for n in range(3)][-1]
+            read_until(probe, newest.id.encode())  # "old" fell out of the ring of one
+            canary = slow.subscribe("room", key="alice")
+            resumed: list[Subscription] = []
+            with held_up():
+                resuming = threading.Thread(
+                    target=lambda: resumed.append(
+                        slow.subscribe("room", key="alice", last_event_id=old.id)
+                    )
+                )
+                resuming.start()
+                revoking = threading.Thread(target=lambda: slow.disconnect(key="alice"))
+                revoking.start()
+                wait_for(lambda: canary.close_reason is CloseReason.REVOKED)
+            resuming.join(HANG)
+            revoking.join(HANG)
+            assert len(resumed) == 1
+            assert resumed[0].close_reason is CloseReason.REVOKED
+    finally:
+        harness.close()
