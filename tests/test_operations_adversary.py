@@ -10,6 +10,8 @@ threads of the test) to a real client (httpx).
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
 import math
 import random
 import threading
@@ -28,7 +30,7 @@ from werkzeug.serving import make_server
 
 import ssecast.flask
 from backends import POSTGRES_DSN, REDIS_URL, RedisHarness
-from servers import free_port
+from servers import PYTHON, free_port
 from ssecast import Broadcaster, CloseReason, Subscription, TooManySubscribersError
 from ssecast.asgi import EventStream
 from ssecast.postgres import PostgresBackend
@@ -353,3 +355,64 @@ def test_a_resume_mid_replay_is_ended_by_a_disconnect_of_its_key_meanwhile() -> 
             assert resumed[0].close_reason is CloseReason.REVOKED
     finally:
         harness.close()
+
+
+# -- a worker forked after the broadcaster was used ---------------------------------------------
+
+FORKED_WORKER = """
+import json, os, sys, time
+from ssecast import Broadcaster, CloseReason
+from ssecast.redis import RedisBackend
+
+broadcaster = Broadcaster(backend=RedisBackend(sys.argv[1], prefix=sys.argv[2]), heartbeat=0.2)
+alice = broadcaster.subscribe("room", key="alice")  # the parent serves before it forks
+bob = broadcaster.subscribe("room", key="bob")
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:  # the worker: its own alice stream, then it revokes her everywhere
+    mine = broadcaster.subscribe("room", key="alice")
+    ended = broadcaster.disconnect(key="alice")
+    os.write(write, json.dumps([ended, mine.close_reason, broadcaster.stats().revoked]).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+child = json.loads(os.read(read, 4096))
+marker = broadcaster.publish("t", "after", channel="room")
+deadline = time.monotonic() + 30
+seen = b""
+for chunk in bob:
+    seen += chunk
+    if marker.id.encode() in seen or time.monotonic() > deadline:
+        break
+print(json.dumps({
+    "child": child,
+    "alice": alice.close_reason,
+    "bob": bob.close_reason,
+    "bob_saw_order": b"ssecast." in seen,
+    "revoked": broadcaster.stats().revoked,
+    "subscribers": broadcaster.stats().subscribers,
+}))
+broadcaster.close()
+"""
+
+
+def test_a_worker_forked_after_use_revokes_in_its_parent_and_counts_only_its_own() -> None:
+    """The child's disconnect ends its own stream (1) and, through Redis, the parent's."""
+    harness = RedisHarness()
+    try:
+        done = subprocess.run(
+            [PYTHON, "-c", FORKED_WORKER, REDIS_URL, harness.prefix],
+            capture_output=True,
+            timeout=HANG * 2,
+            check=True,
+        )
+    finally:
+        harness.close()
+    seen = json.loads(done.stdout)
+    assert seen == {
+        "child": [1, "revoked", 1],
+        "alice": "revoked",
+        "bob": None,
+        "bob_saw_order": False,
+        "revoked": 1,
+        "subscribers": 1,
+    }
