@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import parse_qs
 
 import flask
 import httpx
@@ -416,3 +417,32 @@ def test_a_worker_forked_after_use_revokes_in_its_parent_and_counts_only_its_own
         "revoked": 1,
         "subscribers": 1,
     }
+
+
+# -- a key taken from the client's own request ---------------------------------------------------
+
+
+def query_user(scope: Any) -> str | None:
+    """The key an app takes from the query (``?user=``), as the client sent it."""
+    values = parse_qs(scope["query_string"].decode("latin-1")).get("user")
+    return values[-1] if values else None
+
+
+def test_a_bad_key_from_the_client_s_query_is_a_400_on_uvicorn_as_on_werkzeug() -> None:
+    """A line break in the client's own ``?user=``: 400 on every adapter, not a 500 on ASGI."""
+    with Broadcaster() as broadcaster:
+        app = EventStream(broadcaster, key=query_user)
+        with uvicorn_serving(app) as url:
+            response = httpx.get(f"{url}/", params={"user": "a\nb"}, timeout=HANG)
+        flask_app = flask.Flask(__name__)
+        flask_app.add_url_rule(
+            "/events",
+            view_func=lambda: ssecast.flask.stream(
+                broadcaster, key=lambda request: request.args.get("user")
+            ),
+        )
+        with werkzeug_serving(flask_app) as url:
+            flask_response = httpx.get(f"{url}/events", params={"user": "a\nb"}, timeout=HANG)
+        assert flask_response.status_code == 400
+        assert response.status_code == 400
+        assert broadcaster.stats().subscribers == 0
