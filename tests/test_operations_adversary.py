@@ -9,11 +9,13 @@ threads of the test) to a real client (httpx).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-import subprocess
+import logging
 import math
 import random
+import subprocess
 import threading
 import time
 import uuid
@@ -324,7 +326,7 @@ def test_a_key_callable_returning_a_non_str_is_the_app_s_500_on_werkzeug(key: An
     ),
 )
 def test_a_resume_mid_replay_is_ended_by_a_disconnect_of_its_key_meanwhile() -> None:
-    """alice resumes from an old id on a worker whose store is slow; she is revoked meanwhile.
+    """Alice resumes from an old id on a worker whose store is slow; she is revoked meanwhile.
 
     Her other stream ends; the one whose replay was being read must not come out alive.
     """
@@ -445,4 +447,101 @@ def test_a_bad_key_from_the_client_s_query_is_a_400_on_uvicorn_as_on_werkzeug() 
             flask_response = httpx.get(f"{url}/events", params={"user": "a\nb"}, timeout=HANG)
         assert flask_response.status_code == 400
         assert response.status_code == 400
+        assert broadcaster.stats().subscribers == 0
+
+
+# -- the reserved prefix from clients ------------------------------------------------------------
+
+
+def test_a_client_asking_for_the_control_channel_gets_a_400_and_no_subscription() -> None:
+    """``?channel=ssecast.control`` (with and without authorize): 400 on uvicorn and werkzeug."""
+    with Broadcaster() as broadcaster:
+
+        def channels(scope: Any) -> list[str]:
+            return parse_qs(scope["query_string"].decode("latin-1"))["channel"]
+
+        statuses = []
+        for authorize in (None, lambda scope, names: True):
+            app = EventStream(broadcaster, channels, authorize=authorize)
+            with uvicorn_serving(app) as url:
+                response = httpx.get(url, params={"channel": "ssecast.control"}, timeout=HANG)
+                statuses.append(response.status_code)
+        flask_app = flask.Flask(__name__)
+        flask_app.add_url_rule(
+            "/events",
+            view_func=lambda: ssecast.flask.stream(broadcaster, flask.request.args["channel"]),
+        )
+        with werkzeug_serving(flask_app) as url:
+            response = httpx.get(f"{url}/events", params={"channel": "ssecast.x"}, timeout=HANG)
+            statuses.append(response.status_code)
+        assert statuses == [400, 400, 400]
+        assert broadcaster.stats().subscribers == 0
+
+
+# -- disconnect from where a user would call it ---------------------------------------------------
+
+
+class RevokeOnEviction(logging.Handler):
+    """A logging handler that revokes a user when ssecast logs an eviction (an app's alarm)."""
+
+    def __init__(self, broadcaster: Broadcaster) -> None:
+        super().__init__()
+        self.broadcaster = broadcaster
+        self.ended: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "evicted" in record.getMessage():
+            self.ended.append(self.broadcaster.disconnect(key="mallory"))
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_logging_handler_may_disconnect_without_a_deadlock(kind: str) -> None:
+    """The handler runs in publish's thread (memory) or the Redis reader's; neither hangs."""
+    logger = logging.getLogger("ssecast")
+    with contextlib.ExitStack() as stack:
+        if kind == "memory":
+            broadcaster = stack.enter_context(Broadcaster(heartbeat=None))
+            publisher = broadcaster
+        else:
+            make = stack.enter_context(shared_store("redis"))
+            broadcaster, publisher = make(), make()
+        handler = RevokeOnEviction(broadcaster)
+        logger.addHandler(handler)
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        stack.callback(logger.setLevel, level)
+        stack.callback(logger.removeHandler, handler)
+        slow = broadcaster.subscribe("room", queue_size=1)
+        mallory = broadcaster.subscribe("room", key="mallory")
+        done = threading.Event()
+
+        def publish() -> None:
+            for n in range(3):
+                publisher.publish("t", n, channel="room")
+            done.set()
+
+        thread = threading.Thread(target=publish, daemon=True)
+        thread.start()
+        assert done.wait(HANG), "publish hung"
+        wait_for(lambda: slow.close_reason is CloseReason.EVICTED)
+        wait_for(lambda: bool(handler.ended))
+        assert handler.ended == [1]
+        assert mallory.close_reason is CloseReason.REVOKED
+
+
+async def test_adisconnect_from_another_loop_ends_a_task_reading_on_this_one() -> None:
+    """A task awaits its subscription on this loop; another thread's loop revokes it."""
+    with Broadcaster(heartbeat=None) as broadcaster:
+        sub = await broadcaster.asubscribe("room", key="alice")
+
+        async def read_all() -> list[bytes]:
+            return [chunk async for chunk in sub]
+
+        reader = asyncio.get_running_loop().create_task(read_all())
+        await asyncio.sleep(0.05)  # the reader is waiting
+        ended = await asyncio.to_thread(asyncio.run, broadcaster.adisconnect(key="alice"))
+        async with asyncio.timeout(HANG):
+            assert await reader == []
+        assert ended == 1
+        assert sub.close_reason is CloseReason.REVOKED
         assert broadcaster.stats().subscribers == 0

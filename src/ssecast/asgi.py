@@ -147,10 +147,10 @@ class EventStream:
     `405` (with `Allow`) for a method other than GET, `404` when the `channels` callable
     raises `LookupError`, `400` for an invalid channel name or key (a `str` with a line
     break, say; a key that is not a `str` at all is the app's bug, a `500`), `403` when
-    `authorize` says no (nothing is subscribed). With `authorize`, an unknown channel is answered as a
-    refusal (`403 forbidden`), so that a caller cannot learn which channels exist. When
-    `max_subscribers` (or `max_subscribers_per_key` with its key) are open, or the
-    broadcaster is closed, or its backend is unavailable, the refusal is for a while: an
+    `authorize` says no (nothing is subscribed). With `authorize`, an unknown channel is
+    answered as a refusal (`403 forbidden`), so that a caller cannot learn which channels
+    exist. When `max_subscribers` (or `max_subscribers_per_key` with its key) are open, or
+    the broadcaster is closed, or its backend is unavailable, the refusal is for a while: an
     `EventSource` (a request with `Accept: text/event-stream`) gets a `200` stream holding a
     `retry:` field and one `ssecast.unavailable` event, which makes it reconnect after that
     delay; any other client gets `503` with `Retry-After` (`429` for the per-key limit).
