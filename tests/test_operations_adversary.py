@@ -545,3 +545,51 @@ async def test_adisconnect_from_another_loop_ends_a_task_reading_on_this_one() -
         assert ended == 1
         assert sub.close_reason is CloseReason.REVOKED
         assert broadcaster.stats().subscribers == 0
+
+
+# -- the per-key limit over a real server, with lifetimes and revocations -----------------------
+
+
+def test_a_user_at_her_limit_is_429_until_her_stream_expires_or_is_revoked() -> None:
+    """On werkzeug with a limit of 1, alice's slot comes back at expiry and at revocation.
+
+    Meanwhile a second stream is a 429 (a retry stream for an EventSource).
+    """
+    app = flask.Flask(__name__)
+    with Broadcaster(max_subscribers_per_key=1, heartbeat=0.2) as broadcaster:
+        lifetimes = {"short": 0.5, "long": 60.0}
+        app.add_url_rule(
+            "/events",
+            view_func=lambda: ssecast.flask.stream(
+                broadcaster,
+                key="alice",
+                lifetime=lambda request: lifetimes[request.args["life"]],
+            ),
+        )
+        with werkzeug_serving(app) as url, httpx.Client(timeout=HANG) as client:
+            with client.stream("GET", f"{url}/events", params={"life": "short"}) as first:
+                assert first.status_code == 200
+                plain = client.get(f"{url}/events", params={"life": "long"})
+                browser = client.get(
+                    f"{url}/events",
+                    params={"life": "long"},
+                    headers={"Accept": "text/event-stream"},
+                )
+                assert (plain.status_code, plain.headers["Retry-After"]) == (429, "5")
+                assert browser.status_code == 200
+                assert b"retry:" in browser.content
+                assert b"ssecast.unavailable" in browser.content
+                first.read()  # returns when its lifetime has ended the response
+            wait_for(lambda: broadcaster.stats().subscribers == 0)
+            with client.stream("GET", f"{url}/events", params={"life": "long"}) as second:
+                assert second.status_code == 200
+                wait_for(lambda: broadcaster.stats().subscribers == 1)
+                assert broadcaster.disconnect(key="alice") == 1
+                second.read()  # the revoked response ends
+            with client.stream("GET", f"{url}/events", params={"life": "long"}) as third:
+                assert third.status_code == 200
+                assert broadcaster.disconnect(key="alice") == 1
+                third.read()
+        stats = broadcaster.stats()
+        assert (stats.expired, stats.revoked, stats.subscribers) == (1, 2, 0)
+        assert stats.refused == 2
