@@ -79,7 +79,7 @@ def stream(
 
     The client resumes where it left off with the `Last-Event-ID` header or, for
     clients that cannot set headers, a `lastEventId` query parameter. Refusals come
-    back as ordinary responses rather than exceptions: 400 for an invalid channel name,
+    back as ordinary responses rather than exceptions: 400 for an invalid channel name or key,
     429 with `Retry-After` when `max_subscribers_per_key` streams with this key are
     open, 503 with `Retry-After` when the broadcaster is full (`max_subscribers`) or
     closed, or its backend is unreachable; but then an `EventSource` (`Accept:

@@ -73,7 +73,7 @@ def stream(
     :param lifetime: seconds after which the stream ends cleanly (less up to 10% at
         random), so that its client reconnects and resumes with `Last-Event-ID`, or a
         callable taking the request and returning them or `None` for no end.
-    :raises werkzeug.exceptions.BadRequest: a channel name is invalid (400).
+    :raises werkzeug.exceptions.BadRequest: a channel name or the key is invalid (400).
     :raises werkzeug.exceptions.TooManyRequests: `max_subscribers_per_key` streams
         with this key are open (429, with `Retry-After`).
     :raises werkzeug.exceptions.ServiceUnavailable: the broadcaster is full
