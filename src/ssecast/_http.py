@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl
 from ssecast import _wire
 from ssecast._broadcaster import check_lifetime
 from ssecast._encoder import UNAVAILABLE_EVENT_TYPE
+from ssecast._event import check_field
 from ssecast._exceptions import (
     REFUSED_FOR_NOW,
     BackendUnavailableError,
@@ -30,6 +31,7 @@ __all__ = [
     "checked_lifetime",
     "per_request",
     "refusal",
+    "request_key",
     "resume_id",
     "unavailable_reason",
 ]
@@ -160,3 +162,19 @@ def checked_lifetime(lifetime: _T) -> _T:
 def per_request(value: _T | Callable[[_R], _T], request: _R) -> _T:
     """Return `value`, or what it returns for `request` if it is a callable."""
     return value(request) if callable(value) else value
+
+
+def request_key(key: str | Callable[[_R], str | None] | None, request: _R) -> str | None:
+    """Return the key of `request`'s subscription, refusing one that is not a `str`.
+
+    Refused here, before the adapter answers a `400` for bad input: a key that is not
+    even a `str` (a user object, an int id) is the app's bug, a `500`, and its value must
+    not be shown to the client. A `str` with a bad value may be the client's own input
+    (a query parameter), checked by `subscribe` like the rest.
+
+    :raises InvalidFieldError: the key is neither a `str` nor `None`.
+    """
+    value: object = per_request(key, request)
+    if value is None or isinstance(value, str):
+        return value
+    return check_field("key", value)  # raises: it is not a str

@@ -87,6 +87,7 @@ from ssecast._http import (
     checked_lifetime,
     per_request,
     refusal,
+    request_key,
     resume_id,
     unavailable_reason,
 )
@@ -144,11 +145,12 @@ class EventStream:
     Each GET is checked in this order: the method, `channels`, `key`, `authorize`,
     `lifetime`, then the broadcaster's limits. Refusals are short `text/plain` answers:
     `405` (with `Allow`) for a method other than GET, `404` when the `channels` callable
-    raises `LookupError`, `400` for an invalid channel name, `403` when `authorize` says
-    no (nothing is subscribed). With `authorize`, an unknown channel is answered as a
-    refusal (`403 forbidden`), so that a caller cannot learn which channels exist. When
-    `max_subscribers` (or `max_subscribers_per_key` with its key) are open, or the
-    broadcaster is closed, or its backend is unavailable, the refusal is for a while: an
+    raises `LookupError`, `400` for an invalid channel name or key (a `str` with a line
+    break, say; a key that is not a `str` at all is the app's bug, a `500`), `403` when
+    `authorize` says no (nothing is subscribed). With `authorize`, an unknown channel is
+    answered as a refusal (`403 forbidden`), so that a caller cannot learn which channels
+    exist. When `max_subscribers` (or `max_subscribers_per_key` with its key) are open, or
+    the broadcaster is closed, or its backend is unavailable, the refusal is for a while: an
     `EventSource` (a request with `Accept: text/event-stream`) gets a `200` stream holding a
     `retry:` field and one `ssecast.unavailable` event, which makes it reconnect after that
     delay; any other client gets `503` with `Retry-After` (`429` for the per-key limit).
@@ -225,7 +227,7 @@ class EventStream:
         except InvalidFieldError as error:
             await _refuse(send, 400, str(error))
             return
-        key = per_request(self._key, scope)
+        key = request_key(self._key, scope)
         if self._authorize is not None:
             allowed = self._authorize(scope, channels)
             if inspect.isawaitable(allowed):
@@ -240,6 +242,9 @@ class EventStream:
                 key=key,
                 lifetime=per_request(self._lifetime, scope),
             )
+        except InvalidFieldError as error:  # the key, from the client's own request
+            await _refuse(send, 400, str(error))
+            return
         except UNAVAILABLE as error:
             refused = refusal(error, _accept(scope))
             if refused.stream:

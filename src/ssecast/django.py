@@ -46,6 +46,7 @@ from ssecast._http import (
     UNAVAILABLE,
     per_request,
     refusal,
+    request_key,
     resume_id,
     unavailable_reason,
 )
@@ -78,7 +79,7 @@ def stream(
 
     The client resumes where it left off with the `Last-Event-ID` header or, for
     clients that cannot set headers, a `lastEventId` query parameter. Refusals come
-    back as ordinary responses rather than exceptions: 400 for an invalid channel name,
+    back as ordinary responses rather than exceptions: 400 for an invalid channel name or key,
     429 with `Retry-After` when `max_subscribers_per_key` streams with this key are
     open, 503 with `Retry-After` when the broadcaster is full (`max_subscribers`) or
     closed, or its backend is unreachable; but then an `EventSource` (`Accept:
@@ -103,11 +104,12 @@ def stream(
     last_event_id = resume_id(
         request.headers.get("Last-Event-ID"), str(request.META.get("QUERY_STRING", ""))
     )
+    subscription_key = request_key(key, request)
     try:
         subscription = broadcaster.subscribe(
             *channels,
             last_event_id=last_event_id,
-            key=per_request(key, request),
+            key=subscription_key,
             lifetime=per_request(lifetime, request),
         )
     except InvalidFieldError as error:

@@ -43,6 +43,7 @@ from ssecast._http import (
     UNAVAILABLE,
     per_request,
     refusal,
+    request_key,
     resume_id,
     unavailable_reason,
 )
@@ -72,7 +73,7 @@ def stream(
     :param lifetime: seconds after which the stream ends cleanly (less up to 10% at
         random), so that its client reconnects and resumes with `Last-Event-ID`, or a
         callable taking the request and returning them or `None` for no end.
-    :raises werkzeug.exceptions.BadRequest: a channel name is invalid (400).
+    :raises werkzeug.exceptions.BadRequest: a channel name or the key is invalid (400).
     :raises werkzeug.exceptions.TooManyRequests: `max_subscribers_per_key` streams
         with this key are open (429, with `Retry-After`).
     :raises werkzeug.exceptions.ServiceUnavailable: the broadcaster is full
@@ -89,7 +90,7 @@ def stream(
     last_event_id = resume_id(
         request.headers.get("Last-Event-ID"), request.query_string.decode("latin-1")
     )
-    key = per_request(key, request)
+    key = request_key(key, request)
     lifetime = per_request(lifetime, request)
     try:
         subscription = broadcaster.subscribe(
