@@ -18,6 +18,8 @@ under a server with many threads: werkzeug's threaded dev server, or gunicorn wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 try:
     import flask
 except ModuleNotFoundError as error:  # pragma: no cover - tested in a subprocess
@@ -27,8 +29,6 @@ except ModuleNotFoundError as error:  # pragma: no cover - tested in a subproces
         "ssecast.flask needs Flask, which is not installed; "
         "install it with: pip install 'ssecast[flask]'"
     ) from error
-from collections.abc import Callable
-
 from werkzeug.exceptions import BadRequest, ServiceUnavailable, TooManyRequests
 
 from ssecast._broadcaster import Broadcaster
