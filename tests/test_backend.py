@@ -427,6 +427,21 @@ def test_more_events_during_a_replay_than_the_ring_holds_are_asked_for_again() -
     assert [until for _, until, _ in backend.replays] == [published[4].id, published[8].id]
 
 
+def test_a_disconnect_during_the_backend_read_ends_the_resumes_it_matches() -> None:
+    """Revoked while its history is read: it comes out ended; another key's resume lives."""
+    backend = LoggingBackend()
+    with Broadcaster(backend=backend, history=1) as b:
+        published = [b.publish("t", number) for number in range(3)]
+        backend.during_replay = lambda: b.disconnect(key="alice")
+        revoked = b.subscribe(last_event_id=published[0].id, key="alice")
+        kept = b.subscribe(last_event_id=published[0].id, key="bob")
+        assert revoked.close_reason is CloseReason.REVOKED
+        assert revoked.read_nowait() == b""
+        assert kept.close_reason is None
+        assert kept.read_nowait() == _frames(published[1:])
+        assert (b.stats().revoked, b.stats().subscribers) == (1, 1)
+
+
 def test_more_events_during_every_replay_than_the_ring_holds_give_a_gap() -> None:
     """If the ring lost some of what arrived during each backend read, the client is told."""
     backend = LoggingBackend()

@@ -331,17 +331,6 @@ def test_a_key_callable_returning_a_non_str_is_the_app_s_500_on_werkzeug(key: An
 # -- a disconnect while a resume is being read from the store -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "A resume that asks the store (older than the ring) registers after the store "
-        "answers; a disconnect that ran meanwhile did not see it, so the revoked user's "
-        "stream, authorized before the revocation, lives on. Proposed fix: count the "
-        "disconnects (by channel and key) in Broadcaster; _Resume notes the count at "
-        "_begin, and _finish ends the new feed with REVOKED (counted) when a disconnect "
-        "since then matches its channels or key."
-    ),
-)
 def test_a_resume_mid_replay_is_ended_by_a_disconnect_of_its_key_meanwhile() -> None:
     """Alice resumes from an old id on a worker whose store is slow; she is revoked meanwhile.
 

@@ -180,6 +180,8 @@ class Broadcaster:
         self._held: dict[str, tuple[Ahead, list[Feed]]] = {}
         # The open feeds of each key, for the per-key limit and for disconnect().
         self._keyed: dict[str, set[Feed]] = {}
+        # Subscriptions waiting for the backend's history, which disconnect() marks.
+        self._in_flight: set[_Flight] = set()
         # Tells this broadcaster's disconnect orders from other processes' (see _control).
         self._origin = secrets.token_hex(8)
         self._subscriber_count = 0
@@ -378,10 +380,14 @@ class Broadcaster:
             self._listen()
             begun = self._begin(request)
             tries = _REPLAY_TRIES
-            while isinstance(begun, _Resume):
-                tries -= 1
-                older = self._backend.replay(begun.last_event_id, begun.newest, begun.channels)
-                begun = self._finish(begun, older, last_try=tries == 0)
+            try:
+                while isinstance(begun, _Resume):
+                    tries -= 1
+                    older = self._backend.replay(begun.last_event_id, begun.newest, begun.channels)
+                    begun = self._finish(begun, older, last_try=tries == 0)
+            finally:
+                if isinstance(begun, _Resume):  # the backend or a limit refused it
+                    self._abandon(begun)
             return begun
 
     async def asubscribe(
@@ -402,16 +408,20 @@ class Broadcaster:
                 await asyncio.to_thread(self._listen)
             begun = self._begin(request)
             tries = _REPLAY_TRIES
-            while isinstance(begun, _Resume):
-                tries -= 1
-                older: list[Event] | Ahead | None = None
-                # A MemoryBackend keeps no history of its own: no call, and no thread, for
-                # a stale id. (A subclass may keep some, so it is asked like any other.)
-                if type(self._backend) is not MemoryBackend:
-                    older = await asyncio.to_thread(
-                        self._backend.replay, begun.last_event_id, begun.newest, begun.channels
-                    )
-                begun = self._finish(begun, older, last_try=tries == 0)
+            try:
+                while isinstance(begun, _Resume):
+                    tries -= 1
+                    older: list[Event] | Ahead | None = None
+                    # A MemoryBackend keeps no history of its own: no call, and no thread,
+                    # for a stale id. (A subclass may keep some, so it is asked as others.)
+                    if type(self._backend) is not MemoryBackend:
+                        older = await asyncio.to_thread(
+                            self._backend.replay, begun.last_event_id, begun.newest, begun.channels
+                        )
+                    begun = self._finish(begun, older, last_try=tries == 0)
+            finally:
+                if isinstance(begun, _Resume):  # the backend or a limit refused it
+                    self._abandon(begun)
             return begun
 
     @contextlib.contextmanager
@@ -490,7 +500,9 @@ class Broadcaster:
             replayed = self._history.after(request.last_event_id, request.channels)
             if replayed is not None:
                 return self._register(request, _joined(self._prelude, replayed))
-            return _Resume(request, self._history.mark, self._history.last_id)
+            flight = _Flight(request)
+            self._in_flight.add(flight)
+            return _Resume(flight, self._history.mark, self._history.last_id)
 
     def _finish(
         self, resume: _Resume, older: list[Event] | Ahead | None, *, last_try: bool
@@ -503,6 +515,14 @@ class Broadcaster:
         request = resume.request
         with self._lock:
             self._check_room(request)
+            recent = None
+            if isinstance(older, list):
+                recent = self._history.since(resume.mark, request.channels)
+                if recent is None and not last_try:
+                    return resume._replace(mark=self._history.mark, newest=self._history.last_id)
+            self._in_flight.discard(resume.flight)
+            if resume.flight.revoked:
+                return self._revoked_meanwhile(request)
             if older is None or isinstance(older, Ahead):
                 # Unknown to the backend, or delivered by another process first: this one
                 # may have delivered it by now.
@@ -510,15 +530,33 @@ class Broadcaster:
                 if replayed is None and isinstance(older, Ahead):
                     return self._hold(request, resume.last_event_id, older)
             else:
-                recent = self._history.since(resume.mark, request.channels)
-                if recent is None and not last_try:
-                    return _Resume(request, self._history.mark, self._history.last_id)
                 replayed = None if recent is None else older + recent
             if replayed is None:
                 head = [*self._prelude, _gap(self._history.last_id)]
             else:
                 head = _joined(self._prelude, replayed)
             return self._register(request, head)
+
+    def _revoked_meanwhile(self, request: _Request) -> Subscription:
+        """Return the subscription a disconnect matched while the backend read, ended."""
+        # Precondition: self._lock is held. Authorized before the disconnect, it ends as
+        # if it had been registered then; never counted in, it has nothing to forget.
+        feed = Feed(
+            channels=request.channels,
+            capacity=request.capacity,
+            heartbeat=None,
+            head=[],
+            lock=self._lock,
+            key=request.key,
+        )
+        feed.end(CloseReason.REVOKED)
+        self._revoked += 1
+        return Subscription(feed, self._release)
+
+    def _abandon(self, resume: _Resume) -> None:
+        """Forget a resume that the backend or a limit refused."""
+        with self._lock:
+            self._in_flight.discard(resume.flight)
 
     def _check_room(self, request: _Request) -> None:
         # Precondition: self._lock is held. Checked and counted in one hold of the lock
@@ -689,6 +727,11 @@ class Broadcaster:
                 self._forget(feed)
                 woken.append(feed.end(CloseReason.REVOKED))
             self._revoked += len(matched)
+            for flight in self._in_flight:  # resumes waiting for the backend's history
+                if (channel is None or channel in flight.request.channels) and (
+                    key is None or flight.request.key == key
+                ):
+                    flight.revoked = True
         wake(woken)
         return len(matched)
 
@@ -777,6 +820,7 @@ class Broadcaster:
             # What the parent delivers from now on, this child does not see (and a sibling
             # delivers other events after the same ids): no resume from the parent's ring.
             self._history = History(self._history.size)
+            self._in_flight.clear()  # the parent's threads' resumes
 
     def __enter__(self) -> Self:
         return self
@@ -815,14 +859,28 @@ class _Request(NamedTuple):
     lifetime: float | None
 
 
+class _Flight:
+    """A subscription waiting for the backend's history, which a disconnect may match."""
+
+    __slots__ = ("request", "revoked")
+
+    def __init__(self, request: _Request) -> None:
+        self.request = request
+        self.revoked = False
+
+
 class _Resume(NamedTuple):
     """A subscription the ring could not resume: what to ask the backend, and from when."""
 
-    request: _Request
+    flight: _Flight
     mark: int
     """The ring's bookmark when the backend was asked; the ring gives what came after."""
     newest: str | None
     """The newest id delivered then: the backend replays up to it."""
+
+    @property
+    def request(self) -> _Request:
+        return self.flight.request
 
     @property
     def last_event_id(self) -> str:
