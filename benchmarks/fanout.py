@@ -27,8 +27,9 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 
-from ssecast import Broadcaster
+from ssecast import Broadcaster, Subscription
 
 EVENT_TYPE = "price_update"
 PAYLOAD = {"ticker": "TSLA", "price": 200.0, "volume": 1_000_000, "venue": "XNAS"}
@@ -38,7 +39,7 @@ Round = Callable[[], None]
 
 def floor_case(subscribers: int, burst: int) -> Round:
     frame = f"event: {EVENT_TYPE}\ndata: {json.dumps(PAYLOAD)}\n\n".encode()
-    buffers = [deque() for _ in range(subscribers)]
+    buffers: list[deque[bytes]] = [deque() for _ in range(subscribers)]
 
     def run() -> None:
         for _ in range(burst):
@@ -51,9 +52,8 @@ def floor_case(subscribers: int, burst: int) -> Round:
     return run
 
 
-def ssecast_case(subscribers: int, burst: int) -> Round:
-    broadcaster = Broadcaster(heartbeat=None, history=1024)
-    subs = [broadcaster.subscribe() for _ in range(subscribers)]
+def publishing(broadcaster: Broadcaster, subs: list[Subscription], burst: int) -> Round:
+    """Return a round that publishes `burst` events, then reads every subscription once."""
 
     def run() -> None:
         publish = broadcaster.publish
@@ -65,18 +65,11 @@ def ssecast_case(subscribers: int, burst: int) -> Round:
     return run
 
 
-def ssecast_keys_case(subscribers: int, burst: int) -> Round:
-    broadcaster = Broadcaster(heartbeat=None, history=1024, max_subscribers_per_key=1)
-    subs = [broadcaster.subscribe(key=f"user-{n}") for n in range(subscribers)]
-
-    def run() -> None:
-        publish = broadcaster.publish
-        for _ in range(burst):
-            publish(EVENT_TYPE, PAYLOAD)
-        for sub in subs:
-            sub.read_nowait()
-
-    return run
+def ssecast_case(subscribers: int, burst: int, *, keys: bool = False) -> Round:
+    per_key = 1 if keys else None
+    broadcaster = Broadcaster(heartbeat=None, history=1024, max_subscribers_per_key=per_key)
+    subs = [broadcaster.subscribe(key=f"user-{n}" if keys else None) for n in range(subscribers)]
+    return publishing(broadcaster, subs, burst)
 
 
 def seed_after_case(subscribers: int, burst: int) -> Round:
@@ -142,7 +135,9 @@ def main() -> None:
     args = parser.parse_args()
     repeat = 3 if args.quick else args.repeat
 
-    cases = {**CASES, "ssecast keys": ssecast_keys_case} if args.keys else CASES
+    cases: dict[str, Callable[[int, int], Round]] = (
+        {**CASES, "ssecast keys": partial(ssecast_case, keys=True)} if args.keys else CASES
+    )
     names = list(cases)
     print(f"ns per delivered event (publish + drain), burst {args.burst}, best of {repeat}")
     header = f"{'subscribers':>11} | " + " | ".join(f"{name:>11}" for name in names)

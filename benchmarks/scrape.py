@@ -19,20 +19,17 @@ Run: ``python benchmarks/scrape.py`` (``--quick`` for a short run).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from collections import deque
 from collections.abc import Callable
 from functools import partial
 
+from fanout import EVENT_TYPE, PAYLOAD, floor_case, publishing
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from ssecast import Broadcaster
 from ssecast.prometheus import Collector
 
-EVENT_TYPE = "price_update"
-PAYLOAD = {"ticker": "TSLA", "price": 200.0, "volume": 1_000_000, "venue": "XNAS"}
 CHANNELS = 100
 
 
@@ -63,30 +60,7 @@ def scrape_rows(subscribers: int, repeat: int) -> list[tuple[str, float, float]]
 
 
 def fanout_round(broadcaster: Broadcaster, burst: int, subscribers: int) -> Callable[[], None]:
-    subs = [broadcaster.subscribe() for _ in range(subscribers)]
-
-    def run() -> None:
-        for _ in range(burst):
-            broadcaster.publish(EVENT_TYPE, PAYLOAD)
-        for sub in subs:
-            sub.read_nowait()
-
-    return run
-
-
-def floor_round(burst: int, subscribers: int) -> Callable[[], None]:
-    frame = f"event: {EVENT_TYPE}\ndata: {json.dumps(PAYLOAD)}\n\n".encode()
-    buffers: list[deque[bytes]] = [deque() for _ in range(subscribers)]
-
-    def run() -> None:
-        for _ in range(burst):
-            for buffer in buffers:
-                buffer.append(frame)
-        for buffer in buffers:
-            b"".join(buffer)
-            buffer.clear()
-
-    return run
+    return publishing(broadcaster, [broadcaster.subscribe() for _ in range(subscribers)], burst)
 
 
 def publish_rows(subscribers: int, burst: int, repeat: int) -> list[tuple[str, float, float]]:
@@ -94,7 +68,7 @@ def publish_rows(subscribers: int, burst: int, repeat: int) -> list[tuple[str, f
     with Broadcaster(heartbeat=None) as plain, Broadcaster(heartbeat=None) as collected:
         registry.register(Collector(collected))
         cases = {
-            "floor: deque per subscriber": floor_round(burst, subscribers),
+            "floor: deque per subscriber": floor_case(subscribers, burst),
             "Broadcaster": fanout_round(plain, burst, subscribers),
             "Broadcaster + Collector": fanout_round(collected, burst, subscribers),
         }
