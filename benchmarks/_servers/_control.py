@@ -3,8 +3,11 @@
 Each server process runs its own publisher, started by the load client with
 ``POST /start?rate=R&seconds=S&burst=B&thread=0|1`` once all its clients are connected, so every
 server is driven the same way. ``GET /stats`` answers JSON: subscribers, run, published,
-publishing, plus whatever the server adds. The event's data is the same JSON object for
-every server, ``{"run": r, "seq": n, "t": time.time_ns()}``, serialized once per event.
+publishing, plus whatever the server adds, and (from ``control_app``) the pid of the process
+that serves it. The event's data is the same JSON object for every server,
+``{"run": r, "seq": n, "t": time.time_ns()}``, serialized once per event.
+
+``run_asgi`` serves an app with the ASGI server that ``HTTP_FANOUT_ASGI`` names.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -179,12 +183,12 @@ def control_app(
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         path = scope["path"]
-        if path == "/events":
+        if path == "/events" or path.startswith("/events/"):
             await events(scope, receive, send)
             return
         status = 200
         if path == "/stats":
-            body: dict[str, Any] = {**publisher.stats(), **stats()}
+            body: dict[str, Any] = {**publisher.stats(), **stats(), "pid": os.getpid()}
         elif path == "/start" and scope["method"] == "POST":
             try:
                 body = start_from_query(publisher, scope["query_string"].decode())
@@ -223,25 +227,111 @@ def raise_nofile() -> int:
     return soft
 
 
-def run_uvicorn(app: ASGIApp, port: int) -> None:
-    """Serve ``app`` on 127.0.0.1:``port`` with uvicorn, quietly.
+ASGI_SERVERS = {
+    # name -> (server, event loop, HTTP/1.1 parser where the server has a choice)
+    "uvicorn": ("uvicorn", "asyncio", "h11"),
+    "uvicorn-httptools": ("uvicorn", "asyncio", "httptools"),
+    "uvicorn-uvloop": ("uvicorn", "uvloop", "h11"),
+    "uvicorn-standard": ("uvicorn", "uvloop", "httptools"),
+    "hypercorn": ("hypercorn", "asyncio", "h11"),
+    "hypercorn-uvloop": ("hypercorn", "uvloop", "h11"),
+    "granian": ("granian", "asyncio", ""),
+    "granian-uvloop": ("granian", "uvloop", ""),
+}
+DEFAULT_ASGI_SERVER = "uvicorn"
+ASGI_SERVER_ENV = "HTTP_FANOUT_ASGI"
+BACKLOG = 4096
 
-    uvicorn's asyncio loop and h11 by default; uvloop and httptools (``uvicorn[standard]``)
-    with ``HTTP_FANOUT_UVICORN=standard``.
+
+def run_asgi(app: ASGIApp, port: int) -> None:
+    """Serve ``app`` on 127.0.0.1:``port``, quietly, with the ASGI server the environment names.
+
+    ``HTTP_FANOUT_ASGI`` holds a name of ``ASGI_SERVERS`` (uvicorn with asyncio and h11
+    when unset). Each stops within about a second of SIGTERM or SIGINT, open streams or not.
     """
+    name = os.environ.get(ASGI_SERVER_ENV) or DEFAULT_ASGI_SERVER
+    if name not in ASGI_SERVERS:
+        raise ValueError(f"{ASGI_SERVER_ENV}={name!r}: not one of {', '.join(ASGI_SERVERS)}")
+    server, loop, http = ASGI_SERVERS[name]
+    if server == "uvicorn":
+        run_uvicorn(app, port, loop, http)
+    elif server == "hypercorn":
+        run_hypercorn(app, port, loop)
+    else:
+        run_granian(app, port, loop)
+
+
+def run_uvicorn(app: ASGIApp, port: int, loop: str, http: str) -> None:
+    """Serve ``app`` with uvicorn: ``loop`` asyncio or uvloop, ``http`` h11 or httptools."""
     import uvicorn
 
-    standard = os.environ.get("HTTP_FANOUT_UVICORN") == "standard"
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=port,
-        loop="uvloop" if standard else "asyncio",
-        http="httptools" if standard else "h11",
+        loop=loop,
+        http=http,
         lifespan="on",
         log_level="warning",
         access_log=False,
-        backlog=4096,
+        backlog=BACKLOG,
         timeout_graceful_shutdown=1,
     )
     uvicorn.Server(config).run()
+
+
+def run_hypercorn(app: ASGIApp, port: int, loop: str) -> None:
+    """Serve ``app`` with hypercorn's asyncio worker in this process, on ``loop``."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.backlog = BACKLOG
+    config.graceful_timeout = 1.0
+    config.loglevel = "WARNING"
+    config.accesslog = None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            running.add_signal_handler(signum, stop.set)
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+def run_granian(app: ASGIApp, port: int, loop: str) -> None:
+    """Serve ``app`` with granian's ASGI interface: one worker, one runtime thread, on ``loop``.
+
+    granian forks its worker from this process (which keeps the listening socket and waits):
+    the worker holds the streams, and ``/stats`` answers its pid. The app is built here
+    before the fork, as uvicorn builds it before it starts its loop.
+    """
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+
+    server = Granian(
+        "ssecast-benchmark",
+        address="127.0.0.1",
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        runtime_threads=1,
+        loop=Loops(loop),
+        backlog=BACKLOG,
+        # At most this many requests at once per worker (backlog by default): streams
+        # are requests that never end, so no lower cap than the open-file limit.
+        backpressure=raise_nofile(),
+        log_level=LogLevels.warning,
+        workers_kill_timeout=2,
+    )
+    server.serve(target_loader=lambda: app, wrap_loader=False)

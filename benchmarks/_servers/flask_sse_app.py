@@ -36,7 +36,7 @@ from _control import (
     Scope,
     Send,
     control_app,
-    run_uvicorn,
+    run_asgi,
 )
 
 URL = os.environ.get("HTTP_FANOUT_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -145,4 +145,4 @@ def publisher(port: int) -> None:
         await send({"type": "http.response.start", "status": 404, "headers": []})
         await send({"type": "http.response.body", "body": b"the workers serve /events\n"})
 
-    run_uvicorn(control_app(no_events, Publisher(publish, threadsafe=publish), lambda: {}), port)
+    run_asgi(control_app(no_events, Publisher(publish, threadsafe=publish), lambda: {}), port)

@@ -21,10 +21,12 @@ from _control import setup_process
 SERVERS = {
     "ssecast": ("ssecast_app", "main"),
     "ssecast-starlette": ("ssecast_app", "main_starlette"),
+    "ssecast-fastapi": ("ssecast_app", "main_fastapi"),
     "ssecast-ops": ("ssecast_app", "main_ops"),
     "sse-starlette-queues": ("sse_starlette_queues", "main"),
     "sse-starlette-broadcaster": ("sse_starlette_broadcaster", "main"),
     "floor": ("floor", "main"),
+    "asgi-floor": ("asgi_floor", "main"),
     "ssecast-redis-worker": ("ssecast_redis", "worker"),
     "ssecast-redis-publisher": ("ssecast_redis", "publisher"),
     "ssecast-postgres-worker": ("ssecast_postgres", "worker"),

@@ -17,7 +17,7 @@ from _control import (
     Publisher,
     control_app,
     dumps,
-    run_uvicorn,
+    run_asgi,
 )
 from broadcaster import Broadcast
 from sse_starlette import EventSourceResponse
@@ -54,4 +54,4 @@ def build() -> ASGIApp:
 
 
 def main(port: int) -> None:
-    run_uvicorn(build(), port)
+    run_asgi(build(), port)

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from _control import EVENT_TYPE, ASGIApp, Payload, Publisher, control_app, dumps, run_uvicorn
+from _control import EVENT_TYPE, ASGIApp, Payload, Publisher, control_app, dumps, run_asgi
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -45,4 +45,4 @@ def build() -> ASGIApp:
 
 
 def main(port: int) -> None:
-    run_uvicorn(build(), port)
+    run_asgi(build(), port)

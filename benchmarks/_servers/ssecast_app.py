@@ -1,4 +1,4 @@
-"""ssecast's ASGI adapter, served by uvicorn on its own or mounted in Starlette.
+"""ssecast's ASGI adapter, served on its own, routed in Starlette or mounted in FastAPI.
 
 ``main_ops`` serves the bare adapter as an operator runs it: a
 ``ssecast.prometheus.Collector`` registered on a registry that is scraped once a second
@@ -19,21 +19,30 @@ from _control import (
     Publisher,
     Scope,
     control_app,
-    run_uvicorn,
+    run_asgi,
 )
 
 from ssecast import Broadcaster
 from ssecast.asgi import EventStream
 
 
-def build(mounted: bool, ops: bool = False) -> ASGIApp:
+def build(framework: str = "", ops: bool = False) -> ASGIApp:
+    """Build the server's app: the bare adapter, or in ``framework`` (starlette, fastapi)."""
     broadcaster = Broadcaster()
     events: ASGIApp = EventStream(broadcaster, [CHANNEL], key=client_key if ops else None)
-    if mounted:
+    if framework == "starlette":
         from starlette.applications import Starlette
         from starlette.routing import Route
 
         events = Starlette(routes=[Route("/events", events)])
+    elif framework == "fastapi":
+        from fastapi import FastAPI
+
+        # As docs/frameworks/fastapi.md deploys it: the mount answers /events/ (the
+        # deployment's clients ask for it there), a request for /events is redirected.
+        fastapi = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        fastapi.mount("/events", events)
+        events = fastapi
 
     def publish(payload: Payload) -> None:
         broadcaster.publish(EVENT_TYPE, payload, channel=CHANNEL)
@@ -85,14 +94,19 @@ def scraper(broadcaster: Broadcaster, scrapes: list[int]) -> Callable[[], Awaita
 
 def main(port: int) -> None:
     """Serve the bare adapter: ``EventStream`` is the whole ASGI app for ``/events``."""
-    run_uvicorn(build(mounted=False), port)
+    run_asgi(build(), port)
 
 
 def main_ops(port: int) -> None:
     """Serve the bare adapter with a Collector scraped once a second and a key per stream."""
-    run_uvicorn(build(mounted=False, ops=True), port)
+    run_asgi(build(ops=True), port)
 
 
 def main_starlette(port: int) -> None:
     """Serve the adapter mounted in a Starlette app, as most users deploy it."""
-    run_uvicorn(build(mounted=True), port)
+    run_asgi(build("starlette"), port)
+
+
+def main_fastapi(port: int) -> None:
+    """Serve the adapter mounted in a FastAPI app at ``/events`` (so answering ``/events/``)."""
+    run_asgi(build("fastapi"), port)

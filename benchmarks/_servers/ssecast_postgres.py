@@ -21,7 +21,7 @@ from _control import (
     Scope,
     Send,
     control_app,
-    run_uvicorn,
+    run_asgi,
 )
 
 from ssecast import Broadcaster
@@ -50,7 +50,7 @@ def worker(port: int) -> None:
         return {"subscribers": broadcaster.stats().subscribers}
 
     events: ASGIApp = EventStream(broadcaster, [CHANNEL])
-    run_uvicorn(control_app(events, Publisher(refuse), stats), port)
+    run_asgi(control_app(events, Publisher(refuse), stats), port)
 
 
 def publisher(port: int) -> None:
@@ -72,7 +72,7 @@ def publisher(port: int) -> None:
 
     app = control_app(no_events, Publisher(apublish, threadsafe=publish), lambda: {})
     try:
-        run_uvicorn(app, port)
+        run_asgi(app, port)
     finally:
         import psycopg
 
