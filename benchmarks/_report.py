@@ -25,6 +25,7 @@ COLUMNS = [
     ("%floor", "pct_of_floor", ".0f", 6),
     ("p50 ms", "p50_ms", ".1f", 7),
     ("p99 ms", "p99_ms", ".1f", 7),
+    ("p99/floor", "p99_vs_floor", ".2f", 9),
     ("missed", "missed", ",", 9),
     ("disc", "disconnects", ",", 5),
     ("KiB/conn", "kib_per_idle_connection", ".1f", 8),
@@ -32,6 +33,7 @@ COLUMNS = [
     ("cli us/ev", "client_cpu_us_per_event", ".1f", 9),
     ("srv CPU", "server_cpu_pct", ".0f", 7),
     ("srv us/ev", "server_cpu_us_per_event", ".1f", 9),
+    ("cpu/asgi", "cpu_vs_asgi_floor", ".2f", 8),
     ("srv wait", "server_wait_pct", ".0f", 8),
     ("redis conn", "redis_connections", ",", 10),
 ]
@@ -40,19 +42,52 @@ COLUMNS = [
 MODE_ORDER = {"rate": 0, "thread": 1, "max": 2, "burst": 3}
 
 
+ASGI_COLUMNS = [
+    ("server", "deployment", "", 17),
+    ("asgi server", "asgi_server", "", 17),
+    ("C", "C", ",", 6),
+    ("KiB/conn", "kib_per_idle_connection", ".1f", 8),
+    ("streams/GiB", "streams_per_gib", ",.0f", 11),
+    ("srv us/ev", "server_cpu_us_per_event", ".1f", 9),
+    ("deliveries/core-s", "deliveries_per_core_s", ",.0f", 17),
+    ("cpu/asgi", "cpu_vs_asgi_floor", ".2f", 8),
+    ("missed", "missed", ",", 9),
+]
+
+
 def case_key(row: dict[str, Any]) -> tuple[int, int]:
     return row["C"], MODE_ORDER.get(row["mode"], 9)
 
 
 def table(rows: list[dict[str, Any]], label: Label) -> str:
-    lines = [" | ".join(f"{title:>{width}}" for title, _, _, width in COLUMNS)]
+    """Return the main table: a row per server (and ASGI server), C and mode."""
+    server_width = max([26, *(len(row["server"]) for row in rows)])
+    columns = [("server", "server", "", server_width), *COLUMNS[1:]]
+    lines = [" | ".join(f"{title:>{width}}" for title, _, _, width in columns)]
     lines.append("-" * len(lines[0]))
     for row in sorted(rows, key=case_key):
         if "error" in row:
-            lines.append(f"{row['server']:>26} | {row['C']:>6,} | {row['error']}")
+            lines.append(f"{row['server']:>{server_width}} | {row['C']:>6,} | {row['error']}")
             continue
         row = {**row, "mode_label": label(row["mode"])}
-        lines.append(" | ".join(fmt(row.get(key), spec, width) for _, key, spec, width in COLUMNS))
+        lines.append(" | ".join(fmt(row.get(key), spec, width) for _, key, spec, width in columns))
+    return "\n".join(lines)
+
+
+def asgi_table(rows: list[dict[str, Any]]) -> str:
+    """Return the per-ASGI-server table of the ``rate`` rows: memory and CPU per stream."""
+    rate = [row for row in rows if row.get("mode") == "rate"]
+    # By C, then the ASGI servers in the order they were measured (floor's None first).
+    order = {
+        asgi: index for index, asgi in enumerate(dict.fromkeys(r["asgi_server"] for r in rate))
+    }
+    rate.sort(key=lambda row: (row["C"], order[row["asgi_server"]]))
+    lines = [" | ".join(f"{title:>{width}}" for title, _, _, width in ASGI_COLUMNS)]
+    lines.append("-" * len(lines[0]))
+    for row in rate:
+        lines.append(
+            " | ".join(fmt(row.get(key), spec, width) for _, key, spec, width in ASGI_COLUMNS)
+        )
     return "\n".join(lines)
 
 

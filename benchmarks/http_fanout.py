@@ -32,13 +32,26 @@ per delivered event is the figure least disturbed by other load on the machine. 
 ``--repeat N`` each run is done N times on the same server and the one that delivered
 most is kept.
 
+Ratios, to rows of the same run, C and mode: ``%floor`` (delivered/s) and ``p99/floor``
+(p99) to ``floor``'s; ``cpu/asgi``, the server CPU per delivered event over
+``asgi-floor``'s on the same ASGI server: what the library costs over the least any
+library can on that server. After the main table, a short one per ASGI server for the
+``rate`` runs: KiB per idle connection and CPU us per delivery, and what they give,
+streams per GiB of server memory (1 GiB over KiB/conn) and deliveries per core-second
+(1e6 over us/delivery). ``--json`` keeps every figure of both.
+
 Servers (``--servers``):
 
 - ``floor``: asyncio.start_server writing each pre-encoded frame to every transport.
-- ``ssecast``: ``ssecast.asgi.EventStream`` as the whole ``/events`` app on uvicorn.
+- ``asgi-floor``: a bare ASGI app on the ASGI server: it keeps each stream's ``send`` and
+  its publish awaits every one in turn with the frame encoded once (no queue, no eviction).
+- ``ssecast``: ``ssecast.asgi.EventStream`` as the whole ``/events`` app.
 - ``sse-starlette-queues``: sse-starlette with one ``asyncio.Queue`` per client.
 - ``sse-starlette-broadcaster``: sse-starlette with ``broadcaster.Broadcast("memory://")``.
-- ``ssecast-starlette`` (not in the default set): the adapter mounted in Starlette.
+- ``ssecast-starlette`` (not in the default set): the adapter routed in Starlette.
+- ``ssecast-fastapi`` (not in the default set): the adapter in FastAPI with
+  ``app.mount("/events", ...)``, as docs/frameworks/fastapi.md does; the clients ask for
+  ``/events/``, where a mount answers.
 - ``ssecast-ops`` (not in the default set; needs prometheus-client): ``ssecast`` as an
   operator runs it: a ``ssecast.prometheus.Collector`` registered on a registry that a
   task of the server's loop scrapes once a second (``generate_latest``, the text a
@@ -63,11 +76,22 @@ at the end of each run's publishing, and the ratio of ssecast-redis's saturated
 throughput to ssecast's (memory backend) is printed when both ran. Each deployment has
 its own Redis prefix (and flask-sse its own channel); nothing is flushed.
 
-uvicorn runs with its asyncio loop and h11 (neither uvloop nor httptools is assumed); with
---standard, with uvloop and httptools, as ``uvicorn[standard]`` installs them.
+ASGI servers (``--asgi-servers NAME [NAME ...]``): ``asgi-floor``, ``ssecast``,
+``ssecast-starlette``, ``ssecast-fastapi`` and ``ssecast-ops`` run on each named, each pair
+its own row (``ssecast@hypercorn``; no suffix on the default); the other deployments run on
+uvicorn as before. ``uvicorn`` (the default: asyncio and h11, neither uvloop nor httptools
+assumed), ``uvicorn-httptools``, ``uvicorn-uvloop``, ``uvicorn-standard`` (uvloop and
+httptools, as ``uvicorn[standard]`` installs them; ``--standard`` is its alias),
+``hypercorn`` and ``hypercorn-uvloop`` (its asyncio worker, in the server process),
+``granian`` and ``granian-uvloop`` (its ASGI interface: one worker process forked from the
+server process, one runtime thread; memory and CPU are the worker's, whose pid ``/stats``
+answers).
 
-Run: ``python benchmarks/http_fanout.py`` (about 3.5 minutes); ``--quick`` for a short
+Run: ``python benchmarks/http_fanout.py`` (a few minutes); ``--quick`` for a short
 run; ``--json out.json`` and ``--plot out.png`` (needs matplotlib) to keep the results.
+``--ten-thousand``: 10,000 connections at 10 events/s, mode ``rate``, for ``floor``,
+``asgi-floor`` and ``ssecast``, with a ``--time-cap`` of at least 900 s (the client opens
+them 500 at a time; its and the servers' open-file limits must allow 10,100).
 """
 
 from __future__ import annotations
@@ -98,7 +122,7 @@ from _loadclient import (
     wait_for_subscribers,
     wait_until_up,
 )
-from _report import MODE_ORDER, redis_hop, table
+from _report import MODE_ORDER, asgi_table, redis_hop, table
 from _report import plot as draw
 
 HERE = Path(__file__).resolve().parent
@@ -125,13 +149,24 @@ class Deployment:
     """Each client SUBSCRIBEs to ``<prefix>bench`` on its own connection: before a run the
     benchmark waits until Redis counts them all (``PUBSUB NUMSUB``), and a closed client
     stays subscribed until the next event is written to it."""
+    asgi: bool = False
+    """One ASGI app in one process: it runs on each of ``--asgi-servers`` in turn."""
+    events_path: str = "/events"
 
 
 SERVERS = {
     "floor": Deployment("floor (asyncio, transport.write)", ("floor",)),
-    "ssecast": Deployment("ssecast EventStream (uvicorn)", ("ssecast",)),
-    "ssecast-starlette": Deployment("ssecast in Starlette (uvicorn)", ("ssecast-starlette",)),
-    "ssecast-ops": Deployment("ssecast + Collector scraped 1/s, key per stream", ("ssecast-ops",)),
+    "asgi-floor": Deployment("bare ASGI app, send to every stream", ("asgi-floor",), asgi=True),
+    "ssecast": Deployment("ssecast EventStream", ("ssecast",), asgi=True),
+    "ssecast-starlette": Deployment(
+        "ssecast routed in Starlette", ("ssecast-starlette",), asgi=True
+    ),
+    "ssecast-fastapi": Deployment(
+        "ssecast mounted in FastAPI", ("ssecast-fastapi",), asgi=True, events_path="/events/"
+    ),
+    "ssecast-ops": Deployment(
+        "ssecast + Collector scraped 1/s, key per stream", ("ssecast-ops",), asgi=True
+    ),
     "sse-starlette-queues": Deployment(
         "sse-starlette + Queue per client", ("sse-starlette-queues",)
     ),
@@ -158,7 +193,24 @@ SERVERS = {
     ),
 }
 REDIS_URL = os.environ.get("HTTP_FANOUT_REDIS_URL", "redis://127.0.0.1:6379/0")
-DEFAULT_SERVERS = ["floor", "ssecast", "sse-starlette-queues", "sse-starlette-broadcaster"]
+DEFAULT_SERVERS = [
+    "floor",
+    "asgi-floor",
+    "ssecast",
+    "sse-starlette-queues",
+    "sse-starlette-broadcaster",
+]
+ASGI_SERVERS = [
+    "uvicorn",
+    "uvicorn-httptools",
+    "uvicorn-uvloop",
+    "uvicorn-standard",
+    "hypercorn",
+    "hypercorn-uvloop",
+    "granian",
+    "granian-uvloop",
+]
+"""As ``_servers/_control.py``'s ``ASGI_SERVERS`` names them; the first is the default."""
 SERVER_CPU = 0
 CLIENT_CPU = 1
 
@@ -175,9 +227,17 @@ class Options:
     repeat: int
     time_cap: float
     profile: str | None
-    standard: bool = False
+    asgi_servers: list[str] = dataclasses.field(default_factory=lambda: ASGI_SERVERS[:1])
     publisher_cpu: int = 0
     """Where a deployment's separate publisher process runs (CPU 0: with the workers)."""
+
+    def cases(self) -> list[tuple[str, str | None]]:
+        """Return each (server, ASGI server) pair to measure; ``None``: the server's own."""
+        return [
+            (name, asgi)
+            for name in self.servers
+            for asgi in (self.asgi_servers if SERVERS[name].asgi else [None])
+        ]
 
     def label(self, mode: str) -> str:
         labels = {"rate": f"{self.rate:g}/s", "thread": f"{self.rate:g}/s T", "max": "max"}
@@ -190,9 +250,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def row_name(name: str, asgi: str | None) -> str:
+    """Return the table's server name: ``ssecast``, or ``ssecast@hypercorn`` off the default."""
+    return name if asgi in (None, ASGI_SERVERS[0]) else f"{name}@{asgi}"
+
+
 @contextlib.contextmanager
-def deployed(name: str, log_dir: Path, pin: bool, options: Options):
-    """Start a deployment's processes on free ports; stop each by pid however the block ends."""
+def deployed(name: str, log_dir: Path, pin: bool, options: Options, asgi: str | None = None):
+    """Start a deployment's processes on free ports; stop each by pid however the block ends.
+
+    ``asgi`` names the ASGI server of an ``asgi`` deployment (``HTTP_FANOUT_ASGI``).
+    """
     deployment = SERVERS[name]
     env = dict(os.environ)
     # Processes of one deployment share a Redis prefix; no two deployments do.
@@ -200,8 +268,9 @@ def deployed(name: str, log_dir: Path, pin: bool, options: Options):
     env["HTTP_FANOUT_REDIS_PREFIX"] = prefix
     if options.profile:
         env["HTTP_FANOUT_PROFILE"] = options.profile
-    if options.standard:
-        env["HTTP_FANOUT_UVICORN"] = "standard"
+    env.pop("HTTP_FANOUT_ASGI", None)
+    if asgi is not None:
+        env["HTTP_FANOUT_ASGI"] = asgi
     processes: list[subprocess.Popen[bytes]] = []
     ports: list[int] = []
     try:
@@ -224,6 +293,7 @@ def deployed(name: str, log_dir: Path, pin: bool, options: Options):
             event_ports=tuple(ports[:count]),
             control_port=ports[-1] if deployment.publisher else ports[0],
             pids=tuple(process.pid for process in processes[:count]),
+            events_path=deployment.events_path,
         )
         yield target, processes, prefix
     finally:
@@ -234,19 +304,32 @@ def deployed(name: str, log_dir: Path, pin: bool, options: Options):
             try:
                 process.wait(5)
             except subprocess.TimeoutExpired:
+                print(f"  pid {process.pid} did not stop in 5 s: killed", file=sys.stderr)
                 process.kill()
                 process.wait()
 
 
+def fill_limit(count: int) -> float:
+    """Seconds to open ``count`` connections: a minute, plus a second per 100 (10,000: 160 s)."""
+    return 60 + count / 100
+
+
 async def measure_server(
-    rows: list[dict[str, Any]], name: str, count: int, options: Options, log_dir: Path, pin: bool
+    rows: list[dict[str, Any]],
+    name: str,
+    count: int,
+    options: Options,
+    log_dir: Path,
+    pin: bool,
+    asgi: str | None = None,
 ) -> None:
     """Run the memory measurement and every mode against a fresh server, adding to ``rows``.
 
     Each row is added as soon as it is measured, so a time cap keeps what was done.
     """
     deployment = SERVERS[name]
-    with deployed(name, log_dir, pin, options) as (
+    names = {"server": row_name(name, asgi), "deployment": name, "asgi_server": asgi}
+    with deployed(name, log_dir, pin, options, asgi) as (
         target,
         processes,
         prefix,
@@ -266,8 +349,8 @@ async def measure_server(
             await wait_for_subscribers(target, 0, limit=5)
             await asyncio.sleep(0.5)
             idle_before = rss_kib(target.pids)
-            await clients.fill(count, limit=60)
-            subscribed = await wait_for_subscribers(target, count, limit=30)
+            await clients.fill(count, limit=fill_limit(count))
+            subscribed = await wait_for_subscribers(target, count, limit=30 + count / 500)
             await asyncio.sleep(1.0)
             idle_after = rss_kib(target.pids)
             memory = {
@@ -284,8 +367,8 @@ async def measure_server(
                 thread = mode == "thread"
                 best: dict[str, Any] | None = None
                 for _ in range(options.repeat):
-                    await clients.fill(count, limit=60)
-                    await wait_for_subscribers(target, count, limit=10)
+                    await clients.fill(count, limit=fill_limit(count))
+                    await wait_for_subscribers(target, count, limit=10 + count / 500)
                     extra: dict[str, Any] = {}
                     if redis is not None and deployment.pubsub:
                         extra["redis_subscribed"] = await redis.wait_subscribed(count, 10)
@@ -302,7 +385,7 @@ async def measure_server(
                             raise RuntimeError(f"{name} exited with code {process.returncode}")
                     if best is None or result["delivered_per_s"] > best["delivered_per_s"]:
                         best = result
-                rows.append({"server": name, "C": count, "mode": mode, **(best or {}), **memory})
+                rows.append({**names, "C": count, "mode": mode, **(best or {}), **memory})
         finally:
             clients.stop()
             if redis is not None:
@@ -363,28 +446,32 @@ async def run_all(options: Options, pin: bool, log_dir: Path) -> list[dict[str, 
     runs = len(options.modes) * options.repeat
     # Per run: the quiet wait (up to 10 s while a server still drains the last run's backlog,
     # as flask-sse does for many seconds), the run, its grace, the control requests.
-    per_server = 60 + runs * (options.duration + options.grace + 20)
+    # And the connections: opened twice (memory, then the runs), subscribed, closed.
+    per_run = options.duration + options.grace + 20
     for count in options.clients:
-        for name in options.servers:
+        per_server = 60 + runs * per_run + 2 * fill_limit(count)
+        for name, asgi in options.cases():
+            label = row_name(name, asgi)
+            names = {"server": label, "deployment": name, "asgi_server": asgi, "C": count}
             left = deadline - time.monotonic()
             if left <= 5:
-                print(f"  {name} C={count}: skipped, the --time-cap is spent", file=sys.stderr)
-                rows.append({"server": name, "C": count, "mode": "-", "error": "time cap"})
+                print(f"  {label} C={count}: skipped, the --time-cap is spent", file=sys.stderr)
+                rows.append({**names, "mode": "-", "error": "time cap"})
                 continue
-            print(f"  {name} C={count} ...", file=sys.stderr, flush=True)
+            print(f"  {label} C={count} ...", file=sys.stderr, flush=True)
             try:
                 async with asyncio.timeout(min(per_server, left)):
-                    await measure_server(rows, name, count, options, log_dir, pin)
+                    await measure_server(rows, name, count, options, log_dir, pin, asgi)
             except (TimeoutError, OSError, RuntimeError, ValueError) as error:
                 where = traceback.extract_tb(error.__traceback__)
                 print(
-                    f"  {name} C={count}: failed: {error!r} in "
+                    f"  {label} C={count}: failed: {error!r} in "
                     + " <- ".join(f"{frame.name}:{frame.lineno}" for frame in reversed(where[-6:])),
                     file=sys.stderr,
                 )
                 print_log_tails(SERVERS[name], log_dir)
-                rows.append({"server": name, "C": count, "mode": "-", "error": repr(error)})
-    add_floor_share(rows)
+                rows.append({**names, "mode": "-", "error": repr(error)})
+    add_ratios(rows)
     return rows
 
 
@@ -395,21 +482,46 @@ def print_log_tails(deployment: Deployment, log_dir: Path) -> None:
             print(f"  last lines of {log.name}:", *tail, sep="\n    ", file=sys.stderr)
 
 
-def add_floor_share(rows: list[dict[str, Any]]) -> None:
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Add to each row its ratios to the floors of the same run, C and mode, and what they give.
+
+    ``pct_of_floor`` and ``p99_vs_floor``: to the ``floor`` row; ``cpu_vs_asgi_floor``: server
+    CPU per delivery over the ``asgi-floor`` row's on the same ASGI server;
+    ``streams_per_gib`` and ``deliveries_per_core_s`` from the memory and CPU per delivery.
+    """
     floor = {
-        (row["C"], row["mode"]): row["delivered_per_s"]
+        (row["C"], row["mode"]): row
         for row in rows
         if row["server"] == "floor" and "delivered_per_s" in row
     }
+    asgi_floor = {
+        (row["asgi_server"], row["C"], row["mode"]): row
+        for row in rows
+        if row.get("deployment") == "asgi-floor" and "delivered_per_s" in row
+    }
     for row in rows:
-        base = floor.get((row["C"], row["mode"]))
-        if base and "delivered_per_s" in row:
-            row["pct_of_floor"] = 100 * row["delivered_per_s"] / base
+        if "delivered_per_s" not in row:
+            continue
+        base = floor.get((row["C"], row["mode"]), {})
+        row["pct_of_floor"] = ratio(row["delivered_per_s"], base.get("delivered_per_s"), 100)
+        row["p99_vs_floor"] = ratio(row.get("p99_ms"), base.get("p99_ms"))
+        same = asgi_floor.get((row.get("asgi_server"), row["C"], row["mode"]), {})
+        cpu = row.get("server_cpu_us_per_event")
+        row["cpu_vs_asgi_floor"] = ratio(cpu, same.get("server_cpu_us_per_event"))
+        kib = row.get("kib_per_idle_connection")
+        row["streams_per_gib"] = 1024 * 1024 / kib if kib and kib > 0 else None
+        row["deliveries_per_core_s"] = 1e6 / cpu if cpu else None
+
+
+def ratio(value: float | None, base: float | None, scale: float = 1.0) -> float | None:
+    """Return ``scale * value / base``, or None when either is missing or ``base`` is 0."""
+    return scale * value / base if value is not None and base else None
 
 
 def versions() -> dict[str, str]:
     found = {}
-    names = ("ssecast", "uvicorn", "starlette", "sse-starlette", "broadcaster", "h11")
+    names = ("ssecast", "uvicorn", "starlette", "sse-starlette", "broadcaster", "h11", "fastapi")
+    names += ("httptools", "uvloop", "hypercorn", "granian")
     for name in (*names, "redis", "flask", "flask-sse", "gunicorn", "gevent"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
@@ -452,7 +564,7 @@ def main() -> None:
         "--time-cap", type=float, default=330.0, help="seconds; servers not reached are skipped"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="C=100 only, 2 s runs, 1 s grace (about 40 s)"
+        "--quick", action="store_true", help="C=100 only, 2 s runs, 1 s grace (under a minute)"
     )
     parser.add_argument(
         "--no-pin", action="store_true", help="let the scheduler place server and client"
@@ -460,9 +572,26 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also draw a PNG (needs matplotlib)")
     parser.add_argument(
+        "--asgi-servers",
+        nargs="+",
+        default=ASGI_SERVERS[:1],
+        choices=ASGI_SERVERS,
+        metavar="NAME",
+        help=f"the ASGI servers that {', '.join(n for n, d in SERVERS.items() if d.asgi)}\n"
+        f"run on, each its own row: of {', '.join(ASGI_SERVERS)}; default {ASGI_SERVERS[0]}",
+    )
+    parser.add_argument(
         "--standard",
+        action="store_const",
+        const=["uvicorn-standard"],
+        dest="asgi_servers",
+        help="--asgi-servers uvicorn-standard: uvloop and httptools, as uvicorn[standard]",
+    )
+    parser.add_argument(
+        "--ten-thousand",
         action="store_true",
-        help="run uvicorn with uvloop and httptools (uvicorn[standard]) instead of asyncio and h11",
+        help="--clients 10000 --rate 10 --modes rate --servers floor asgi-floor ssecast\n"
+        "(and --time-cap 900 at least)",
     )
     parser.add_argument(
         "--publisher-cpu",
@@ -478,6 +607,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.clients, args.duration, args.grace = [100], 2.0, 1.0
+    if args.ten_thousand:
+        args.clients, args.rate, args.modes = [10_000], 10.0, ["rate"]
+        args.servers = ["floor", "asgi-floor", "ssecast"]
+        args.time_cap = max(args.time_cap, 900.0)
     options = Options(
         clients=args.clients,
         servers=args.servers,
@@ -489,7 +622,7 @@ def main() -> None:
         repeat=max(1, args.repeat),
         time_cap=args.time_cap,
         profile=args.profile,
-        standard=args.standard,
+        asgi_servers=list(dict.fromkeys(args.asgi_servers)),
         publisher_cpu=CLIENT_CPU if args.publisher_cpu == "client" else SERVER_CPU,
     )
 
@@ -536,7 +669,9 @@ def main() -> None:
     print(table(rows, options.label))
     print(
         "\nmissed: sequence gaps plus events not received within the grace period; "
-        "disc: connections the server closed;\nKiB/conn: server RSS with C idle connections "
+        "disc: connections the server closed;\n%floor, p99/floor: delivered/s and p99 over "
+        "floor's (same C and mode); cpu/asgi: srv us/ev over asgi-floor's on the same ASGI "
+        "server;\nKiB/conn: server RSS with C idle connections "
         "minus with none, over C; cli/srv CPU: CPU time over wall time during the run;\n"
         "cli/srv us/ev: CPU microseconds per delivered event (less sensitive to other load);\n"
         "srv wait: time the server was ready to run but another process had its CPU, over wall "
@@ -568,6 +703,13 @@ def main() -> None:
             )
     for line in redis_hop(rows, options.label):
         print(line)
+    if "rate" in options.modes:
+        print(f"\nper ASGI server, {options.label('rate')} runs (floor: no ASGI server):")
+        print(asgi_table(rows))
+        print(
+            "streams/GiB: 1 GiB over KiB/conn, the idle streams a GiB of server memory holds; "
+            "deliveries/core-s: 1e6 over srv us/ev."
+        )
     for row in rows:
         if row.get("redis_subscribed") not in (None, row.get("clients")):
             print(
