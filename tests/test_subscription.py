@@ -531,6 +531,27 @@ async def test_an_async_reader_that_never_catches_up_still_lets_other_tasks_run(
             assert chunks < 10, "the reader kept the loop to itself"
 
 
+async def test_a_wake_up_still_queued_when_the_reader_reads_again_does_not_spin_it() -> None:
+    """Read, publish, read again before the loop ran the wake-up, then wait: no busy loop.
+
+    The second read took the frame and parked the same waiter again; the late wake-up
+    then resolves the future of a waiter that is still parked. The reader must take a
+    new waiter, not find the old one "parked, so nothing came" and await a done future
+    forever without letting the loop run.
+    """
+    async with Broadcaster(heartbeat=None) as b, b.subscribe() as sub:
+        waiting = asyncio.ensure_future(anext(sub))
+        await _await_parked(sub)
+        first = b.publish("t", 1)
+        assert await asyncio.wait_for(waiting, JOIN_TIMEOUT) == first.frame  # it waited
+        second = b.publish("t", 2)  # its wake-up is queued on the loop, not run yet
+        assert await anext(sub) == second.frame  # read without yielding to the loop
+        waiting = asyncio.ensure_future(anext(sub))
+        await asyncio.sleep(0.01)  # the late wake-up runs; the reader waits again
+        third = b.publish("t", 3)
+        assert await asyncio.wait_for(waiting, JOIN_TIMEOUT) == third.frame
+
+
 async def test_a_heartbeat_due_while_nobody_waits_is_sent_when_the_reader_waits_again() -> None:
     """The timer finds no reader waiting (it read with read_nowait): it does nothing, then beats."""
     async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b, b.subscribe() as sub:

@@ -607,7 +607,10 @@ class Broadcaster:
     def _join(self, feed: Feed) -> None:
         # Precondition: self._lock is held.
         feed.held_for = None
-        feed.join(tuple(self._audience(name) for name in feed.channels))
+        audiences = tuple(self._audience(name) for name in feed.channels)
+        if len(audiences) == 1:
+            feed.channels = audiences[0].channels  # one set per channel, not per subscriber
+        feed.join(audiences)
 
     def _release(self, feed: Feed, reason: CloseReason) -> None:
         """Close `feed` for its consumer, or its lifetime: forget it and wake its reader."""
@@ -645,7 +648,7 @@ class Broadcaster:
         # Precondition: self._lock is held.
         audience = self._audiences.get(channel)
         if audience is None:
-            audience = self._audiences[channel] = Audience()
+            audience = self._audiences[channel] = Audience(channel)
         return audience
 
     def _feeds(self) -> set[Feed]:

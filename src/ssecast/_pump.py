@@ -160,32 +160,28 @@ class Pump:
             when_idle = None
 
     def _write(self, body: bytes) -> bool:
-        """Send `body` from this callback; return False if the task must take over."""
+        """Send `body` from this callback; return False if the task must take over.
+
+        The send is stepped by hand, as a task would step it; when it has to wait, the
+        task is handed the rest of it.
+        """
         try:
-            waiting = self._start(body)
+            sending = self._send({"type": "http.response.body", "body": body, "more_body": True})
+            # A coroutine steps itself; any other awaitable through its iterator.
+            steps = sending if type(sending) is CoroutineType else sending.__await__()
+            waited_on = self._context.run(steps.send, None)
+        except StopIteration:
+            if self._beat is not None:
+                self._beat.quiet()
+            return True
         except (OSError, asyncio.CancelledError) as error:
             self._settle(error=error)  # the client went away, or the stream was cancelled
             return False
         except Exception:
             self._settle(_Refused(body))  # send needs its task: the task sends this chunk
             return False
-        if waiting is not None:
-            self._settle(waiting)  # the task finishes it, then calls ready() once more
-            return False
-        if self._beat is not None:
-            self._beat.quiet()
-        return True
-
-    def _start(self, body: bytes) -> _Waiting | None:
-        """Send `body` by hand; return the rest of the send if it has to wait."""
-        sending = self._send(_body(body))
-        # A coroutine steps itself; any other awaitable through its iterator.
-        steps = sending if type(sending) is CoroutineType else sending.__await__()
-        try:
-            waited_on = self._context.run(steps.send, None)
-        except StopIteration:
-            return None
-        return _Waiting(self._context, steps, waited_on)
+        self._settle(_Waiting(self._context, steps, waited_on))  # the task finishes it
+        return False
 
     def _settle(self, outcome: _Outcome = None, *, error: BaseException | None = None) -> None:
         """Hand the task what to do next, unless it was cancelled (by the send itself, even)."""

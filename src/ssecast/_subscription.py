@@ -163,7 +163,11 @@ class Feed:
         :returns: the frames, oldest first; else `Status.IDLE` (`waiter` will be
             woken when more come) or `Status.ENDED`.
         """
-        with self._lock:
+        # acquire/release rather than `with`: this runs once per read, and on CPython 3.11
+        # `with` costs a lock-free read's worth more (benchmarks/fanout.py, one per read).
+        lock = self._lock
+        lock.acquire()
+        try:
             pending = self._pending
             frames: list[bytes] | None
             if self._head:
@@ -178,9 +182,14 @@ class Feed:
             else:
                 frames = None
             if waiter is None or self.close_reason is not None:
-                self._unpark()
-            else:
+                if self._waiter is not None:
+                    self._unpark()
+            elif self._waiter is None:
                 self._park(waiter)
+            else:
+                self._waiter = waiter
+        finally:
+            lock.release()
         return Status.IDLE if frames is None else frames
 
     def withdraw(self, waiter: Waiter) -> None:
@@ -229,10 +238,9 @@ class Feed:
         return self._unpark()
 
     def _park(self, waiter: Waiter) -> None:
-        # Precondition: self._lock is held and the feed is open.
-        if self._waiter is None:
-            for audience in self._audiences:
-                audience.parked[self] = None
+        # Precondition: self._lock is held, the feed is open and no waiter is parked.
+        for audience in self._audiences:
+            audience.parked[self] = None
         self._waiter = waiter
 
     def _unpark(self) -> Waiter | None:
@@ -251,9 +259,11 @@ class Audience:
     Not thread-safe: the broadcaster calls it under its lock.
     """
 
-    __slots__ = ("capacity", "feeds", "parked")
+    __slots__ = ("capacity", "channels", "feeds", "parked")
 
-    def __init__(self) -> None:
+    def __init__(self, channel: str) -> None:
+        self.channels = frozenset((channel,))
+        """Its channel, as the `channels` of a feed that receives it alone."""
         self.feeds: dict[Feed, list[bytes]] = {}
         """Each member's pending list, iterated by `deliver`."""
         self.parked: dict[Feed, None] = {}
@@ -300,9 +310,17 @@ class Audience:
                 pending.append(frame)
                 if len(pending) > feed.capacity:
                     evicted.append(feed)
-        if self.parked:
-            for feed in list(self.parked):
-                woken.append(feed._unpark())
+        parked = self.parked
+        if parked:
+            # Feed._unpark inlined: a wake-up per member is most of a fan-out to readers
+            # that keep up.
+            for feed in parked:
+                for other in feed._audiences:
+                    if other is not self:
+                        del other.parked[feed]
+                woken.append(feed._waiter)
+                feed._waiter = None
+            parked.clear()
 
 
 class Heartbeat:
@@ -504,9 +522,16 @@ class Subscription:
         self._busy = True
         while True:
             waiter = self._task_waiter
-            if waiter is None or waiter.future.done() or waiter.get_loop() is not loop:
+            got: list[bytes] | Status
+            if waiter is None or waiter.future.done() or waiter.loop is not loop:
                 waiter = self._task_waiter = _TaskWaiter(loop.create_future())
-            got = feed.poll(waiter)
+                got = feed.poll(waiter)
+            elif feed._waiter is waiter:
+                # Parked by the poll that took everything, and not woken since: nothing
+                # came, so no need to take the lock to find that out.
+                got = Status.IDLE
+            else:
+                got = feed.poll(waiter)
             if got is Status.IDLE:
                 self._busy = False
                 try:
@@ -531,13 +556,14 @@ class Subscription:
 class _TaskWaiter:
     """The waiter of a task: resolves the future it awaits, with whether a heartbeat is due."""
 
-    __slots__ = ("future",)
+    __slots__ = ("future", "loop")
 
     def __init__(self, future: asyncio.Future[bool]) -> None:
         self.future = future
+        self.loop = future.get_loop()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self.future.get_loop()
+        return self.loop
 
     def ready(self) -> None:
         if not self.future.done():

@@ -72,6 +72,7 @@ from types import FrameType
 from typing import Any, TypeAlias
 
 from ssecast._broadcaster import Broadcaster
+from ssecast._disconnect import DisconnectWatch
 from ssecast._event import check_channel
 from ssecast._exceptions import (
     BackendUnavailableError,
@@ -202,7 +203,11 @@ class EventStream:
         """Serve one ASGI connection: an HTTP request, or the lifespan when run alone."""
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            # Subscribed in one coroutine, streamed in another: the first one's frame is
+            # freed before the stream begins, and a stream may last for hours.
+            sub = await self._subscribe(scope, send)
+            if sub is not None:
+                await self._stream(sub, receive, send)
         elif kind == "lifespan":
             await _lifespan(receive, send)
         elif kind == "websocket":
@@ -210,10 +215,11 @@ class EventStream:
         else:
             raise ValueError(f"EventStream serves HTTP, not ASGI {kind!r} connections")
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _subscribe(self, scope: Scope, send: Send) -> Subscription | None:
+        """Subscribe the request, or answer its refusal and return `None`."""
         if scope["method"] != _ALLOWED_METHOD:
             await _refuse(send, 405, "method not allowed; use GET", ("allow", _ALLOWED_METHOD))
-            return
+            return None
         try:
             channels = self._channels
             if callable(channels):
@@ -223,10 +229,10 @@ class EventStream:
                 await _refuse(send, 403, "forbidden")  # as if refused: nothing to learn here
             else:
                 await _refuse(send, 404, f"no such channel: {error}")
-            return
+            return None
         except InvalidFieldError as error:
             await _refuse(send, 400, str(error))
-            return
+            return None
         key = request_key(self._key, scope)
         if self._authorize is not None:
             allowed = self._authorize(scope, channels)
@@ -234,7 +240,7 @@ class EventStream:
                 allowed = await allowed
             if not allowed:
                 await _refuse(send, 403, "forbidden")
-                return
+                return None
         try:
             sub = await self._broadcaster.asubscribe(
                 *channels,
@@ -244,7 +250,7 @@ class EventStream:
             )
         except InvalidFieldError as error:  # the key, from the client's own request
             await _refuse(send, 400, str(error))
-            return
+            return None
         except UNAVAILABLE as error:
             refused = refusal(error, _accept(scope))
             if refused.stream:
@@ -253,12 +259,12 @@ class EventStream:
             else:
                 retry_after = ("retry-after", str(RETRY_AFTER_SECONDS))
                 await _refuse(send, refused.status, refused.reason, retry_after)
-            return
-        await self._stream(sub, receive, send)
+            return None
+        return sub
 
     async def _stream(self, sub: Subscription, receive: Receive, send: Send) -> None:
         """Write `sub` to the client until either of them ends."""
-        listener = asyncio.get_running_loop().create_task(_close_on_disconnect(receive, sub))
+        watch = DisconnectWatch(receive, sub.close)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             await send(_chunk(OPENING + sub.read_nowait()))
@@ -278,7 +284,7 @@ class EventStream:
                     await send(_end())
         finally:
             sub.close()
-            listener.cancel()
+            watch.close()
 
 
 class HealthCheck:
@@ -332,17 +338,6 @@ def _chunk(data: bytes) -> Message:
 
 def _end() -> Message:
     return {"type": "http.response.body", "body": b"", "more_body": False}
-
-
-async def _close_on_disconnect(receive: Receive, sub: Subscription) -> None:
-    """Close `sub` as soon as the server reports that the client has gone."""
-    try:
-        while (await receive())["type"] != "http.disconnect":
-            pass  # the (empty) request body of the GET
-    finally:
-        # Also when receive() fails: nobody awaits this task, so an error raised here
-        # would only be logged as never retrieved, while the stream went on.
-        sub.close()
 
 
 async def _refuse(send: Send, status: int, reason: str, *extra: tuple[str, str]) -> None:
