@@ -121,7 +121,7 @@ class Broadcaster:
     :param queue_size: frames a subscriber may have pending; one more evicts it.
     :param history: recent events kept for `Last-Event-ID` resume; 0 keeps none.
     :param heartbeat: seconds of silence before a subscription yields a keep-alive
-        comment; `None` sends none.
+        comment (read on an event loop, up to a quarter more); `None` sends none.
     :param retry: milliseconds a client should wait before reconnecting; when set,
         every stream begins with a `retry:` field.
     :param max_subscribers: the most subscriptions open at once; `None` is no limit.
@@ -608,8 +608,8 @@ class Broadcaster:
         # Precondition: self._lock is held.
         feed.held_for = None
         audiences = tuple(self._audience(name) for name in feed.channels)
-        if len(audiences) == 1:
-            feed.channels = audiences[0].channels  # one set per channel, not per subscriber
+        if len(audiences) == 1:  # one set and one tuple per channel, not per subscriber
+            feed.channels, audiences = audiences[0].channels, audiences[0].alone
         feed.join(audiences)
 
     def _release(self, feed: Feed, reason: CloseReason) -> None:

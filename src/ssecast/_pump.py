@@ -59,21 +59,18 @@ class Pump:
     response has started.
     """
 
-    __slots__ = ("_beat", "_context", "_feed", "_loop", "_outcome", "_send", "_stopped", "_sub")
+    __slots__ = ("_beat", "_context", "_feed", "_outcome", "_send", "_stopped", "_sub", "loop")
 
     def __init__(self, sub: Subscription, send: _Send) -> None:
         self._sub = sub
         self._feed = feed_of(sub)
         self._send = send
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
+        """The loop whose callbacks write."""
         self._context = contextvars.copy_context()
-        self._outcome: asyncio.Future[_Outcome] = self._loop.create_future()
+        self._outcome: asyncio.Future[_Outcome] = self.loop.create_future()
         self._beat: Heartbeat | None = None
         self._stopped = False
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        """Return the loop whose callbacks write."""
-        return self._loop
 
     async def run(self) -> None:
         """Send every chunk until the subscription ends.
@@ -97,7 +94,7 @@ class Pump:
 
     async def _pump(self) -> bytes | None:
         """Write from callbacks until the end (`None`), or a chunk `send` refused there."""
-        loop = self._loop
+        loop = self.loop
         loop.call_soon(self._probe)
         outcome = await self._outcome
         timed = self._feed.heartbeat is not None or self._feed.expires is not None
@@ -108,8 +105,6 @@ class Pump:
                 return outcome.body
             if isinstance(outcome, _Waiting):
                 await outcome  # a write that had to wait, finished in this task
-                if self._beat is not None:
-                    self._beat.quiet()
             self._outcome = loop.create_future()
             self.ready()
             outcome = await self._outcome
@@ -171,8 +166,6 @@ class Pump:
             steps = sending if type(sending) is CoroutineType else sending.__await__()
             waited_on = self._context.run(steps.send, None)
         except StopIteration:
-            if self._beat is not None:
-                self._beat.quiet()
             return True
         except (OSError, asyncio.CancelledError) as error:
             self._settle(error=error)  # the client went away, or the stream was cancelled

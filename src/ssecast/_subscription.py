@@ -26,10 +26,9 @@ import enum
 import math
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Protocol, Self
+from typing import ClassVar, Protocol, Self
 
 from ssecast._wire import HEARTBEAT
 
@@ -50,8 +49,9 @@ __all__ = [
 class Callback(Protocol):
     """A reader on an event loop, which the loop calls instead of waking a thread."""
 
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        """Return the loop that calls it."""
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop that calls it (an attribute: it is read for every wake-up)."""
 
     def ready(self) -> None:
         """Poll the feed: frames, or the end, arrived."""
@@ -112,6 +112,7 @@ class Feed:
         "heartbeat",
         "held_for",
         "key",
+        "taken",
     )
 
     def __init__(
@@ -131,12 +132,14 @@ class Feed:
         self.key = key
         self.expires = expires
         self.close_reason: CloseReason | None = None
+        self.taken = False
+        """Whether a poll took frames since its reader's `Heartbeat` last looked."""
         self.held_for: str | None = None
         """The id it waits for before it joins its audiences; see `Broadcaster._hold`."""
         self._lock = lock
         # Frames written before the live ones (retry, replay, gap); they do not count
         # against the capacity, and are the very objects the history holds, not copies.
-        self._head = head
+        self._head: list[bytes] | None = head or None
         # Never replaced, only cleared: every audience of this feed holds this very list.
         self._pending: list[bytes] = []
         self._waiter: Waiter | None = None
@@ -171,12 +174,14 @@ class Feed:
             pending = self._pending
             frames: list[bytes] | None
             if self._head:
-                frames, self._head = self._head, []
+                frames, self._head = self._head, None
                 frames += pending
                 pending.clear()
+                self.taken = True
             elif pending:
                 frames = pending.copy()
                 pending.clear()
+                self.taken = True
             elif self.close_reason is not None:
                 return Status.ENDED
             else:
@@ -202,7 +207,7 @@ class Feed:
         """Return the waiter parked by a reader on `loop`, if there is one."""
         with self._lock:
             waiter = self._waiter
-        if waiter is None or isinstance(waiter, threading.Event) or waiter.get_loop() is not loop:
+        if waiter is None or isinstance(waiter, threading.Event) or waiter.loop is not loop:
             return None
         return waiter
 
@@ -234,7 +239,7 @@ class Feed:
             self.close_reason = reason
         if reason is not CloseReason.SHUTDOWN and reason is not CloseReason.EXPIRED:
             self._pending.clear()
-            self._head = []
+            self._head = None
         return self._unpark()
 
     def _park(self, waiter: Waiter) -> None:
@@ -259,11 +264,13 @@ class Audience:
     Not thread-safe: the broadcaster calls it under its lock.
     """
 
-    __slots__ = ("capacity", "channels", "feeds", "parked")
+    __slots__ = ("alone", "capacity", "channels", "feeds", "parked")
 
     def __init__(self, channel: str) -> None:
         self.channels = frozenset((channel,))
         """Its channel, as the `channels` of a feed that receives it alone."""
+        self.alone = (self,)
+        """Itself, as the audiences of a feed that receives its channel alone."""
         self.feeds: dict[Feed, list[bytes]] = {}
         """Each member's pending list, iterated by `deliver`."""
         self.parked: dict[Feed, None] = {}
@@ -324,26 +331,24 @@ class Audience:
 
 
 class Heartbeat:
-    """The timer of a reader on `loop`: heartbeats when it is quiet, and its lifetime.
+    """A reader's heartbeats and lifetime on `loop`, kept by the loop's clock.
 
-    It calls `heartbeat_due()` on the reader's waiter once the reader has been quiet for
-    a heartbeat, and ends the subscription (`CloseReason.EXPIRED`) when its lifetime runs
-    out. One timer per reader, re-armed when it fires, rather than one per wait: a reader
-    that gets a chunk every few milliseconds would otherwise make and cancel a timer each
-    time. The timer holds it weakly, so that a reader closed in another thread (where the
-    timer cannot be cancelled) is not kept alive until it fires.
+    A poll that takes frames marks the feed `taken`, so that a write costs the reader
+    nothing more; the clock reads and clears the mark. It calls `heartbeat_due()` on the
+    reader's waiter once the reader has been quiet for a heartbeat, and ends the
+    subscription (`CloseReason.EXPIRED`) when its lifetime runs out. One clock per loop
+    ticks for every reader on it, so that an idle stream keeps no timer of its own: a
+    heartbeat comes after `heartbeat` seconds of silence, at most a quarter of that
+    later; a lifetime ends on time.
     """
 
     __slots__ = (
-        "__weakref__",
         "_ends",
         "_feed",
         "_interval",
         "_quiet_since",
-        "_ref",
         "_release",
         "_stopped",
-        "_timer",
         "loop",
     )
 
@@ -358,38 +363,88 @@ class Heartbeat:
         # In the loop's time, which need not be time.monotonic()'s.
         self._ends = math.inf if feed.expires is None else now + feed.expires - time.monotonic()
         self._stopped = False
-        self._ref = weakref.ref(self)
         self._quiet_since = now
-        self._arm(now + self._interval)
-
-    def quiet(self) -> None:
-        """Note that the reader just sent something: the next heartbeat is a period away."""
-        self._quiet_since = self.loop.time()
+        _Clock.of(loop).add(self)
 
     def stop(self) -> None:
-        """Stop it; from another thread, its timer fires once more and does nothing."""
+        """Stop it, from any thread; the clock lets go of it at its next tick."""
         self._stopped = True
-        if _running_loop() is self.loop:  # a timer may be cancelled only on its loop
-            self._timer.cancel()
 
-    def _arm(self, beat: float) -> None:
-        # Precondition: a heartbeat or a lifetime is set, so one of them is finite.
-        self._timer = self.loop.call_at(min(beat, self._ends), _beat, self._ref)
-
-    def _due(self) -> None:
+    def due(self, now: float) -> bool:
+        """Beat or end if it is time; return whether the clock is to keep it."""
         if self._stopped or self._feed.closed:
-            return
-        now = self.loop.time()
+            return False
         if now >= self._ends:
             self._release(self._feed, CloseReason.EXPIRED)
-            return
-        beat = self._quiet_since + self._interval
-        if now >= beat:
+            return False
+        if self._feed.taken:
+            self._feed.taken = False
+            self._quiet_since = now
+        elif now >= self._quiet_since + self._interval:
             waiter = self._feed.parked_on(self.loop)
             if waiter is not None:
                 waiter.heartbeat_due()
-            beat = now + self._interval
-        self._arm(beat)
+            self._quiet_since = now
+        return True
+
+
+class _Clock:
+    """The one timer of a loop's `Heartbeat`s: ticks while it has any, a quarter heartbeat apart.
+
+    Touched only on its loop's thread. The registry of clocks is a plain dict: each loop
+    adds and removes only its own clock, and the GIL keeps each of those steps whole.
+    """
+
+    __slots__ = ("_beats", "_loop", "_tick", "_timer", "_wakes_at")
+
+    _clocks: ClassVar[dict[asyncio.AbstractEventLoop, _Clock]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._beats: dict[Heartbeat, None] = {}
+        self._tick = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._wakes_at = math.inf
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Clock:
+        """Return the clock of `loop`, made on first use."""
+        clock = cls._clocks.get(loop)
+        if clock is None:
+            for other in list(cls._clocks):
+                if other.is_closed():  # closed with readers still on it
+                    cls._clocks.pop(other, None)
+            clock = cls._clocks[loop] = _Clock(loop)
+        return clock
+
+    def add(self, beat: Heartbeat) -> None:
+        """Tick for `beat` from now on."""
+        self._beats[beat] = None
+        self._tick = min(self._tick, beat._interval / 4)
+        self._arm(min(self._loop.time() + self._tick, beat._ends))
+
+    def _arm(self, at: float) -> None:
+        if at < self._wakes_at and at != math.inf:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(at, self._fire)
+            self._wakes_at = at
+
+    def _fire(self) -> None:
+        self._timer, self._wakes_at = None, math.inf
+        now = self._loop.time()
+        next_end = math.inf
+        for beat in list(self._beats):  # a heartbeat's write may add a reader
+            if beat.due(now):
+                next_end = min(next_end, beat._ends)
+            else:
+                del self._beats[beat]
+        if self._beats:
+            self._arm(min(now + self._tick, next_end))
+        else:
+            self._tick = math.inf
+            if self._clocks.get(self._loop) is self:
+                del self._clocks[self._loop]
 
 
 class Subscription:
@@ -548,8 +603,6 @@ class Subscription:
                 if beat is not None:
                     beat.stop()
                 raise StopAsyncIteration
-            if beat is not None:
-                beat.quiet()
             return b"".join(got)
 
 
@@ -561,9 +614,6 @@ class _TaskWaiter:
     def __init__(self, future: asyncio.Future[bool]) -> None:
         self.future = future
         self.loop = future.get_loop()
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self.loop
 
     def ready(self) -> None:
         if not self.future.done():
@@ -588,7 +638,7 @@ def wake(waiters: Iterable[Waiter | None]) -> None:
         if isinstance(waiter, threading.Event):
             waiter.set()
         elif waiter is not None:
-            loop = waiter.get_loop()
+            loop = waiter.loop
             if loop is not last_loop:  # readers come in runs of one loop: one lookup per run
                 last_loop, waiting = loop, by_loop.setdefault(loop, [])
             waiting.append(waiter)
@@ -609,12 +659,6 @@ def wake(waiters: Iterable[Waiter | None]) -> None:
 def _ready_all(waiting: list[Callback]) -> None:
     for waiter in waiting:
         waiter.ready()
-
-
-def _beat(ref: weakref.ref[Heartbeat]) -> None:
-    beat = ref()
-    if beat is not None:
-        beat._due()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
