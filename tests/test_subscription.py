@@ -552,6 +552,61 @@ async def test_a_wake_up_still_queued_when_the_reader_reads_again_does_not_spin_
         assert await asyncio.wait_for(waiting, JOIN_TIMEOUT) == third.frame
 
 
+async def test_a_reader_of_two_channels_is_woken_by_either_once_per_publish() -> None:
+    """Woken through one channel, it is no longer parked on the other: each publish wakes it."""
+    async with Broadcaster(heartbeat=None) as b, b.subscribe("a", "b") as sub:
+        for channel in ("a", "b", "a"):
+            waiting = asyncio.ensure_future(anext(sub))
+            await _await_parked(sub)
+            event = b.publish("t", channel, channel=channel)
+            assert await asyncio.wait_for(waiting, JOIN_TIMEOUT) == event.frame
+
+
+async def test_a_reader_with_a_shorter_heartbeat_is_not_held_to_the_loops_longer_one() -> None:
+    """Two broadcasters on one loop: the clock ticks for the shorter heartbeat at once."""
+    async with (
+        Broadcaster(heartbeat=JOIN_TIMEOUT) as slow,
+        Broadcaster(heartbeat=HEARTBEAT_SECONDS) as fast,
+        slow.subscribe() as idle,
+        fast.subscribe() as beating,
+    ):
+        waiting = asyncio.ensure_future(anext(idle))
+        await _await_parked(idle)  # the clock now ticks for a JOIN_TIMEOUT heartbeat
+        started = time.monotonic()
+        assert await asyncio.wait_for(anext(beating), JOIN_TIMEOUT) == HEARTBEAT
+        # Due after 0.05 s of silence and at most a quarter more; the bound catches a clock
+        # that went on ticking for the slow heartbeat (a quarter of 10 s).
+        assert time.monotonic() - started < JOIN_TIMEOUT / 8
+        waiting.cancel()
+
+
+def test_a_loop_closed_with_readers_on_it_leaves_no_clock_behind() -> None:
+    """A loop closed while a reader waits on it is forgotten when the next reader starts."""
+    from ssecast._subscription import _Clock
+
+    with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b:
+        abandoned = b.subscribe()
+        loop = asyncio.new_event_loop()
+        reader = loop.create_task(_read_all(abandoned))
+        loop.run_until_complete(asyncio.sleep(HEARTBEAT_SECONDS / 2))  # it waits, timed
+        assert loop in _Clock._clocks
+        reader.cancel()
+        loop.run_until_complete(asyncio.gather(reader, return_exceptions=True))
+        loop.close()  # with the clock still registered: its timer will never fire
+
+        async def read_once() -> asyncio.AbstractEventLoop:
+            with b.subscribe() as sub:
+                assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == HEARTBEAT
+            return asyncio.get_running_loop()
+
+        second = asyncio.run(read_once())  # closed as soon as its reader is done
+        assert loop not in _Clock._clocks
+        third = asyncio.run(read_once())
+        assert second not in _Clock._clocks
+        assert third in _Clock._clocks  # at most the loops closed since the last reader
+        abandoned.close()
+
+
 async def test_a_heartbeat_due_while_nobody_waits_is_sent_when_the_reader_waits_again() -> None:
     """The timer finds no reader waiting (it read with read_nowait): it does nothing, then beats."""
     async with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b, b.subscribe() as sub:

@@ -392,7 +392,9 @@ class _Clock:
     """The one timer of a loop's `Heartbeat`s: ticks while it has any, a quarter heartbeat apart.
 
     Touched only on its loop's thread. The registry of clocks is a plain dict: each loop
-    adds and removes only its own clock, and the GIL keeps each of those steps whole.
+    adds and removes only its own clock, and the GIL keeps each of those steps whole. A
+    clock leaves it when its last reader goes; one whose loop closed first stays until the
+    next clock is made, which drops it.
     """
 
     __slots__ = ("_beats", "_loop", "_tick", "_timer", "_wakes_at")
@@ -443,8 +445,7 @@ class _Clock:
             self._arm(min(now + self._tick, next_end))
         else:
             self._tick = math.inf
-            if self._clocks.get(self._loop) is self:
-                del self._clocks[self._loop]
+            del self._clocks[self._loop]
 
 
 class Subscription:

@@ -72,7 +72,6 @@ from types import FrameType
 from typing import Any, TypeAlias
 
 from ssecast._broadcaster import Broadcaster
-from ssecast._disconnect import DisconnectWatch
 from ssecast._event import check_channel
 from ssecast._exceptions import (
     BackendUnavailableError,
@@ -94,6 +93,7 @@ from ssecast._http import (
 )
 from ssecast._pump import Pump
 from ssecast._subscription import Subscription
+from ssecast._watch import DisconnectWatch
 
 __all__ = ["EventStream", "HealthCheck", "close_on_signal"]
 
