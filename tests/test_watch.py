@@ -21,13 +21,13 @@ BODY: Message = {"type": "http.request", "body": b"", "more_body": False}
 
 
 class Gone:
-    """The `gone` callback: counts its calls and lets a test await the first."""
+    """What the watch closes (a subscription): counts the calls and lets a test await one."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.event = asyncio.Event()
 
-    def __call__(self) -> None:
+    def close(self) -> None:
         self.calls += 1
         self.event.set()
 
@@ -60,7 +60,8 @@ async def test_a_disconnect_after_the_body_calls_gone_once() -> None:
     server, gone = Server(), Gone()
     watch = DisconnectWatch(server.receive, gone)
     await asyncio.sleep(0.01)
-    assert server.calls == 2 and gone.calls == 0  # the body, then a wait
+    assert server.calls == 2  # the body, then a wait
+    assert gone.calls == 0
     server.gone.set_result(None)
     await gone.wait()
     watch.close()
@@ -164,7 +165,8 @@ async def test_closing_stops_the_task_of_a_receive_that_needs_one() -> None:
     await asyncio.sleep(0.01)
     watch.close()
     await asyncio.sleep(0.01)
-    assert server.finished == 1 and gone.calls == 0
+    assert server.finished == 1
+    assert gone.calls == 0
 
 
 async def test_a_receive_that_waits_on_something_not_a_future_ends_the_watch() -> None:

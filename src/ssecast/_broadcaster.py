@@ -192,6 +192,8 @@ class Broadcaster:
         self._revoked = 0
         self._expired = 0
         self._refused = 0
+        # One bound method for every subscription to call, rather than one made for each.
+        self._releaser = self._release
         self._backend.start(self._deliver, self._report_gap)
         _fork.guard(self, self._lock, Broadcaster._in_child)
 
@@ -551,7 +553,7 @@ class Broadcaster:
         )
         feed.end(CloseReason.REVOKED)
         self._revoked += 1
-        return Subscription(feed, self._release)
+        return Subscription(feed, self._releaser)
 
     def _abandon(self, resume: _Resume) -> None:
         """Forget a resume that the backend or a limit refused."""
@@ -574,7 +576,7 @@ class Broadcaster:
         # Precondition: self._lock is held.
         feed = self._feed(request, head)
         self._join(feed)
-        return Subscription(feed, self._release)
+        return Subscription(feed, self._releaser)
 
     def _hold(self, request: _Request, awaited: str, ahead: Ahead) -> Subscription:
         """Subscribe, but deliver only what comes after `awaited` is delivered here."""
@@ -582,7 +584,7 @@ class Broadcaster:
         feed = self._feed(request, self._prelude.copy())
         feed.held_for = awaited
         self._held.setdefault(awaited, (ahead, []))[1].append(feed)
-        return Subscription(feed, self._release)
+        return Subscription(feed, self._releaser)
 
     def _feed(self, request: _Request, head: list[bytes]) -> Feed:
         """Make a feed for `request`, and count it in."""

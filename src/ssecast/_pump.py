@@ -81,34 +81,31 @@ class Pump:
 
         :raises OSError: a write found the client gone (ASGI 2.4 servers raise it).
         """
+        # One coroutine for the whole stream, not two: its frame lives as long as the stream.
+        loop = self.loop
         try:
-            refused = await self._pump()
+            loop.call_soon(self._probe)
+            outcome = await self._outcome
+            timed = self._feed.heartbeat is not None or self._feed.expires is not None
+            if timed and not isinstance(outcome, _Refused):
+                self._beat = Heartbeat(self._sub, loop)
+            while outcome is not _Ended.ENDED and not isinstance(outcome, _Refused):
+                if isinstance(outcome, _Waiting):
+                    await outcome  # a write that had to wait, finished in this task
+                self._outcome = loop.create_future()
+                self.ready()
+                outcome = await self._outcome
         finally:
             self._stop()
-        if refused is None:
-            return
+        if isinstance(outcome, _Refused):
+            await self._send_from_task(outcome.body)
+
+    async def _send_from_task(self, refused: bytes) -> None:
+        """Send the chunk `send` refused from a callback, then every later one, from here."""
         if refused:
             await self._send(_body(refused))
         async for chunk in self._sub:
             await self._send(_body(chunk))
-
-    async def _pump(self) -> bytes | None:
-        """Write from callbacks until the end (`None`), or a chunk `send` refused there."""
-        loop = self.loop
-        loop.call_soon(self._probe)
-        outcome = await self._outcome
-        timed = self._feed.heartbeat is not None or self._feed.expires is not None
-        if timed and not isinstance(outcome, _Refused):
-            self._beat = Heartbeat(self._sub, loop)
-        while outcome is not _Ended.ENDED:
-            if isinstance(outcome, _Refused):
-                return outcome.body
-            if isinstance(outcome, _Waiting):
-                await outcome  # a write that had to wait, finished in this task
-            self._outcome = loop.create_future()
-            self.ready()
-            outcome = await self._outcome
-        return None
 
     def _stop(self) -> None:
         self._stopped = True

@@ -18,9 +18,9 @@ import contextlib
 import contextvars
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
 from types import CoroutineType
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
-__all__ = ["DisconnectWatch"]
+__all__ = ["Closable", "DisconnectWatch"]
 
 _Receive: TypeAlias = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _Steps: TypeAlias = (
@@ -28,18 +28,25 @@ _Steps: TypeAlias = (
 )
 
 
+class Closable(Protocol):
+    """What the watch closes when the client goes: a subscription."""
+
+    def close(self) -> None:
+        """End it."""
+
+
 class DisconnectWatch:
-    """Calls `gone()` once `receive()` says the client disconnected, or fails.
+    """Closes `sub` once `receive()` says the client disconnected, or fails.
 
     Create it in the connection's task (the steps run in a copy of its context), then
     `close` it when the stream ends, whichever way.
     """
 
-    __slots__ = ("_closed", "_context", "_gone", "_loop", "_receive", "_steps", "_task")
+    __slots__ = ("_closed", "_context", "_loop", "_receive", "_steps", "_sub", "_task")
 
-    def __init__(self, receive: _Receive, gone: Callable[[], None]) -> None:
+    def __init__(self, receive: _Receive, sub: Closable) -> None:
         self._receive = receive
-        self._gone = gone
+        self._sub = sub  # not its bound `close`: that would be one more object per stream
         self._loop = asyncio.get_running_loop()
         self._context = contextvars.copy_context()
         self._steps: _Steps | None = None
@@ -97,7 +104,7 @@ class DisconnectWatch:
             future.add_done_callback(self._woken, context=self._context)
         else:  # what a task would refuse too
             self.close()
-            self._gone()
+            self._sub.close()
 
     def _woken(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
@@ -114,7 +121,7 @@ class DisconnectWatch:
 
     def _end(self) -> None:
         if not self._closed:
-            self._gone()
+            self._sub.close()
 
     async def _listen(self) -> None:
         try:

@@ -264,7 +264,7 @@ class EventStream:
 
     async def _stream(self, sub: Subscription, receive: Receive, send: Send) -> None:
         """Write `sub` to the client until either of them ends."""
-        watch = DisconnectWatch(receive, sub.close)
+        watch = DisconnectWatch(receive, sub)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             await send(_chunk(OPENING + sub.read_nowait()))
