@@ -249,6 +249,20 @@ async def test_a_frame_that_lands_as_the_heartbeat_fires_is_read_instead() -> No
         assert await asyncio.wait_for(reader, JOIN_TIMEOUT) == event.frame
 
 
+async def test_a_heartbeat_due_twice_before_the_reader_runs_is_sent_once() -> None:
+    """The clock may tick again before the woken reader runs: still one heartbeat."""
+    async with Broadcaster(heartbeat=JOIN_TIMEOUT) as b, b.subscribe() as sub:
+        reader = asyncio.ensure_future(anext(sub))
+        await _await_parked(sub)
+        waiter = feed_of(sub).parked_on(asyncio.get_running_loop())
+        assert waiter is not None
+        waiter.heartbeat_due()
+        waiter.heartbeat_due()  # the reader has not run yet: it is still parked
+        assert await asyncio.wait_for(reader, JOIN_TIMEOUT) == HEARTBEAT
+        event = b.publish("t", 1)
+        assert await asyncio.wait_for(anext(sub), JOIN_TIMEOUT) == event.frame
+
+
 def test_an_async_reader_gets_heartbeats_on_every_event_loop_it_is_read_on() -> None:
     """Read under one asyncio.run() and then another, a subscription still gets heartbeats."""
     with Broadcaster(heartbeat=HEARTBEAT_SECONDS) as b, b.subscribe() as sub:
