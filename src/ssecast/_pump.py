@@ -158,7 +158,7 @@ class Pump:
         task is handed the rest of it.
         """
         try:
-            sending = self._send({"type": "http.response.body", "body": body, "more_body": True})
+            sending = self._send(_body(body))
             # A coroutine steps itself; any other awaitable through its iterator.
             steps = sending if type(sending) is CoroutineType else sending.__await__()
             waited_on = self._context.run(steps.send, None)

@@ -12,7 +12,7 @@ and parks a *waiter* to be woken when more comes:
   future it awaits; the ASGI pump (`_pump.py`) is one, and writes from the callback.
 
 A subscription with a lifetime ends when it runs out: a thread reader bounds its waits by
-it, and a loop reader's `Heartbeat` timer fires at it.
+it, and the clock of a loop reader's loop (one timer for all its `Heartbeat`s) fires at it.
 
 Publishers collect the waiters to wake under the lock and wake them after releasing it,
 with one callback per event loop rather than one per subscriber.
