@@ -7,7 +7,7 @@ at once, waits on a future, yields to the loop, fails, or works only inside a ta
 from __future__ import annotations
 
 import asyncio
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import pytest
@@ -135,16 +135,21 @@ async def test_a_receive_whose_wait_fails_means_the_client_is_gone(
     watch.close()
 
 
-async def test_a_receive_that_needs_a_task_is_awaited_in_one() -> None:
-    """A wrapper that fails outside a task (anyio's, say) is read in a task from then on."""
-    server, gone = Server(), Gone()
+def needing_a_task(server: Server) -> Callable[[], Awaitable[Message]]:
+    """Wrap `server.receive` as a middleware needing a task would (anyio's, say)."""
 
-    async def needs_a_task() -> Message:
+    async def receive() -> Message:
         if asyncio.current_task() is None:
             raise RuntimeError("no current task")
         return await server.receive()
 
-    watch = DisconnectWatch(needs_a_task, gone)
+    return receive
+
+
+async def test_a_receive_that_needs_a_task_is_awaited_in_one() -> None:
+    """A wrapper that fails outside a task is read in a task from then on."""
+    server, gone = Server(), Gone()
+    watch = DisconnectWatch(needing_a_task(server), gone)
     await asyncio.sleep(0.01)
     assert server.calls == 2  # the body, then a wait, both in the task
     server.gone.set_result(None)
@@ -155,13 +160,7 @@ async def test_a_receive_that_needs_a_task_is_awaited_in_one() -> None:
 
 async def test_closing_stops_the_task_of_a_receive_that_needs_one() -> None:
     server, gone = Server(), Gone()
-
-    async def needs_a_task() -> Message:
-        if asyncio.current_task() is None:
-            raise RuntimeError("no current task")
-        return await server.receive()
-
-    watch = DisconnectWatch(needs_a_task, gone)
+    watch = DisconnectWatch(needing_a_task(server), gone)
     await asyncio.sleep(0.01)
     watch.close()
     await asyncio.sleep(0.01)
