@@ -198,3 +198,90 @@ async def test_a_receive_that_ignores_closing_does_not_break_close() -> None:
     await asyncio.sleep(0.01)
     watch.close()
     waited.cancel()
+
+
+async def test_thousands_of_body_messages_answered_at_once_are_read_past() -> None:
+    """A receive may answer many messages without waiting: read in a loop, not a recursion."""
+    gone = Gone()
+    parts = iter(range(5000))
+
+    async def receive() -> Message:
+        return BODY if next(parts, None) is not None else DISCONNECT
+
+    DisconnectWatch(receive, gone)
+    await gone.wait()
+
+
+async def test_a_receive_that_fails_after_it_began_means_the_client_is_gone() -> None:
+    """It may have taken the disconnect with it: a second receive() would wait forever."""
+    server, gone = Server(), Gone()
+
+    async def reports_the_end_its_own_way() -> Message:
+        message = await server.receive()
+        if message["type"] == "http.disconnect":
+            raise RuntimeError("a middleware's own error for a client that left")
+        return message
+
+    watch = DisconnectWatch(reports_the_end_its_own_way, gone)
+    await asyncio.sleep(0.01)
+    server.gone.set_result(None)
+    await gone.wait()
+    watch.close()
+    assert server.calls == 2  # not called again after it failed
+
+
+@pytest.mark.parametrize("error", [OSError("gone"), RuntimeError("broken")], ids=type)
+async def test_a_receive_that_raises_when_called_ends_the_stream(error: Exception) -> None:
+    gone = Gone()
+
+    def receive() -> Awaitable[Message]:
+        raise error
+
+    watch = DisconnectWatch(receive, gone)  # RuntimeError: once more in a task, then gone
+    await gone.wait()
+    watch.close()
+
+
+async def test_an_awaitable_whose_iterator_has_only_next_is_stepped_as_await_would() -> None:
+    """The awaitable granian's receive() returns: its iterator has no send()."""
+    gone = Gone()
+    waited: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+    class NextOnly:
+        def __init__(self) -> None:
+            self._steps = waited.__await__()
+
+        def __iter__(self) -> NextOnly:
+            return self
+
+        def __next__(self) -> object:
+            return next(self._steps)
+
+    class Awaitable_:
+        def __await__(self) -> NextOnly:
+            return NextOnly()
+
+    watch = DisconnectWatch(Awaitable_, gone)
+    await asyncio.sleep(0.01)
+    waited.set_result(DISCONNECT)
+    await gone.wait()
+    watch.close()
+
+
+async def test_a_body_that_comes_after_a_wait_is_read_past() -> None:
+    gone = Gone()
+    loop = asyncio.get_running_loop()
+    messages: list[asyncio.Future[Message]] = [loop.create_future() for _ in range(2)]
+
+    async def receive() -> Message:
+        return await messages.pop(0)
+
+    first, second = messages
+    watch = DisconnectWatch(receive, gone)
+    await asyncio.sleep(0.01)
+    first.set_result(BODY)
+    await asyncio.sleep(0.01)
+    assert gone.calls == 0
+    second.set_result(DISCONNECT)
+    await gone.wait()
+    watch.close()

@@ -28,15 +28,16 @@ import contextvars
 import enum
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
 from types import CoroutineType
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 from ssecast._subscription import Heartbeat, Status, Subscription, feed_of
 from ssecast._wire import HEARTBEAT
 
-__all__ = ["Pump"]
+__all__ = ["Pump", "coroutine_of"]
 
 _Send: TypeAlias = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-_Steps: TypeAlias = Coroutine[Any, Any, object] | Generator[Any, Any, object]
+_T = TypeVar("_T")
+_Steps: TypeAlias = Coroutine[Any, Any, object]
 
 
 class _Ended(enum.Enum):
@@ -158,9 +159,7 @@ class Pump:
         task is handed the rest of it.
         """
         try:
-            sending = self._send(_body(body))
-            # A coroutine steps itself; any other awaitable through its iterator.
-            steps = sending if type(sending) is CoroutineType else sending.__await__()
+            steps = coroutine_of(self._send(_body(body)))
             waited_on = self._context.run(steps.send, None)
         except StopIteration:
             return True
@@ -182,6 +181,22 @@ class Pump:
             self._outcome.set_exception(error)
         else:
             self._outcome.set_result(outcome)
+
+
+def coroutine_of(awaitable: Awaitable[_T]) -> Coroutine[Any, Any, _T]:
+    """Return `awaitable` as a coroutine, which steps with `send`, `throw` and `close`.
+
+    An ASGI `send` or `receive` may return any awaitable, and the iterator of one that is
+    not a coroutine need not have those (granian's has only `__next__`); awaited in a
+    coroutine, it steps as a task would step it.
+    """
+    if type(awaitable) is CoroutineType:
+        return awaitable
+    return _awaiting(awaitable)
+
+
+async def _awaiting(awaitable: Awaitable[_T]) -> _T:
+    return await awaitable
 
 
 def _body(data: bytes) -> MutableMapping[str, Any]:

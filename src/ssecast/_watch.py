@@ -16,16 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
-from types import CoroutineType
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Protocol, TypeAlias
+
+from ssecast._pump import coroutine_of
 
 __all__ = ["Closable", "DisconnectWatch"]
 
 _Receive: TypeAlias = Callable[[], Awaitable[MutableMapping[str, Any]]]
-_Steps: TypeAlias = (
-    Coroutine[Any, Any, MutableMapping[str, Any]] | Generator[Any, Any, MutableMapping[str, Any]]
-)
+_Steps: TypeAlias = Coroutine[Any, Any, MutableMapping[str, Any]]
 
 
 class Closable(Protocol):
@@ -42,7 +41,7 @@ class DisconnectWatch:
     `close` it when the stream ends, whichever way.
     """
 
-    __slots__ = ("_closed", "_context", "_loop", "_receive", "_steps", "_sub", "_task")
+    __slots__ = ("_closed", "_context", "_fresh", "_loop", "_receive", "_steps", "_sub", "_task")
 
     def __init__(self, receive: _Receive, sub: Closable) -> None:
         self._receive = receive
@@ -52,9 +51,10 @@ class DisconnectWatch:
         self._steps: _Steps | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._fresh = True  # nothing was asked of receive() yet
         # From a callback, not from this task: a receive wrapper that needs a task must
         # find none and fail at once, rather than begin in this task and go on elsewhere.
-        self._loop.call_soon(self._next, context=self._context)
+        self._loop.call_soon(self._read, context=self._context)
 
     def close(self) -> None:
         """Stop watching: abandon the `receive()` in progress. Safe to call twice."""
@@ -67,35 +67,41 @@ class DisconnectWatch:
         if self._task is not None:
             self._task.cancel()
 
-    def _next(self) -> None:
-        """Start the next `receive()`: the request's body came, or the watch began."""
-        if self._closed:
-            return
-        receiving = self._receive()
-        steps = receiving if type(receiving) is CoroutineType else receiving.__await__()
-        self._steps = steps
-        self._step(steps.send, None)
+    def _read(self) -> None:
+        """Call receive() until one waits, or the client is gone; runs in the watch's context.
 
-    def _step(self, step: Callable[[Any], object], value: object) -> None:
-        """Run the receive to its next wait, or to its end; runs in the watch's context."""
+        A loop, not a recursion: a receive may answer many body messages at once.
+        """
+        while not self._closed:
+            try:
+                steps = coroutine_of(self._receive())
+            except Exception as error:  # raised by the call itself, not by awaiting it
+                self._failed(error)
+                return
+            self._steps = steps
+            if not self._step(steps.send, None):
+                return
+
+    def _step(self, step: Callable[[Any], object], value: object) -> bool:
+        """Run the receive to its next wait, or to its end; return whether to read on."""
         try:
             waited_on = step(value)
         except StopIteration as stop:
             self._steps = None
+            self._fresh = False
             if stop.value["type"] == "http.disconnect":
                 self._end()
-            else:
-                self._next()
-            return
-        except (OSError, asyncio.CancelledError):
+                return False
+            return True  # the request's (empty) body: read on
+        except asyncio.CancelledError:
             self._steps = None
             self._end()
-            return
-        except Exception:
-            # receive() needs a task (or failed): from now on it is awaited in one.
+            return False
+        except Exception as error:
             self._steps = None
-            self._task = self._loop.create_task(self._listen(), context=self._context)
-            return
+            self._failed(error)
+            return False
+        self._fresh = False
         if waited_on is None:  # a bare yield: run again on the next turn of the loop
             self._loop.call_soon(self._resume, None, context=self._context)
         elif getattr(waited_on, "_asyncio_future_blocking", False):
@@ -105,6 +111,17 @@ class DisconnectWatch:
         else:  # what a task would refuse too
             self.close()
             self._sub.close()
+        return False
+
+    def _failed(self, error: Exception) -> None:
+        if self._fresh and not isinstance(error, OSError):
+            # It failed before it could take any message: a receive that needs a task
+            # (anyio's wrappers), awaited in one from now on.
+            self._task = self._loop.create_task(self._listen(), context=self._context)
+        else:
+            # It may have taken the disconnect with it: the client is as good as gone, as
+            # a task awaiting receive() would have decided too.
+            self._end()
 
     def _woken(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
@@ -116,8 +133,9 @@ class DisconnectWatch:
 
     def _resume(self, value: object, *, error: bool = False) -> None:
         steps = self._steps
-        if steps is not None:  # else the watch was closed, and the receive abandoned
-            self._step(steps.throw if error else steps.send, value)
+        # steps is None once the watch was closed, and the receive abandoned.
+        if steps is not None and self._step(steps.throw if error else steps.send, value):
+            self._read()
 
     def _end(self) -> None:
         if not self._closed:
