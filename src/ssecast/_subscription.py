@@ -343,6 +343,7 @@ class Heartbeat:
     """
 
     __slots__ = (
+        "_clock",
         "_ends",
         "_feed",
         "_interval",
@@ -364,11 +365,14 @@ class Heartbeat:
         self._ends = math.inf if feed.expires is None else now + feed.expires - time.monotonic()
         self._stopped = False
         self._quiet_since = now
-        _Clock.of(loop).add(self)
+        self._clock = _Clock.of(loop)
+        self._clock.add(self)
 
     def stop(self) -> None:
-        """Stop it, from any thread; the clock lets go of it at its next tick."""
+        """Stop it; from another thread, the clock lets go of it at its next tick."""
         self._stopped = True
+        if _running_loop() is self.loop:  # the clock is touched only on its loop's thread
+            self._clock.drop(self)
 
     def due(self, now: float) -> bool:
         """Beat or end if it is time; return whether the clock is to keep it."""
@@ -393,8 +397,9 @@ class _Clock:
 
     Touched only on its loop's thread. The registry of clocks is a plain dict: each loop
     adds and removes only its own clock, and the GIL keeps each of those steps whole. A
-    clock leaves it when its last reader goes; one whose loop closed first stays until the
-    next clock is made, which drops it.
+    clock leaves it when its last reader goes (at once when the reader stops on the loop,
+    at the next tick when another thread stopped it); one whose loop closed first stays
+    until the next clock is made, which drops it.
     """
 
     __slots__ = ("_beats", "_loop", "_tick", "_timer", "_wakes_at")
@@ -425,6 +430,20 @@ class _Clock:
         self._tick = min(self._tick, beat._interval / 4)
         self._arm(min(self._loop.time() + self._tick, beat._ends))
 
+    def drop(self, beat: Heartbeat) -> None:
+        """Stop ticking for `beat`; with no other, stop, so that the loop can be collected."""
+        if beat in self._beats:
+            del self._beats[beat]
+            if not self._beats:
+                self._stop()
+
+    def _stop(self) -> None:
+        # Precondition: it is the registered clock of its loop (it had beats until now).
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._wakes_at, self._tick = None, math.inf, math.inf
+        del self._clocks[self._loop]
+
     def _arm(self, at: float) -> None:
         if at < self._wakes_at and at != math.inf:
             if self._timer is not None:
@@ -444,8 +463,7 @@ class _Clock:
         if self._beats:
             self._arm(min(now + self._tick, next_end))
         else:
-            self._tick = math.inf
-            del self._clocks[self._loop]
+            self._stop()
 
 
 class Subscription:
