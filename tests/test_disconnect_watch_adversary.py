@@ -103,7 +103,7 @@ async def ends_within(b: Broadcaster, task: asyncio.Task[None], seconds: float =
 
 
 async def test_a_queue_receive_s_single_disconnect_ends_the_stream() -> None:
-    """hypercorn's shape, plain: the one `http.disconnect` ends the subscription."""
+    """Hypercorn's shape, plain: the one `http.disconnect` ends the subscription."""
     with Broadcaster(heartbeat=None) as b:
         receive = QueueReceive()
         _, task = await serve(b, receive)
@@ -156,7 +156,11 @@ async def test_a_receive_that_raises_at_once_ends_the_stream() -> None:
         stream = EventStream(b, ["room"])(dict(GET), receive, client.send)
         await asyncio.wait_for(stream, HANG)
         assert b.stats().subscribers == 0
-        assert client.messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+        assert client.messages[-1] == {
+            "type": "http.response.body",
+            "body": b"",
+            "more_body": False,
+        }
 
 
 async def test_body_messages_then_the_disconnect_end_the_stream() -> None:
@@ -192,8 +196,11 @@ async def test_body_messages_then_the_disconnect_end_the_stream() -> None:
 async def test_many_body_messages_answered_at_once_do_not_kill_the_watch(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A receive (a middleware re-chunking a buffered body, say) that answers 3000 body
-    parts without waiting, then the disconnect: the stream must still end."""
+    """Many body messages answered at once do not kill the watch.
+
+    A receive (a middleware re-chunking a buffered body, say) that answers 3000 body
+    parts without waiting, then the disconnect: the stream must still end.
+    """
     with Broadcaster(heartbeat=None) as b:
         parts = 3000
         disconnected = asyncio.Event()
@@ -228,8 +235,11 @@ async def test_many_body_messages_answered_at_once_do_not_kill_the_watch(
     "task that calls receive() again, which waits forever: the subscription is never closed",
 )
 async def test_a_wrapper_that_needs_a_task_only_on_the_disconnect_still_ends_the_stream() -> None:
-    """A middleware that reports the disconnect under `asyncio.timeout` (needs a task):
-    the task-per-stream code ended the subscription; the watch loses the message."""
+    """A disconnect taken by a step that then needs a task is not lost.
+
+    A middleware that reports the disconnect under `asyncio.timeout` (needs a task):
+    the task-per-stream code ended the subscription; the watch loses the message.
+    """
     with Broadcaster(heartbeat=None) as b:
         inner = QueueReceive()
 
