@@ -281,3 +281,31 @@ async def test_a_receive_that_raises_its_own_error_on_the_disconnect_ends_the_st
         await asyncio.sleep(0.05)
         inner.disconnect()
         assert await ends_within(b, task, 2.0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DisconnectWatch._next calls receive() outside its try: a receive that raises "
+    "when called (not when awaited) kills the watch in a loop callback, so the subscription "
+    "is never closed; the task-per-stream code closed it in its finally",
+)
+async def test_a_receive_that_raises_when_called_ends_the_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A plain-function receive that raises OSError at call time once the client left."""
+    with Broadcaster(heartbeat=None) as b:
+        inner = QueueReceive()
+        left = False
+
+        def receive() -> Awaitable[Message]:
+            if left:
+                raise OSError("the connection is gone")
+            return inner()
+
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            _, task = await serve(b, receive)
+            left = True
+            # The receive in progress gets a last body part; the call after it raises.
+            inner.queue.put_nowait({"type": "http.request", "body": b"", "more_body": False})
+            ended = await ends_within(b, task, 2.0)
+        assert ended, caplog.text
