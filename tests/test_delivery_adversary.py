@@ -507,3 +507,33 @@ async def test_eviction_still_ends_a_parked_task_reader_a_pump_and_a_thread() ->
     await until(lambda: events_of(b"".join(keeping_up)).count(b"data:") == 12)
     b.close()
     await asyncio.wait_for(keeper, HANG)
+
+
+async def test_a_parked_two_channel_reader_evicted_by_one_channel_leaves_the_other_sound() -> None:
+    """Evicted by channel a while parked on a and b, from a thread; b goes on delivering."""
+    b = Broadcaster(heartbeat=0.05, queue_size=3)
+    evicted = await b.asubscribe("a", "b")
+    waiting = asyncio.create_task(anext(aiter(evicted)))
+    on_b: list[bytes] = []
+    other = asyncio.create_task(read_with_async_for(await b.asubscribe("b"), on_b))
+    both: list[bytes] = []
+    keeper = asyncio.create_task(read_with_async_for(await b.asubscribe("a", "b"), both))
+    await asyncio.sleep(0.01)
+
+    def flood() -> None:
+        for n in range(5):
+            b.publish("t", n, channel="a")  # one delivery wakes it; it is not read in time
+
+    await asyncio.to_thread(flood)
+    done, _ = await asyncio.wait([waiting], timeout=HANG)  # a chunk, or the end at once
+    assert done
+    assert waiting.exception() is None or isinstance(waiting.exception(), StopAsyncIteration)
+    await until(lambda: evicted.close_reason is CloseReason.EVICTED)
+    for n in range(5):
+        b.publish("t", n, channel="b")
+        await asyncio.sleep(0.01)
+    await until(lambda: events_of(b"".join(on_b)).count(b"data:") == 5)
+    await until(lambda: events_of(b"".join(both)).count(b"data:") == 10)
+    assert await anext(aiter(evicted), None) is None
+    b.close()
+    await asyncio.wait_for(asyncio.gather(other, keeper), HANG)
