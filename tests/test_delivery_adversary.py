@@ -515,9 +515,10 @@ async def test_a_parked_two_channel_reader_evicted_by_one_channel_leaves_the_oth
     evicted = await b.asubscribe("a", "b")
     waiting = asyncio.create_task(anext(aiter(evicted)))
     on_b: list[bytes] = []
-    other = asyncio.create_task(read_with_async_for(await b.asubscribe("b"), on_b))
+    other = asyncio.create_task(read_with_async_for(await b.asubscribe("b", queue_size=100), on_b))
     both: list[bytes] = []
-    keeper = asyncio.create_task(read_with_async_for(await b.asubscribe("a", "b"), both))
+    keeping = await b.asubscribe("a", "b", queue_size=100)  # one capacity per audience no more
+    keeper = asyncio.create_task(read_with_async_for(keeping, both))
     await asyncio.sleep(0.01)
 
     def flood() -> None:
