@@ -538,3 +538,45 @@ async def test_a_parked_two_channel_reader_evicted_by_one_channel_leaves_the_oth
     assert await anext(aiter(evicted), None) is None
     b.close()
     await asyncio.wait_for(asyncio.gather(other, keeper), HANG)
+
+
+def test_on_uvloop_heartbeats_and_lifetimes_keep_their_bounds() -> None:
+    """Uvloop's clock reads whole milliseconds, cached per turn of the loop: heartbeats of
+    0.2 s still come within 1.25 heartbeats, and lifetimes end no later than their end.
+    """
+    uvloop = pytest.importorskip("uvloop")
+    b = Broadcaster(heartbeat=0.2)
+    gaps: list[float] = []
+    lateness: list[float] = []
+
+    async def beats(sub: Subscription) -> None:
+        last = time.monotonic()
+        async for chunk in sub:
+            now = time.monotonic()
+            assert chunk == HEARTBEAT
+            gaps.append(now - last)
+            last = now
+
+    async def lives(lifetime: float) -> None:
+        sub = await b.asubscribe("lives", lifetime=lifetime)
+        expires = feed_of(sub).expires
+        assert expires is not None
+        async for _ in sub:
+            pass
+        lateness.append(time.monotonic() - expires)
+
+    async def main() -> None:
+        subs = [await b.asubscribe() for _ in range(10)]
+        readers = [asyncio.create_task(beats(sub)) for sub in subs]
+        await asyncio.gather(*(lives(0.3 + 0.05 * n) for n in range(10)))
+        await asyncio.sleep(0.5)
+        b.close()
+        await asyncio.gather(*readers)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(main(), HANG))
+    assert len(gaps) >= 10 * 4
+    assert max(gaps) <= 0.2 * 1.25 + SLACK, max(gaps)
+    assert min(gaps) >= 0.2 - 0.05, min(gaps)
+    assert len(lateness) == 10
+    assert max(lateness) <= SLACK, lateness
