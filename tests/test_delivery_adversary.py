@@ -541,7 +541,9 @@ async def test_a_parked_two_channel_reader_evicted_by_one_channel_leaves_the_oth
 
 
 def test_on_uvloop_heartbeats_and_lifetimes_keep_their_bounds() -> None:
-    """Uvloop's clock reads whole milliseconds, cached per turn of the loop: heartbeats of
+    """On uvloop, heartbeats and lifetimes keep their bounds.
+
+    uvloop's clock reads whole milliseconds, cached per turn of the loop: heartbeats of
     0.2 s still come within 1.25 heartbeats, and lifetimes end no later than their end.
     """
     uvloop = pytest.importorskip("uvloop")
