@@ -70,10 +70,12 @@ def command(server: str, app: str, port: int) -> list[str]:
 
 
 @contextmanager
-def serve(server: str, app: str, *, complaints: bool = True) -> Iterator[Server]:
+def serve(
+    server: str, app: str, *, complaints: bool = True, env: dict[str, str] | None = None
+) -> Iterator[Server]:
     """Run ``app`` on ``server``; on the way out, check its log for asyncio's complaints."""
     port = free_port()
-    with running(command(server, app, port), port=port) as process:
+    with running(command(server, app, port), port=port, env=env) as process:
         yield process
     log = process.log()
     if complaints:
@@ -254,3 +256,42 @@ async def test_sigterm_with_open_streams_ends_them_and_stops_the_server(
                 stream.close()
         assert clean.count(True) == 50
         assert took < 5.0, took
+
+
+@pytest.mark.parametrize(
+    ("server", "app"),
+    [("uvicorn-httptools", "PLAIN"), ("uvicorn-h11", "FASTAPI"), ("hypercorn", "PLAIN")],
+)
+async def test_heartbeats_over_the_wire_come_within_a_heartbeat_and_a_quarter(
+    server: str, app: str
+) -> None:
+    """Heartbeats over the wire come within a heartbeat and a quarter, never early.
+
+    30 idle streams with a 0.3 s heartbeat, read for 2.5 s: every gap between two chunks
+    is at least 0.3 s less slack and at most 1.25 x 0.3 s plus slack.
+    """
+    interval, slack = 0.3, 0.25
+    with serve(server, app, env={"SSECAST_TEST_HEARTBEAT": str(interval)}) as process:
+        streams = await open_many(process.port, 30, new_channel())
+
+        async def gaps(stream: RawStream) -> list[float]:
+            seen, last, ends = [], time.monotonic(), time.monotonic() + 2.5
+            while time.monotonic() < ends:
+                chunk = await asyncio.wait_for(stream.reader.read(4096), HANG)
+                assert chunk, "the stream ended"
+                now = time.monotonic()
+                seen.append(now - last)
+                last = now
+            return seen[1:]  # the first read may find heartbeats sent while others opened
+
+        try:
+            measured = await asyncio.gather(*(gaps(stream) for stream in streams))
+        finally:
+            for stream in streams:
+                stream.close()
+        async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
+            assert await until_subscribers(http, 0, GONE_WITHIN)
+        every = [gap for one in measured for gap in one]
+        assert all(len(one) >= 5 for one in measured), [len(one) for one in measured]
+        assert max(every) <= 1.25 * interval + slack, max(every)
+        assert min(every) >= interval - 0.1, min(every)

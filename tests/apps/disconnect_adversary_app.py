@@ -2,7 +2,8 @@
 
 Every app mounts ``EventStream`` at ``/events/`` (channel from ``?channel=``) and the
 control routes at ``/control/``, on one broadcaster built from the ``SSECAST_TEST_*``
-variables. The server runs ``apps.disconnect_adversary_app:NAME``:
+variables (``SSECAST_TEST_HEARTBEAT``: its heartbeat).
+The server runs ``apps.disconnect_adversary_app:NAME``:
 
 - ``PLAIN``: no middleware.
 - ``PASS``: a pure ASGI middleware whose ``receive`` wrapper just awaits the server's.
@@ -16,6 +17,7 @@ variables. The server runs ``apps.disconnect_adversary_app:NAME``:
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -23,9 +25,12 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 
 from apps.asgi_support import Control, broadcaster_from_env, channels_from_query, lifespan
+from ssecast import Broadcaster
 from ssecast.asgi import EventStream
 
 broadcaster = broadcaster_from_env()
+if "SSECAST_TEST_HEARTBEAT" in os.environ:  # the heartbeat tests' own broadcaster
+    broadcaster = Broadcaster(heartbeat=float(os.environ["SSECAST_TEST_HEARTBEAT"]))
 events = EventStream(broadcaster, channels_from_query)
 control = Control(broadcaster)
 
