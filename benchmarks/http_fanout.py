@@ -85,9 +85,7 @@ httptools, as ``uvicorn[standard]`` installs them; ``--standard`` is its alias),
 ``hypercorn`` and ``hypercorn-uvloop`` (its asyncio worker, in the server process),
 ``granian`` and ``granian-uvloop`` (its ASGI interface: one worker process forked from the
 server process, one runtime thread; memory and CPU are the worker's, whose pid ``/stats``
-answers). The uvloop and httptools variants need ``pip install -e '.[bench-servers]'``,
-which ``.[dev]`` leaves out: with them installed, uvicorn picks them on its own, and the
-tests are to run on its defaults.
+answers).
 
 Run: ``python benchmarks/http_fanout.py`` (a few minutes); ``--quick`` for a short
 run; ``--json out.json`` and ``--plot out.png`` (needs matplotlib) to keep the results.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +15,12 @@ from servers import TESTS
 from ssecast import Broadcaster
 
 JS = TESTS / "js"
+
+# uvicorn picks uvloop and httptools when they are installed (the bench extra installs them
+# for the benchmarks); the tests' servers run on its defaults, asyncio and h11, unless a
+# test names others on the command line. Set here, before any server starts.
+os.environ.setdefault("UVICORN_LOOP", "asyncio")
+os.environ.setdefault("UVICORN_HTTP", "h11")
 
 
 @pytest.fixture

@@ -349,12 +349,6 @@ async def test_readers_stopped_from_another_thread_end_and_their_clock_goes() ->
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Clock._clocks holds each loop strongly until the clock's next tick or until "
-    "another loop makes a clock and finds it closed: a loop left unclosed after its readers "
-    "closed their subscriptions is kept forever (the per-reader timer let it be collected)",
-)
 def test_a_loop_left_unclosed_after_its_readers_closed_is_not_kept_alive() -> None:
     """An unclosed loop whose readers are gone is not kept alive by ssecast.
 
@@ -546,7 +540,8 @@ def test_on_uvloop_heartbeats_and_lifetimes_keep_their_bounds() -> None:
     uvloop's clock reads whole milliseconds, cached per turn of the loop: heartbeats of
     0.2 s still come within 1.25 heartbeats, and lifetimes end no later than their end.
     """
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop
+
     b = Broadcaster(heartbeat=0.2)
     gaps: list[float] = []
     lateness: list[float] = []

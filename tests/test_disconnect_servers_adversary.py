@@ -30,22 +30,6 @@ GONE_WITHIN = 5.0
 
 SERVERS = ["uvicorn-h11", "uvicorn-httptools", "hypercorn", "granian"]
 APPS = ["PLAIN", "PASS", "SLEEP", "TIMEOUT", "FASTAPI", "REPORTS", "RAISES"]
-ONE_SHOT = (
-    "hypercorn answers http.disconnect once; when the receive wrapper raises after taking it, "
-    "DisconnectWatch calls receive() again in a task, which waits forever: the subscription "
-    "stays open (and hypercorn's shutdown logs the cancelled connections)"
-)
-NO_SEND = (
-    "granian's receive() returns a PyFutureAwaitable whose __await__() iterator has no "
-    "send(): DisconnectWatch._next calls steps.send outside its try, dies with "
-    "AttributeError in a loop callback, and no disconnect is ever seen"
-)
-LOST_DISCONNECT = {
-    ("hypercorn", "REPORTS"): ONE_SHOT,
-    ("hypercorn", "RAISES"): ONE_SHOT,
-    ("granian", "PLAIN"): NO_SEND,
-}
-"""Where the subscription outlives its client: the watch loses or never sees the disconnect."""
 COMPLAINTS = ("Task was destroyed", "was never awaited", "Exception in callback", "Traceback")
 """What asyncio (or the server) logs when a stream's clean-up went wrong."""
 
@@ -157,9 +141,6 @@ DEPLOYMENTS = [
     pytest.param(
         (s, a),
         id=f"{s}-{a}",
-        marks=[pytest.mark.xfail(strict=True, reason=LOST_DISCONNECT[s, a])]
-        if (s, a) in LOST_DISCONNECT
-        else [],
     )
     for s in SERVERS
     for a in APPS
@@ -170,10 +151,7 @@ DEPLOYMENTS = [
 def deployment(request: pytest.FixtureRequest) -> Iterator[tuple[str, Server]]:
     """A server serving an app."""
     server, app = request.param
-    # RAISES: an exception from receive is logged as never retrieved, as it was before.
-    # Where the disconnect is lost, the log holds the consequences (checked by the test).
-    complaints = app != "RAISES" and (server, app) not in LOST_DISCONNECT
-    with serve(server, app, complaints=complaints) as process:
+    with serve(server, app, complaints=True) as process:
         yield f"{server}:{app}", process
 
 
@@ -302,15 +280,7 @@ async def test_heartbeats_over_the_wire_come_within_a_heartbeat_and_a_quarter(
     [
         "uvicorn-h11",
         "hypercorn",
-        pytest.param(
-            "granian",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="on granian, DisconnectWatch keeps the PyFutureAwaitable iterator it "
-                "could not step, and close() calls its missing close(): every stream's end "
-                "raises AttributeError out of EventStream, which granian logs",
-            ),
-        ),
+        "granian",
     ],
 )
 async def test_close_ends_streams_cleanly_and_quietly(server: str) -> None:

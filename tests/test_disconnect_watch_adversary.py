@@ -189,12 +189,6 @@ async def test_body_messages_then_the_disconnect_end_the_stream() -> None:
 
 @pytest.mark.filterwarnings("ignore:coroutine 'DisconnectWatch._listen' was never awaited")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="DisconnectWatch._step recurses through _next for every message a receive "
-    "answers without waiting; a few hundred such body messages raise RecursionError out "
-    "of a loop callback, the watch dies and the disconnect is never seen",
-)
 async def test_many_body_messages_answered_at_once_do_not_kill_the_watch(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -230,12 +224,6 @@ async def test_many_body_messages_answered_at_once_do_not_kill_the_watch(
         assert ended, logged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when a receive step raises after it took the message (here the one "
-    "http.disconnect of a queue receive, as hypercorn's), DisconnectWatch falls back to a "
-    "task that calls receive() again, which waits forever: the subscription is never closed",
-)
 async def test_a_wrapper_that_needs_a_task_only_on_the_disconnect_still_ends_the_stream() -> None:
     """A disconnect taken by a step that then needs a task is not lost.
 
@@ -258,12 +246,6 @@ async def test_a_wrapper_that_needs_a_task_only_on_the_disconnect_still_ends_the
         assert await ends_within(b, task, 2.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a receive that raises a non-OSError exception once the client left (a "
-    "middleware's own ClientDisconnected, say) used to close the subscription; the watch "
-    "now calls receive() again in a task, which on a queue receive (hypercorn) waits forever",
-)
 async def test_a_receive_that_raises_its_own_error_on_the_disconnect_ends_the_stream() -> None:
     """The wrapper turns `http.disconnect` into an exception of its own."""
 
@@ -285,12 +267,6 @@ async def test_a_receive_that_raises_its_own_error_on_the_disconnect_ends_the_st
         assert await ends_within(b, task, 2.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DisconnectWatch._next calls receive() outside its try: a receive that raises "
-    "when called (not when awaited) kills the watch in a loop callback, so the subscription "
-    "is never closed; the task-per-stream code closed it in its finally",
-)
 async def test_a_receive_that_raises_when_called_ends_the_stream(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -339,13 +315,6 @@ class NextOnlyAwaitable:
         return _NextOnly(self.future)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DisconnectWatch._next calls steps.send(None) outside its try: an awaitable "
-    "whose __await__ iterator has only __next__ (granian's PyFutureAwaitable) raises "
-    "AttributeError in a loop callback, and the disconnect is never seen (then close() "
-    "raises AttributeError too, out of EventStream's finally)",
-)
 async def test_a_receive_whose_awaitable_iterator_has_no_send_still_ends_the_stream(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Protocol, TypeAlias
 
 from ssecast._pump import coroutine_of
+
+logger = logging.getLogger("ssecast")
 
 __all__ = ["Closable", "DisconnectWatch"]
 
@@ -121,15 +124,18 @@ class DisconnectWatch:
         else:
             # It may have taken the disconnect with it: the client is as good as gone, as
             # a task awaiting receive() would have decided too.
+            logger.debug("receive() raised %r: the client is taken as gone", error)
             self._end()
 
     def _woken(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
-            self._resume(asyncio.CancelledError(), error=True)
-        elif (error := future.exception()) is not None:
+        # As a task wakes up: an exception is thrown in; a result is not sent, the receive
+        # reads it from the future (and an iterator that is not a generator takes none).
+        try:
+            future.result()
+        except BaseException as error:  # thrown into the receive, as a task throws it
             self._resume(error, error=True)
         else:
-            self._resume(future.result())
+            self._resume(None)
 
     def _resume(self, value: object, *, error: bool = False) -> None:
         steps = self._steps
