@@ -87,11 +87,6 @@ def other_loop() -> Iterator[asyncio.AbstractEventLoop]:
 # -- the watch ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the watch waits on a future of another loop, and then steps receive() on that "
-    "loop's thread; a task refuses such a future at once (RuntimeError thrown in)",
-)
 async def test_a_receive_awaiting_another_loop_s_future_is_stepped_only_on_its_own_loop(
     other_loop: asyncio.AbstractEventLoop,
 ) -> None:
@@ -130,12 +125,6 @@ async def _future_on_running_loop() -> asyncio.Future[None]:
     return asyncio.get_running_loop().create_future()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a wrapper that yields to the loop (a checkpoint) before it enters "
-    "asyncio.timeout fails on its second step, so the watch takes the healthy client as "
-    "gone and ends the stream at once instead of falling back to a task",
-)
 async def test_a_wrapper_that_checkpoints_before_it_needs_a_task_does_not_end_the_stream() -> None:
     disconnected = asyncio.Event()
 
@@ -296,12 +285,6 @@ async def test_a_receive_wrapper_sees_context_set_before_the_stream_and_keeps_it
 # -- the clock --------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Clock._fire deletes a beat that a heartbeat write already dropped (a send that "
-    "closes another async-for reader): KeyError in the timer callback, and the clock "
-    "never re-arms, so every reader on the loop stops getting heartbeats",
-)
 async def test_a_reader_closed_by_another_s_heartbeat_write_does_not_stop_the_clock() -> None:
     loop = asyncio.get_running_loop()
     errors: list[object] = []
@@ -540,13 +523,6 @@ async def _read_events(stream: RawStream, count: int) -> None:
 # -- closing the watch, compared with cancelling a task ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="close() closes the receive coroutine (GeneratorExit), which does not cancel what "
-    "it awaits: a receive bounded by asyncio.wait_for leaves its inner receive running in a "
-    "task, and a receive that returns a future leaves that future pending; cancelling a "
-    "task awaiting them, as the watch says it mirrors, cancels both",
-)
 @pytest.mark.parametrize("shape", ["wait_for", "future"])
 async def test_closing_the_watch_cancels_what_the_receive_awaits_as_a_task_would(
     shape: str,

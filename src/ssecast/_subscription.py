@@ -438,7 +438,8 @@ class _Clock:
                 self._stop()
 
     def _stop(self) -> None:
-        # Precondition: it is the registered clock of its loop (it had beats until now).
+        # Precondition: it is its loop's registered clock. A heartbeat's write during a
+        # tick may drop other beats, but never the writer's own: a tick cannot empty it.
         if self._timer is not None:
             self._timer.cancel()
         self._timer, self._wakes_at, self._tick = None, math.inf, math.inf
@@ -455,11 +456,13 @@ class _Clock:
         self._timer, self._wakes_at = None, math.inf
         now = self._loop.time()
         next_end = math.inf
-        for beat in list(self._beats):  # a heartbeat's write may add a reader
+        # A copy: a heartbeat's write runs a `send`, which may close other readers of the
+        # loop, and so drop their beats (and even stop this clock) meanwhile.
+        for beat in list(self._beats):
             if beat.due(now):
                 next_end = min(next_end, beat._ends)
             else:
-                del self._beats[beat]
+                self._beats.pop(beat, None)
         if self._beats:
             self._arm(min(now + self._tick, next_end))
         else:

@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, cast
 
 from ssecast._pump import coroutine_of
 
@@ -44,7 +44,17 @@ class DisconnectWatch:
     `close` it when the stream ends, whichever way.
     """
 
-    __slots__ = ("_closed", "_context", "_fresh", "_loop", "_receive", "_steps", "_sub", "_task")
+    __slots__ = (
+        "_closed",
+        "_context",
+        "_fresh",
+        "_loop",
+        "_receive",
+        "_steps",
+        "_sub",
+        "_task",
+        "_waited_on",
+    )
 
     def __init__(self, receive: _Receive, sub: Closable) -> None:
         self._receive = receive
@@ -52,9 +62,12 @@ class DisconnectWatch:
         self._loop = asyncio.get_running_loop()
         self._context = contextvars.copy_context()
         self._steps: _Steps | None = None
+        self._waited_on: asyncio.Future[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._fresh = True  # nothing was asked of receive() yet
+        # Nothing can have been taken from the client yet: no receive() returned, and none
+        # waited for anything but a turn of the loop.
+        self._fresh = True
         # From a callback, not from this task: a receive wrapper that needs a task must
         # find none and fail at once, rather than begin in this task and go on elsewhere.
         self._loop.call_soon(self._read, context=self._context)
@@ -64,11 +77,20 @@ class DisconnectWatch:
         self._closed = True
         steps, self._steps = self._steps, None
         if steps is not None:
-            # As when a task is cancelled: the receive's own clean-up runs (its `finally`).
-            with contextlib.suppress(RuntimeError):  # it ignored GeneratorExit: let it be
-                self._context.run(steps.close)
+            self._context.run(self._cancel, steps)
         if self._task is not None:
             self._task.cancel()
+
+    def _cancel(self, steps: _Steps) -> None:
+        """Cancel the receive as a task is cancelled: what it waits on, then the receive."""
+        if self._waited_on is not None:
+            self._waited_on.cancel()  # a receive in asyncio.wait_for cancels its inner task
+        try:
+            steps.throw(asyncio.CancelledError())
+        except (Exception, asyncio.CancelledError):
+            return  # it ended, as it should
+        with contextlib.suppress(RuntimeError):  # it waits on: abandon it
+            steps.close()
 
     def _read(self) -> None:
         """Call receive() until one waits, or the client is gone; runs in the watch's context.
@@ -104,15 +126,19 @@ class DisconnectWatch:
             self._steps = None
             self._failed(error)
             return False
-        self._fresh = False
         if waited_on is None:  # a bare yield: run again on the next turn of the loop
             self._loop.call_soon(self._resume, None, context=self._context)
-        elif getattr(waited_on, "_asyncio_future_blocking", False):
-            future: asyncio.Future[Any] = waited_on  # type: ignore[assignment]
+        elif (
+            getattr(waited_on, "_asyncio_future_blocking", False)
+            and cast("asyncio.Future[Any]", waited_on).get_loop() is self._loop
+        ):
+            future = self._waited_on = cast("asyncio.Future[Any]", waited_on)
             future._asyncio_future_blocking = False
             future.add_done_callback(self._woken, context=self._context)
-        else:  # what a task would refuse too
-            self.close()
+            self._fresh = False  # what it waited for may be a message it takes
+        else:  # what a task would refuse too (a bad yield, another loop's future)
+            steps, self._steps, self._closed = self._steps, None, True
+            self._cancel(cast("_Steps", steps))  # in the watch's context already
             self._sub.close()
         return False
 
@@ -128,6 +154,7 @@ class DisconnectWatch:
             self._end()
 
     def _woken(self, future: asyncio.Future[Any]) -> None:
+        self._waited_on = None
         # As a task wakes up: an exception is thrown in; a result is not sent, the receive
         # reads it from the future (and an iterator that is not a generator takes none).
         try:
