@@ -7,8 +7,11 @@ stream. A `DisconnectWatch` steps the `receive()` coroutine itself instead, as a
 would: it sends into it, and when it waits on a future, asks that future to call back.
 
 Some `receive` wrappers work only inside a task (anything using anyio, such as
-Starlette's `BaseHTTPMiddleware`): when a step raises anything but `OSError`, the watch
-awaits `receive()` in a task of its own from then on, as before.
+Starlette's `BaseHTTPMiddleware`). When a step raises anything but `OSError` before the
+receive could take anything from the client (before it returned a message or waited on a
+future), the watch awaits `receive()` in a task of its own from then on, as before. A
+failure after that means the client is gone: the receive may have taken the disconnect
+with it, and some servers (hypercorn) answer it only once.
 """
 
 from __future__ import annotations
