@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from asgi_request import get_scope
 from ssecast import Broadcaster, CloseReason, Subscription
 from ssecast._subscription import _Clock, feed_of
 from ssecast.asgi import EventStream
@@ -29,21 +30,6 @@ HANG = 10.0
 """Seconds after which a wait counts as hung; what the tests wait for takes milliseconds."""
 SLACK = 0.25
 """Seconds of lateness a timer may have on a loaded two-core machine."""
-
-GET = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.4"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/events",
-    "raw_path": b"/events",
-    "query_string": b"",
-    "root_path": "",
-    "headers": [(b"host", b"127.0.0.1")],
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-}
 
 
 def events_of(stream: bytes) -> bytes:
@@ -65,7 +51,7 @@ class AsgiClient:
         self.ended = False
         self.disconnected = asyncio.Event()
         stream = EventStream(b, channels, **options)
-        self.task = asyncio.create_task(stream(dict(GET), self.receive, self.send))
+        self.task = asyncio.create_task(stream(get_scope(), self.receive, self.send))
 
     async def receive(self) -> MutableMapping[str, Any]:
         await self.disconnected.wait()
@@ -482,7 +468,7 @@ async def test_eviction_still_ends_a_parked_task_reader_a_pump_and_a_thread() ->
         await asyncio.Event().wait()
         return {"type": "http.disconnect"}
 
-    pump = asyncio.create_task(EventStream(b, ["default"])(dict(GET), receive, hanging_send))
+    pump = asyncio.create_task(EventStream(b, ["default"])(get_scope(), receive, hanging_send))
     thread_sub = b.subscribe()
     await until(lambda: b.stats().subscribers == 4)
     b.publish("t", 0)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from asgi_request import get_scope
 from ssecast import Broadcaster
 from ssecast.asgi import EventStream
 
@@ -26,20 +27,6 @@ Receive = Callable[[], Awaitable[Message]]
 HANG = 5.0
 """Seconds after which a stream that should have ended counts as hung."""
 
-GET = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.4"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/events",
-    "raw_path": b"/events",
-    "query_string": b"",
-    "root_path": "",
-    "headers": [(b"host", b"127.0.0.1")],
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-}
 DISCONNECT: Message = {"type": "http.disconnect"}
 EMPTY_BODY: Message = {"type": "http.request", "body": b"", "more_body": False}
 
@@ -82,7 +69,7 @@ async def until(condition: Callable[[], object], seconds: float = HANG) -> None:
 async def serve(b: Broadcaster, receive: Receive) -> tuple[Client, asyncio.Task[None]]:
     """Run one `EventStream` request in a task, as a server would; wait for its 200."""
     client = Client()
-    task = asyncio.create_task(EventStream(b, ["room"])(dict(GET), receive, client.send))
+    task = asyncio.create_task(EventStream(b, ["room"])(get_scope(), receive, client.send))
     await until(lambda: client.started and b.stats().subscribers == 1)
     return client, task
 
@@ -155,7 +142,7 @@ async def test_a_receive_that_raises_at_once_ends_the_stream() -> None:
             raise ValueError("the server broke")
 
         client = Client()
-        stream = EventStream(b, ["room"])(dict(GET), receive, client.send)
+        stream = EventStream(b, ["room"])(get_scope(), receive, client.send)
         await asyncio.wait_for(stream, HANG)
         assert b.stats().subscribers == 0
         assert client.messages[-1] == {

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from asgi_request import get_scope
 from ssecast import Broadcaster, Subscription
 from ssecast._pump import Pump
 from ssecast._subscription import Heartbeat, _Clock
@@ -36,20 +37,6 @@ SLACK = 0.15
 """Seconds a timer may fire late on a loaded machine."""
 DISCONNECT: Message = {"type": "http.disconnect"}
 BODY: Message = {"type": "http.request", "body": b"", "more_body": False}
-GET = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.4"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/events",
-    "raw_path": b"/events",
-    "query_string": b"",
-    "root_path": "",
-    "headers": [(b"host", b"127.0.0.1")],
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-}
 
 
 class Gone:
@@ -271,7 +258,7 @@ async def test_a_receive_wrapper_sees_context_set_before_the_stream_and_keeps_it
 
     async def request() -> None:
         VAR.set("request-42")  # a middleware's, before the stream begins
-        await EventStream(b, ["room"])(dict(GET), receive, send)
+        await EventStream(b, ["room"])(get_scope(), receive, send)
 
     with Broadcaster(heartbeat=None) as b:
         task = asyncio.create_task(request())

@@ -68,6 +68,24 @@ async def lifespan(broadcaster: Broadcaster) -> AsyncIterator[None]:
         yield
 
 
+def routed(broadcaster: Broadcaster, events: Any, control: Any) -> Any:
+    """Return a plain ASGI app: ``events`` at ``/events/``, ``control`` else, and the lifespan."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()  # lifespan.startup
+            async with lifespan(broadcaster):
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+            await send({"type": "lifespan.shutdown.complete"})
+        elif scope["path"].startswith("/events"):
+            await events(scope, receive, send)
+        else:
+            await control(scope, receive, send)
+
+    return app
+
+
 class Control:
     """The control routes, as an ASGI app mounted at ``/control``."""
 

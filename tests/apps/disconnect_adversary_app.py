@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
-from apps.asgi_support import Control, broadcaster_from_env, channels_from_query, lifespan
+from apps.asgi_support import Control, broadcaster_from_env, channels_from_query, lifespan, routed
 from ssecast import Broadcaster
 from ssecast.asgi import EventStream
 
@@ -38,18 +38,7 @@ Receive = Callable[[], Awaitable[Any]]
 Wrap = Callable[[Receive], Receive]
 
 
-async def PLAIN(scope: Any, receive: Any, send: Any) -> None:
-    """Route ``/events/`` and ``/control/``, and run the lifespan."""
-    if scope["type"] == "lifespan":
-        await receive()  # lifespan.startup
-        async with lifespan(broadcaster):
-            await send({"type": "lifespan.startup.complete"})
-            await receive()  # lifespan.shutdown
-        await send({"type": "lifespan.shutdown.complete"})
-    elif scope["path"].startswith("/events"):
-        await events(scope, receive, send)
-    else:
-        await control(scope, receive, send)
+PLAIN = routed(broadcaster, events, control)
 
 
 def wrapping(wrap: Wrap) -> Callable[[Any, Any, Any], Awaitable[None]]:
