@@ -457,7 +457,7 @@ class _Clock:
         now = self._loop.time()
         next_end = math.inf
         # A copy: a heartbeat's write runs a `send`, which may close other readers of the
-        # loop, and so drop their beats (and even stop this clock) meanwhile.
+        # loop, and so drop their beats meanwhile.
         for beat in list(self._beats):
             if beat.due(now):
                 next_end = min(next_end, beat._ends)
