@@ -59,7 +59,12 @@ async def until(condition: Callable[[], object], seconds: float = 5.0) -> None:
 async def pumping(b: Broadcaster, send: Send) -> tuple[Subscription, asyncio.Task[None]]:
     """Subscribe and pump to ``send`` in a task of its own, as EventStream does."""
     sub = await b.asubscribe()
-    return sub, asyncio.create_task(Pump(sub, send).run())
+    return sub, asyncio.create_task(awaiting(Pump(sub, send)))
+
+
+async def awaiting(pump: Pump) -> None:
+    """Await ``pump`` in a coroutine, as a task can run only a coroutine."""
+    await pump
 
 
 async def test_every_event_arrives_in_order_from_the_loop_and_from_threads() -> None:
@@ -82,9 +87,9 @@ async def test_chunks_are_sent_by_loop_callbacks_in_the_tasks_context() -> None:
     client = Client()
     sub = await b.asubscribe()
 
-    async def stream() -> bool:
+    async def stream() -> None:
         REQUEST_ID.set("request-7")  # as a middleware of this request would
-        return await Pump(sub, client.send).run()
+        await Pump(sub, client.send)
 
     task = asyncio.create_task(stream())
     await until(lambda: client.bodies)

@@ -285,7 +285,7 @@ async def test_a_reader_closed_by_another_s_heartbeat_write_does_not_stop_the_cl
                 beats.append(loop.time())
                 victim.close()  # a send wrapper's doing, from inside the write
 
-        pump = asyncio.create_task(Pump(writer, send).run())
+        pump = asyncio.create_task(_pumped(Pump(writer, send)))
         await asyncio.sleep(0.01)  # the victim's beat joins the clock after the writer's
         reader = asyncio.create_task(_drain(victim))
         await asyncio.sleep(0.6)
@@ -300,6 +300,10 @@ async def test_a_reader_closed_by_another_s_heartbeat_write_does_not_stop_the_cl
 async def _drain(sub: Subscription) -> None:
     async for _ in sub:
         pass
+
+
+async def _pumped(pump: Pump) -> None:
+    await pump
 
 
 async def test_readers_coming_and_going_do_not_delay_the_heartbeats_of_those_that_stay() -> None:
@@ -351,7 +355,7 @@ async def test_churn_with_no_reader_left_between_them_leaves_and_reforms_the_clo
         for _ in range(50):
             assert loop not in _Clock._clocks
             sub = b.subscribe("room")
-            beat = Heartbeat(sub, loop)
+            beat = Heartbeat(sub, loop).start()
             assert loop in _Clock._clocks
             beat.stop()
             sub.close()
@@ -381,7 +385,7 @@ async def test_stop_from_another_thread_racing_the_tick_ends_only_the_stopped() 
         await asyncio.sleep(0.01)
         for _ in range(20):
             subs = [b.subscribe("room") for _ in range(20)]
-            beats = [Heartbeat(sub, loop) for sub in subs]
+            beats = [Heartbeat(sub, loop).start() for sub in subs]
             stopper = threading.Thread(target=_stop_all, args=(beats,))
             await asyncio.sleep(interval / 4 * 0.9)  # near the tick
             stopper.start()

@@ -19,6 +19,10 @@ FastAPI's `@app.middleware("http")`), anything using `asyncio.timeout` or anyio
 around `send`. So the pump first sends an empty body message from a callback, which
 writes nothing; if that raises, or any later send made from a callback raises anything
 but `OSError`, the task takes over: it sends that chunk, and every later one, itself.
+
+An idle stream is what a server holds most of, so a pump is one object: it is its own
+awaitable (the task awaits it with no coroutine frame of its own), its own waiter and
+its own `Heartbeat`, and it keeps the subscription's feed rather than the subscription.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMa
 from types import CoroutineType
 from typing import Any, NamedTuple, TypeAlias, TypeVar
 
-from ssecast._subscription import Heartbeat, Status, Subscription, feed_of
+from ssecast._subscription import CloseReason, Heartbeat, Status, Subscription
 from ssecast._wire import HEARTBEAT
 
 __all__ = ["Pump", "coroutine_of"]
@@ -51,73 +55,129 @@ class _Refused(NamedTuple):
 
 
 _Outcome: TypeAlias = "_Waiting | _Refused | _Ended | None"
+_Delegate: TypeAlias = Generator[Any, Any, None] | Coroutine[Any, Any, _Ended]
 
 
-class Pump:
+class Pump(Heartbeat, Generator[object, None, None]):
     """Sends a subscription's chunks as ASGI body messages as they come, until it ends.
 
-    Create it and await `run` in the task that serves the connection, once the
-    response has started.
+    Create it in the task that serves the connection, and `await` it there once the
+    response has started: it returns when the subscription ends, and raises `OSError`
+    when a write found the client gone (ASGI 2.4 servers raise it). `close` ends the
+    subscription, from any callback.
+
+    Awaiting it steps it as a generator: the task sends into it (or throws into it)
+    only when the stream needs the task, at its start, at its end, or for a write that
+    had to wait.
     """
 
-    __slots__ = ("_beat", "_context", "_feed", "_outcome", "_send", "_stopped", "_sub", "loop")
+    __slots__ = ("_delegate", "_outcome", "_send", "context")
 
     def __init__(self, sub: Subscription, send: _Send) -> None:
-        self._sub = sub
-        self._feed = feed_of(sub)
+        super().__init__(sub, asyncio.get_running_loop())
         self._send = send
-        self.loop = asyncio.get_running_loop()
-        """The loop whose callbacks write."""
-        self._context = contextvars.copy_context()
-        self._outcome: asyncio.Future[_Outcome] = self.loop.create_future()
-        self._beat: Heartbeat | None = None
-        self._stopped = False
+        self.context = contextvars.copy_context()
+        """The copy of the task's context that the writes run in."""
+        # None until the task first awaits the pump.
+        self._outcome: asyncio.Future[_Outcome] | None = None
+        # What the task steps instead of the pump meanwhile: a write that had to wait, or,
+        # once `send` needs its task, the rest of the stream.
+        self._delegate: _Delegate | None = None
 
-    async def run(self) -> None:
-        """Send every chunk until the subscription ends.
+    def close(self) -> None:
+        """End the subscription: the client left, or the stream's coroutine was closed.
 
-        Chunks go out from loop callbacks, the first being an empty body message. When a
-        send made that way raises anything but `OSError`, `send` needs its task: this
-        task then sends that chunk and every later one itself, as `async for` would.
-
-        :raises OSError: a write found the client gone (ASGI 2.4 servers raise it).
+        The pump, woken by the end, finishes what it was doing and returns.
         """
-        # One coroutine for the whole stream, not two: its frame lives as long as the stream.
-        loop = self.loop
-        try:
-            loop.call_soon(self._probe)
-            outcome = await self._outcome
-            timed = self._feed.heartbeat is not None or self._feed.expires is not None
-            if timed and not isinstance(outcome, _Refused):
-                self._beat = Heartbeat(self._sub, loop)
-            while outcome is not _Ended.ENDED and not isinstance(outcome, _Refused):
-                if isinstance(outcome, _Waiting):
-                    await outcome  # a write that had to wait, finished in this task
-                self._outcome = loop.create_future()
-                self.ready()
-                outcome = await self._outcome
-        finally:
-            self._stop()
-        if isinstance(outcome, _Refused):
-            await self._send_from_task(outcome.body)
+        self._release(self._feed, CloseReason.UNSUBSCRIBED)
 
-    async def _send_from_task(self, refused: bytes) -> None:
+    def read_nowait(self) -> bytes:
+        """Return every pending frame as one chunk, or `b""`; for the stream's first write."""
+        frames = self._feed.poll(None)
+        return b"".join(frames) if type(frames) is list else b""
+
+    def __await__(self) -> Generator[object, None, None]:
+        return self
+
+    def send(self, value: None) -> object:
+        """Run until the task must wait again; what it must wait on is returned."""
+        if self._delegate is not None:
+            return self._delegated(self._delegate.send, value)
+        try:
+            return self._advance()
+        except BaseException:
+            self._stop()
+            raise
+
+    def throw(self, error: BaseException | type[BaseException], *_: object) -> object:
+        """Throw `error` (a cancellation, say) into the write in progress, or out of the pump."""
+        if self._delegate is not None:
+            return self._delegated(self._delegate.throw, error)
+        self._stop()
+        raise error
+
+    def _delegated(self, step: Callable[[Any], object], value: object) -> object:
+        """Step the delegate; when a waiting write ends, pump on; when the rest ends, end."""
+        try:
+            try:
+                return step(value)
+            except StopIteration as done:
+                self._delegate = None
+                if done.value is _Ended.ENDED:
+                    raise
+            return self._pump_on()
+        except BaseException:
+            self._delegate = None
+            self._stop()
+            raise
+
+    def _advance(self) -> object:
+        """Act on what the callbacks settled, up to the next thing to wait on."""
+        loop = self.loop
+        if self._outcome is None:  # the first step: the probe decides how to write
+            self._outcome = loop.create_future()
+            loop.call_soon(self._probe)
+            return _blocking(self._outcome)
+        outcome = self._outcome.result()  # an error: the client went, or a cancellation
+        if outcome is _Ended.ENDED:
+            self._stop()
+            raise StopIteration
+        if isinstance(outcome, _Refused):
+            self._stop()
+            self._delegate = self._send_from_task(outcome.body)
+            return self._delegated(self._delegate.send, None)
+        if isinstance(outcome, _Waiting):
+            self._delegate = outcome.__await__()  # the task finishes that write
+            return self._delegated(self._delegate.send, None)
+        if self._feed.heartbeat is not None or self._feed.expires is not None:
+            self.start()  # the probe went out: the stream is written from callbacks
+        return self._pump_on()
+
+    def _pump_on(self) -> object:
+        """Write from callbacks again, and wait for what they settle next."""
+        outcome_of = self._outcome = self.loop.create_future()
+        self.ready()
+        return self._advance() if outcome_of.done() else _blocking(outcome_of)
+
+    async def _send_from_task(self, refused: bytes) -> _Ended:
         """Send the chunk `send` refused from a callback, then every later one, from here."""
         if refused:
             await self._send(_body(refused))
-        async for chunk in self._sub:
-            await self._send(_body(chunk))
+        async with Subscription(self._feed, self._release) as sub:
+            async for chunk in sub:
+                await self._send(_body(chunk))
+        return _Ended.ENDED
 
     def _stop(self) -> None:
-        self._stopped = True
         self._feed.withdraw(self)
-        if self._beat is not None:
-            self._beat.stop()
-        _drop(self._outcome)
+        self.stop()
+        if self._outcome is not None:
+            _drop(self._outcome)
 
     def _probe(self) -> None:
-        if self._outcome.done():
-            return  # the task was cancelled before this callback ran
+        outcome_of = self._outcome
+        if outcome_of is None or outcome_of.done():
+            return  # the task was cancelled, which cancels its outcome, before this ran
         if self._write(b""):
             self._settle(None)
 
@@ -126,13 +186,13 @@ class Pump:
         self.ready(HEARTBEAT)
 
     def ready(self, when_idle: bytes | None = None) -> None:
-        """Write what is pending, else `when_idle` if given; the end ends `run`.
+        """Write what is pending, else `when_idle` if given; the end ends the await.
 
         The poll leaves the pump parked, so what arrives during the write wakes it again.
         """
-        if self._stopped or self._outcome.done():
-            # Queued before the task was cancelled (which cancels the outcome it awaits),
-            # or while the task finishes a write that had to wait.
+        if self._stopped or self._outcome is None or self._outcome.done():
+            # Queued before the task was cancelled, or while the task finishes a write
+            # that had to wait.
             return
         feed = self._feed
         while True:
@@ -160,7 +220,7 @@ class Pump:
         """
         try:
             steps = coroutine_of(self._send(_body(body)))
-            waited_on = self._context.run(steps.send, None)
+            waited_on = self.context.run(steps.send, None)
         except StopIteration:
             return True
         except (OSError, asyncio.CancelledError) as error:
@@ -169,11 +229,12 @@ class Pump:
         except Exception:
             self._settle(_Refused(body))  # send needs its task: the task sends this chunk
             return False
-        self._settle(_Waiting(self._context, steps, waited_on))  # the task finishes it
+        self._settle(_Waiting(self.context, steps, waited_on))  # the task finishes it
         return False
 
     def _settle(self, outcome: _Outcome = None, *, error: BaseException | None = None) -> None:
         """Hand the task what to do next, unless it was cancelled (by the send itself, even)."""
+        assert self._outcome is not None  # a write runs only once the task awaits the pump
         if self._outcome.done():
             if isinstance(outcome, _Waiting):
                 outcome.close()
@@ -181,6 +242,12 @@ class Pump:
             self._outcome.set_exception(error)
         else:
             self._outcome.set_result(outcome)
+
+
+def _blocking(future: asyncio.Future[_Outcome]) -> asyncio.Future[_Outcome]:
+    """Mark `future` as awaited, as `await future` does, for the task to wait on it."""
+    future._asyncio_future_blocking = True
+    return future
 
 
 def coroutine_of(awaitable: Awaitable[_T]) -> Coroutine[Any, Any, _T]:

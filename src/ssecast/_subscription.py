@@ -331,7 +331,7 @@ class Audience:
 
 
 class Heartbeat:
-    """A reader's heartbeats and lifetime on `loop`, kept by the loop's clock.
+    """A reader's heartbeats and lifetime on `loop`, kept by the loop's clock once started.
 
     A poll that takes frames marks the feed `taken`, so that a write costs the reader
     nothing more; the clock reads and clears the mark. It calls `heartbeat_due()` on the
@@ -354,24 +354,30 @@ class Heartbeat:
     )
 
     def __init__(self, sub: Subscription, loop: asyncio.AbstractEventLoop) -> None:
-        feed = sub._feed
         self.loop = loop
-        self._feed = feed
+        self._feed = sub._feed
         self._release = sub._release
+        self._stopped = False
+        self._clock: _Clock | None = None
+
+    def start(self) -> Self:
+        """Have the loop's clock keep it, from now on; on the loop's thread."""
+        feed, loop = self._feed, self.loop
         # No heartbeat, or no lifetime, is one that never comes.
         self._interval = math.inf if feed.heartbeat is None else feed.heartbeat
         now = loop.time()
         # In the loop's time, which need not be time.monotonic()'s.
         self._ends = math.inf if feed.expires is None else now + feed.expires - time.monotonic()
-        self._stopped = False
         self._quiet_since = now
         self._clock = _Clock.of(loop)
         self._clock.add(self)
+        return self
 
     def stop(self) -> None:
         """Stop it; from another thread, the clock lets go of it at its next tick."""
         self._stopped = True
-        if _running_loop() is self.loop:  # the clock is touched only on its loop's thread
+        # The clock is touched only on its loop's thread.
+        if self._clock is not None and _running_loop() is self.loop:
             self._clock.drop(self)
 
     def due(self, now: float) -> bool:
@@ -591,7 +597,7 @@ class Subscription:
         if timed and (beat is None or beat.loop is not loop):
             if beat is not None:
                 beat.stop()  # it belongs to a loop this subscription was read on before
-            beat = self._beat = Heartbeat(self, loop)
+            beat = self._beat = Heartbeat(self, loop).start()
         if self._busy:
             # A reader that never catches up would otherwise never let other tasks run;
             # it yields once per chunk, before taking anything, so a cancel loses nothing.

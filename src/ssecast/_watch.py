@@ -43,8 +43,8 @@ class Closable(Protocol):
 class DisconnectWatch:
     """Closes `sub` once `receive()` says the client disconnected, or fails.
 
-    Create it in the connection's task (the steps run in a copy of its context), then
-    `close` it when the stream ends, whichever way.
+    Create it in the connection's task, then `close` it when the stream ends, whichever
+    way. The steps run in `context`, by default a copy of the task's context.
     """
 
     __slots__ = (
@@ -59,11 +59,14 @@ class DisconnectWatch:
         "_waited_on",
     )
 
-    def __init__(self, receive: _Receive, sub: Closable) -> None:
+    def __init__(
+        self, receive: _Receive, sub: Closable, context: contextvars.Context | None = None
+    ) -> None:
         self._receive = receive
         self._sub = sub  # not its bound `close`: that would be one more object per stream
         self._loop = asyncio.get_running_loop()
-        self._context = contextvars.copy_context()
+        # The stream's writes may run in a copy already: one copy per stream is enough.
+        self._context = contextvars.copy_context() if context is None else context
         self._steps: _Steps | None = None
         self._waited_on: asyncio.Future[Any] | None = None
         self._task: asyncio.Task[None] | None = None

@@ -92,7 +92,6 @@ from ssecast._http import (
     unavailable_reason,
 )
 from ssecast._pump import Pump
-from ssecast._subscription import Subscription
 from ssecast._watch import DisconnectWatch
 
 __all__ = ["EventStream", "HealthCheck", "close_on_signal"]
@@ -203,11 +202,32 @@ class EventStream:
         """Serve one ASGI connection: an HTTP request, or the lifespan when run alone."""
         kind = scope["type"]
         if kind == "http":
-            # Subscribed in one coroutine, streamed in another: the first one's frame is
-            # freed before the stream begins, and a stream may last for hours.
-            sub = await self._subscribe(scope, send)
-            if sub is not None:
-                await self._stream(sub, receive, send)
+            # Subscribed in a coroutine of its own, whose frame is then freed, and streamed
+            # here by the pump, which needs none: a stream may be idle for hours.
+            pump = await self._subscribe(scope, send)
+            if pump is None:
+                return
+            watch = DisconnectWatch(receive, pump, pump.context)
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+                await send(_chunk(OPENING + pump.read_nowait()))
+                await pump
+                # The broadcaster closed or evicted it (or the client left): end the
+                # response so that the client reconnects with Last-Event-ID.
+                await send(_end())
+            except OSError:
+                pass  # ASGI 2.4 servers raise it from send() once the client has gone
+            except asyncio.CancelledError:
+                # uvicorn's --timeout-graceful-shutdown cancels the responses still open
+                # when it expires. Ending ours with its final chunk lets the client see a
+                # clean end and reconnect; re-raising would only make the server log a
+                # traceback for every stream. A second cancellation still propagates.
+                with contextlib.suppress(OSError, TimeoutError):
+                    async with asyncio.timeout(_FINAL_WRITE_SECONDS):
+                        await send(_end())
+            finally:
+                pump.close()
+                watch.close()
         elif kind == "lifespan":
             await _lifespan(receive, send)
         elif kind == "websocket":
@@ -215,8 +235,8 @@ class EventStream:
         else:
             raise ValueError(f"EventStream serves HTTP, not ASGI {kind!r} connections")
 
-    async def _subscribe(self, scope: Scope, send: Send) -> Subscription | None:
-        """Subscribe the request, or answer its refusal and return `None`."""
+    async def _subscribe(self, scope: Scope, send: Send) -> Pump | None:
+        """Subscribe the request and return its pump, or answer its refusal and return `None`."""
         if scope["method"] != _ALLOWED_METHOD:
             await _refuse(send, 405, "method not allowed; use GET", ("allow", _ALLOWED_METHOD))
             return None
@@ -260,31 +280,7 @@ class EventStream:
                 retry_after = ("retry-after", str(RETRY_AFTER_SECONDS))
                 await _refuse(send, refused.status, refused.reason, retry_after)
             return None
-        return sub
-
-    async def _stream(self, sub: Subscription, receive: Receive, send: Send) -> None:
-        """Write `sub` to the client until either of them ends."""
-        watch = DisconnectWatch(receive, sub)
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-            await send(_chunk(OPENING + sub.read_nowait()))
-            await Pump(sub, send).run()
-            # The broadcaster closed or evicted it (or the client left): end the response
-            # so that the client reconnects with Last-Event-ID.
-            await send(_end())
-        except OSError:
-            pass  # ASGI 2.4 servers raise it from send() once the client has gone
-        except asyncio.CancelledError:
-            # uvicorn's --timeout-graceful-shutdown cancels the responses still open when
-            # it expires. Ending ours with its final chunk lets the client see a clean end
-            # and reconnect; re-raising would only make the server log a traceback for
-            # every stream. A second cancellation still propagates.
-            with contextlib.suppress(OSError, TimeoutError):
-                async with asyncio.timeout(_FINAL_WRITE_SECONDS):
-                    await send(_end())
-        finally:
-            sub.close()
-            watch.close()
+        return Pump(sub, send)
 
 
 class HealthCheck:
