@@ -1,0 +1,621 @@
+"""Adversarial tests of the pump awaited with no coroutine frame (ssecast._pump.Pump).
+
+The pump is the awaitable `EventStream.__call__` awaits: it is stepped, thrown into and
+closed by the task (or by whoever steps the app's coroutine). These tests cancel, throw
+into and close the app at each stage, and check what a user sees: the stream ends, the
+subscription is released, the loop's heartbeat clock lets go, and the `send` in progress
+is finished or abandoned as a coroutine chain would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from typing import Any
+
+import anyio
+import pytest
+
+from ssecast import Broadcaster
+from ssecast._subscription import _Clock
+from ssecast._wire import HEARTBEAT
+from ssecast.asgi import EventStream
+
+HANG = 5.0
+Message = MutableMapping[str, Any]
+Send = Callable[[Message], Awaitable[None]]
+Receive = Callable[[], Awaitable[Message]]
+App = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+
+def scope() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test"), (b"accept", b"text/event-stream")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+
+
+class Peer:
+    """The server side of one in-process connection: a receive that waits, a send that logs."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.gone = asyncio.get_running_loop().create_future()
+
+    async def receive(self) -> Message:
+        await self.gone
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        self.messages.append(message)
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [m.get("body", b"") for m in self.messages if m["type"] == "http.response.body"]
+
+    @property
+    def ended(self) -> bool:
+        return any(
+            m["type"] == "http.response.body" and not m.get("more_body", False)
+            for m in self.messages
+        )
+
+    def disconnect(self) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+
+async def until(condition: Callable[[], object], seconds: float = HANG) -> None:
+    """Poll ``condition``: what it watches changes in loop callbacks, which set no event."""
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+def clock_beats(loop: asyncio.AbstractEventLoop) -> int:
+    """How many heartbeats the loop's clock keeps (0 when it has no clock)."""
+    clock = _Clock._clocks.get(loop)
+    return 0 if clock is None else len(clock._beats)
+
+
+class Stepper:
+    """Steps a coroutine by hand as a task would, so that a test can `close` or `throw` it."""
+
+    async def run_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        await self.run_until(lambda: time.monotonic() > deadline, seconds + HANG)
+
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self.coro = coro
+        self.waiting_on: asyncio.Future[Any] | None = None
+        self.done = False
+
+    async def run_until(self, condition: Callable[[], object], seconds: float = HANG) -> None:
+        async with asyncio.timeout(seconds):
+            while not condition():
+                if self.waiting_on is not None and not self.waiting_on.done():
+                    await asyncio.wait({self.waiting_on}, timeout=0.01)
+                    continue
+                try:
+                    yielded = self.coro.send(None)
+                except StopIteration:
+                    self.done = True
+                    return
+                if yielded is None:
+                    self.waiting_on = None
+                    await asyncio.sleep(0)
+                else:
+                    yielded._asyncio_future_blocking = False
+                    self.waiting_on = yielded
+
+
+def yielding(send: Send) -> Send:
+    """A send wrapper that lets other tasks run before each message (a cooperative wrapper)."""
+
+    async def wrapped(message: Message) -> None:
+        await asyncio.sleep(0)
+        await send(message)
+
+    return wrapped
+
+
+# --- heartbeats and lifetimes when every write has to wait once ---------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Pump._advance starts the heartbeat clock only when the probe went out at once"
+    " (outcome None); a probe that waited (_Waiting) never starts it, so the lifetime"
+    " never ends the stream",
+)
+async def test_a_lifetime_ends_the_stream_when_each_send_yields_once() -> None:
+    """With a send wrapper that awaits `asyncio.sleep(0)`, `lifetime=` still ends the stream."""
+    b = Broadcaster(heartbeat=None)
+    peer = Peer()
+    app = EventStream(b, ["c"], lifetime=0.3)
+    task = asyncio.create_task(app(scope(), peer.receive, yielding(peer.send)))
+    try:
+        await asyncio.wait_for(asyncio.shield(task), 3)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await b.aclose()
+    assert peer.ended
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Pump._advance starts the heartbeat clock only when the probe went out at once;"
+    " with a send that waits on the probe no heartbeat is ever written",
+)
+async def test_heartbeats_come_when_each_send_yields_once() -> None:
+    """With a send wrapper that awaits `asyncio.sleep(0)`, heartbeats still come when idle."""
+    b = Broadcaster(heartbeat=0.1)
+    peer = Peer()
+    task = asyncio.create_task(EventStream(b, ["c"])(scope(), peer.receive, yielding(peer.send)))
+    try:
+        await until(lambda: peer.bodies.count(HEARTBEAT) >= 2, 2.0)
+    finally:
+        peer.disconnect()
+        await asyncio.wait_for(task, HANG)
+        await b.aclose()
+
+
+async def test_heartbeats_and_lifetime_on_a_plain_send_stop_with_the_stream() -> None:
+    """Heartbeats come while idle, the lifetime ends the stream, and the clock lets go after."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=0.1)
+    peer = Peer()
+    started = time.monotonic()
+    task = asyncio.create_task(
+        EventStream(b, ["c"], lifetime=0.6)(scope(), peer.receive, peer.send)
+    )
+    await asyncio.wait_for(task, HANG)
+    took = time.monotonic() - started
+    assert peer.ended
+    assert peer.bodies.count(HEARTBEAT) >= 2
+    assert 0.45 < took < 1.5
+    assert b.stats().subscribers == 0
+    assert clock_beats(loop) == 0
+    await b.aclose()
+
+
+# --- closing the app's coroutine (GeneratorExit) -----------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Pump.close() (called by CPython on coro.close()) only releases the feed, it never"
+    " calls _stop(); the started Heartbeat stays in the loop's _Clock until its next tick,"
+    " which with a lifetime and no heartbeat is the lifetime's end",
+)
+async def test_closing_the_app_coroutine_lets_go_of_the_heartbeat_clock() -> None:
+    """After `coro.close()` on an idle stream, the loop's clock keeps no heartbeat for it."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=None)
+    peer = Peer()
+    stepper = Stepper(EventStream(b, ["c"], lifetime=3600)(scope(), peer.receive, peer.send))
+    await stepper.run_until(lambda: clock_beats(loop) == 1)
+    stepper.coro.close()
+    assert b.stats().subscribers == 0
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gc.collect()
+    try:
+        assert clock_beats(loop) == 0
+    finally:
+        await b.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Pump.close() does not close its delegate (_Waiting/_send_from_task): the send in"
+    " progress is not closed when the app's coroutine is, and the clock keeps it alive",
+)
+async def test_closing_the_app_coroutine_closes_the_send_that_was_waiting() -> None:
+    """`coro.close()` during a write that waits runs the send wrapper's `finally` at once."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=None)
+    peer = Peer()
+    gate: asyncio.Future[None] = loop.create_future()
+    log: list[str] = []
+
+    async def send(message: Message) -> None:
+        if b"hello" in message.get("body", b""):
+            log.append("waiting")
+            try:
+                await gate
+            finally:
+                log.append("closed")
+        await peer.send(message)
+
+    stepper = Stepper(EventStream(b, ["c"], lifetime=3600)(scope(), peer.receive, send))
+    await stepper.run_until(lambda: clock_beats(loop) == 1)
+    b.publish("m", "hello", channel="c")
+    await stepper.run_until(lambda: "waiting" in log)
+    stepper.coro.close()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gc.collect()
+    try:
+        assert log == ["waiting", "closed"]
+    finally:
+        await b.aclose()
+
+
+async def test_closing_the_app_coroutine_while_idle_releases_the_subscription() -> None:
+    """`coro.close()` on an idle stream (no timed heartbeat) ends its subscription at once."""
+    b = Broadcaster(heartbeat=None)
+    peer = Peer()
+    stepper = Stepper(EventStream(b, ["c"])(scope(), peer.receive, peer.send))
+    await stepper.run_until(lambda: len(peer.bodies) >= 2)
+    assert b.stats().subscribers == 1
+    stepper.coro.close()
+    assert b.stats().subscribers == 0
+    await b.aclose()
+
+
+# --- exceptions thrown into the pump -----------------------------------------------------
+
+
+class Custom(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit, Custom], ids=lambda e: e.__name__)
+async def test_a_base_exception_thrown_into_the_idle_stream_stops_it_and_propagates(
+    error: type[BaseException],
+) -> None:
+    """`coro.throw(KeyboardInterrupt())` propagates; subscription, waiter and clock are let go."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=0.5)
+    peer = Peer()
+    stepper = Stepper(EventStream(b, ["c"])(scope(), peer.receive, peer.send))
+    await stepper.run_until(lambda: clock_beats(loop) == 1)
+    with pytest.raises(error):
+        stepper.coro.throw(error())
+    assert b.stats().subscribers == 0
+    assert clock_beats(loop) == 0
+    b.publish("m", "after", channel="c")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not any(b"after" in body for body in peer.bodies)
+    await b.aclose()
+
+
+async def test_a_base_exception_thrown_during_a_waiting_write_reaches_that_write() -> None:
+    """Thrown while a write waits, the error goes into that send, then out; all is let go."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=0.5)
+    peer = Peer()
+    gate: asyncio.Future[None] = loop.create_future()
+    seen: list[BaseException] = []
+
+    async def send(message: Message) -> None:
+        if b"hello" in message.get("body", b""):
+            try:
+                await gate
+            except BaseException as error:
+                seen.append(error)
+                raise
+        await peer.send(message)
+
+    stepper = Stepper(EventStream(b, ["c"])(scope(), peer.receive, send))
+    await stepper.run_until(lambda: clock_beats(loop) == 1)
+    b.publish("m", "hello", channel="c")
+    await stepper.run_until(lambda: stepper.waiting_on is gate)
+    with pytest.raises(Custom):
+        stepper.coro.throw(Custom())
+    assert [type(e) for e in seen] == [Custom]
+    assert b.stats().subscribers == 0
+    assert clock_beats(loop) == 0
+    await b.aclose()
+
+
+# --- cancellation ------------------------------------------------------------------------
+
+
+async def test_cancelling_during_a_waiting_write_cancels_it_and_ends_the_response() -> None:
+    """A cancel while a send waits cancels that send, ends the response, releases everything."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=0.5)
+    peer = Peer()
+    gate: asyncio.Future[None] = loop.create_future()
+    seen: list[str] = []
+
+    async def send(message: Message) -> None:
+        if b"hello" in message.get("body", b""):
+            try:
+                await gate
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+        await peer.send(message)
+
+    task = asyncio.create_task(EventStream(b, ["c"])(scope(), peer.receive, send))
+    await until(lambda: clock_beats(loop) == 1)
+    b.publish("m", "hello", channel="c")
+    await until(lambda: gate._callbacks)  # type: ignore[attr-defined]
+    task.cancel()
+    await asyncio.wait_for(task, HANG)  # the cancel is absorbed: the response ended cleanly
+    assert seen == ["cancelled"]
+    assert peer.ended
+    assert b.stats().subscribers == 0
+    assert clock_beats(loop) == 0
+    await b.aclose()
+
+
+async def test_a_second_cancel_during_the_final_send_propagates_and_releases() -> None:
+    """Cancelled again while writing the end of the response: it propagates, nothing is left."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=0.5)
+    peer = Peer()
+    gate: asyncio.Future[None] = loop.create_future()
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            await gate  # the end of the response waits
+        await peer.send(message)
+
+    task = asyncio.create_task(EventStream(b, ["c"])(scope(), peer.receive, send))
+    await until(lambda: clock_beats(loop) == 1)
+    task.cancel()
+    await until(lambda: gate._callbacks)  # type: ignore[attr-defined]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, HANG)
+    assert b.stats().subscribers == 0
+    assert clock_beats(loop) == 0
+    await b.aclose()
+
+
+async def test_a_cancel_before_the_probe_ran_sends_nothing_more_and_releases() -> None:
+    """Cancelled right after the opening chunk, before the first pump step ran its probe."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=0.5)
+    peer = Peer()
+    task = asyncio.create_task(EventStream(b, ["c"])(scope(), peer.receive, peer.send))
+    await until(lambda: len(peer.messages) >= 2)  # start and opening chunk
+    task.cancel()
+    await asyncio.wait_for(task, HANG)
+    assert peer.ended
+    assert b.stats().subscribers == 0
+    assert clock_beats(loop) == 0
+    await b.aclose()
+
+
+def _timeout_middleware(app: App, seconds: float) -> App:
+    async def middleware(s: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await app(s, receive, send)
+        except TimeoutError:
+            pass
+
+    return middleware
+
+
+def _anyio_middleware(app: App, seconds: float) -> App:
+    async def middleware(s: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        with anyio.move_on_after(seconds):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(app, s, receive, send)
+
+    return middleware
+
+
+@pytest.mark.parametrize("wrap", [_timeout_middleware, _anyio_middleware], ids=["timeout", "anyio"])
+@pytest.mark.parametrize("waiting", [False, True], ids=["idle", "mid-write"])
+async def test_a_middleware_deadline_around_the_app_ends_the_stream(
+    wrap: Callable[[App, float], App], waiting: bool
+) -> None:
+    """`asyncio.timeout` or an anyio cancel scope around the app ends it and releases all."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=0.5)
+    peer = Peer()
+    gate: asyncio.Future[None] = loop.create_future()
+
+    async def send(message: Message) -> None:
+        if waiting and b"hello" in message.get("body", b""):
+            await gate
+        await peer.send(message)
+
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        task = asyncio.create_task(wrap(EventStream(b, ["c"]), 0.3)(scope(), peer.receive, send))
+        await until(lambda: clock_beats(loop) == 1)
+        b.publish("m", "hello", channel="c")
+        await asyncio.wait_for(task, HANG)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        gc.collect()
+        assert b.stats().subscribers == 0
+        assert clock_beats(loop) == 0
+        assert errors == []
+    finally:
+        loop.set_exception_handler(None)
+        await b.aclose()
+
+
+# --- the fallback: a send that needs its task --------------------------------------------
+
+
+def _needs_task(send: Send) -> Send:
+    """A send wrapper using `asyncio.timeout`, which refuses to run outside a task."""
+
+    async def wrapped(message: Message) -> None:
+        async with asyncio.timeout(5):
+            await send(message)
+
+    return wrapped
+
+
+async def test_a_stream_sent_from_its_task_gets_heartbeats_and_lets_the_clock_go() -> None:
+    """In the fallback, heartbeats still come; when the stream ends no clock beat is left."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=0.1)
+    peer = Peer()
+    task = asyncio.create_task(EventStream(b, ["c"])(scope(), peer.receive, _needs_task(peer.send)))
+    await until(lambda: peer.bodies.count(HEARTBEAT) >= 2, 2.0)
+    assert clock_beats(loop) == 1
+    peer.disconnect()
+    await asyncio.wait_for(task, HANG)
+    assert b.stats().subscribers == 0
+    assert clock_beats(loop) == 0
+    await b.aclose()
+
+
+async def test_cancelling_the_fallback_releases_everything() -> None:
+    """A cancel while the task sends for a send that needs it ends the response cleanly."""
+    loop = asyncio.get_running_loop()
+    b = Broadcaster(heartbeat=0.1)
+    peer = Peer()
+    task = asyncio.create_task(EventStream(b, ["c"])(scope(), peer.receive, _needs_task(peer.send)))
+    await until(lambda: clock_beats(loop) == 1)
+    task.cancel()
+    await asyncio.wait_for(task, HANG)
+    assert peer.ended
+    assert b.stats().subscribers == 0
+    assert clock_beats(loop) == 0
+    await b.aclose()
+
+
+async def test_closing_the_app_coroutine_during_the_fallback_releases_the_subscription() -> None:
+    """`coro.close()` while the task sends for a send that needs it: nothing stays subscribed."""
+    b = Broadcaster(heartbeat=None)
+    peer = Peer()
+
+    async def task_send(message: Message) -> None:
+        if asyncio.current_task() is None:
+            raise RuntimeError("needs a task")
+        await peer.send(message)
+
+    # Loop callbacks run in no task: the probe is refused, and the fallback is stepped by hand.
+    stepper = Stepper(EventStream(b, ["c"])(scope(), peer.receive, task_send))
+    await stepper.run_until(lambda: len(peer.bodies) >= 1)  # the opening chunk
+    await stepper.run_for(0.1)  # the probe is refused; the fallback waits for events
+    b.publish("m", "hello", channel="c")
+    await stepper.run_until(lambda: any(b"hello" in body for body in peer.bodies))
+    stepper.coro.close()
+    assert b.stats().subscribers == 0
+    await b.aclose()
+
+
+async def test_starlette_base_http_middleware_stream_ends_and_releases_on_disconnect() -> None:
+    """Behind `BaseHTTPMiddleware` (the fallback), events arrive and a disconnect releases all."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.routing import Mount
+
+    loop = asyncio.get_running_loop()
+
+    class Passthrough(BaseHTTPMiddleware):
+        async def dispatch(self, request: Any, call_next: Any) -> Any:
+            return await call_next(request)
+
+    b = Broadcaster(heartbeat=0.2)
+    app = Starlette(
+        routes=[Mount("/", EventStream(b, ["c"]))], middleware=[Middleware(Passthrough)]
+    )
+    peer = Peer()
+    task = asyncio.create_task(app(scope(), peer.receive, peer.send))
+    await until(lambda: b.stats().subscribers == 1)
+    b.publish("m", "hello", channel="c")
+    await until(lambda: any(b"hello" in body for body in peer.bodies))
+    peer.disconnect()
+    await asyncio.wait_for(task, HANG)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert b.stats().subscribers == 0
+    assert clock_beats(loop) == 0
+    await b.aclose()
+
+
+# --- context -----------------------------------------------------------------------------
+
+
+async def test_context_set_by_a_middleware_and_by_the_receive_wrapper_reaches_the_send() -> None:
+    """A request id set before the app is seen by both wrappers; one set in receive, in send."""
+    b = Broadcaster(heartbeat=None)
+    peer = Peer()
+    seen_in_send: list[tuple[str, str]] = []
+    seen_in_receive: list[str] = []
+    FROM_RECEIVE: contextvars.ContextVar[str] = contextvars.ContextVar("r", default="unset")
+
+    async def receive() -> Message:
+        seen_in_receive.append(REQUEST_ID.get())
+        FROM_RECEIVE.set("set-in-receive")
+        return await peer.receive()
+
+    async def send(message: Message) -> None:
+        seen_in_send.append((REQUEST_ID.get(), FROM_RECEIVE.get()))
+        await peer.send(message)
+
+    async def middleware(s: MutableMapping[str, Any], r: Receive, snd: Send) -> None:
+        REQUEST_ID.set("req-1")
+        await EventStream(b, ["c"])(s, r, snd)
+
+    task = asyncio.create_task(middleware(scope(), receive, send))
+    await until(lambda: b.stats().subscribers == 1 and seen_in_receive)
+    b.publish("m", "hello", channel="c")
+    await until(lambda: any(b"hello" in body for body in peer.bodies))
+    peer.disconnect()
+    await asyncio.wait_for(task, HANG)
+    assert seen_in_receive == ["req-1"]
+    assert {rid for rid, _ in seen_in_send} == {"req-1"}
+    # The event went out from a callback, in the copy the receive wrapper also runs in.
+    assert ("req-1", "set-in-receive") in seen_in_send
+    assert REQUEST_ID.get() == "none"
+    await b.aclose()
+
+
+# --- eager tasks (3.12+) -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12+")
+def test_streams_served_by_eager_tasks_deliver_and_end() -> None:
+    """With `eager_task_factory`, streams deliver, end on disconnect and on cancel, and release."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+        b = Broadcaster(heartbeat=0.1)
+        peers = [Peer() for _ in range(3)]
+        tasks = [
+            asyncio.create_task(EventStream(b, ["c"], lifetime=60)(scope(), p.receive, p.send))
+            for p in peers
+        ]
+        await until(lambda: clock_beats(loop) == 3)
+        b.publish("m", "hello", channel="c")
+        await until(lambda: all(any(b"hello" in x for x in p.bodies) for p in peers))
+        await until(lambda: all(p.bodies.count(HEARTBEAT) >= 1 for p in peers), 2.0)
+        peers[0].disconnect()
+        tasks[1].cancel()
+        await asyncio.wait_for(asyncio.gather(tasks[0], tasks[1]), HANG)
+        assert b.stats().subscribers == 1
+        peers[2].disconnect()
+        await asyncio.wait_for(tasks[2], HANG)
+        assert b.stats().subscribers == 0
+        assert clock_beats(loop) == 0
+        await b.aclose()
+
+    asyncio.run(main())
