@@ -619,3 +619,122 @@ def test_streams_served_by_eager_tasks_deliver_and_end() -> None:
         await b.aclose()
 
     asyncio.run(main())
+
+
+# --- real servers ------------------------------------------------------------------------
+
+SERVERS = ["uvicorn-h11", "uvicorn-httptools", "hypercorn", "granian"]
+
+
+def _pump_command(server: str, app: str, port: int) -> list[str]:
+    from servers import PYTHON
+
+    target = f"apps.pump_adversary_app:{app}"
+    if server.startswith("uvicorn"):
+        loop, http = ("asyncio", "h11") if server == "uvicorn-h11" else ("uvloop", "httptools")
+        return [
+            *(PYTHON, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port)),
+            *("--loop", loop, "--http", http, "--timeout-graceful-shutdown", "1"),
+            "--no-access-log",
+        ]
+    if server == "hypercorn":
+        bind = f"127.0.0.1:{port}"
+        return [PYTHON, "-m", "hypercorn", target, "--bind", bind, "--graceful-timeout", "1"]
+    return [
+        *(PYTHON, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1"),
+        *("--port", str(port), "--workers", "1", "--loop", "asyncio", target),
+    ]
+
+
+def _served(server: str, app: str, env: dict[str, str]) -> Any:
+    from servers import free_port, running
+
+    port = free_port()
+    return running(_pump_command(server, app, port), port=port, env=env)
+
+
+COMPLAINTS = ("Task was destroyed", "was never awaited", "Exception in callback", "Traceback")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", SERVERS)
+async def test_a_real_server_s_streams_get_heartbeats_and_end_at_their_lifetime(
+    server: str,
+) -> None:
+    """On each server, idle streams get heartbeats and end cleanly when their lifetime is up."""
+    from test_disconnect_servers_adversary import RawStream, new_channel
+
+    env = {"SSECAST_TEST_HEARTBEAT": "0.2", "SSECAST_TEST_LIFETIME": "1.0"}
+    with _served(server, "PLAIN", env) as process:
+        streams = [await RawStream.open(process.port, new_channel()) for _ in range(3)]
+        started = time.monotonic()
+        ended = await asyncio.wait_for(asyncio.gather(*(s.read_to_end() for s in streams)), 4)
+        took = time.monotonic() - started
+        for stream in streams:
+            stream.close()
+    assert all(ended)
+    assert 0.6 < took < 2.0, took
+    assert all(stream.received.count(b":\n\n") >= 3 for stream in streams)
+    assert not [line for line in COMPLAINTS if line in process.log()], process.log()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="with a send wrapper that yields, the probe waits (_Waiting) and Pump._advance"
+    " never calls start(): no heartbeat, no lifetime",
+)
+async def test_behind_a_yielding_send_wrapper_streams_still_end_at_their_lifetime() -> None:
+    """On uvicorn, behind a send wrapper that awaits `sleep(0)`, the lifetime still ends it."""
+    from test_disconnect_servers_adversary import RawStream, new_channel
+
+    env = {"SSECAST_TEST_HEARTBEAT": "0.2", "SSECAST_TEST_LIFETIME": "0.5"}
+    with _served("uvicorn-h11", "YIELDING", env) as process:
+        stream = await RawStream.open(process.port, new_channel())
+        try:
+            ended = await asyncio.wait_for(stream.read_to_end(), 3)
+        finally:
+            stream.close()
+    assert ended
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["uvicorn-httptools", "granian", "hypercorn"])
+async def test_churning_300_connections_leaves_no_subscriber_and_no_complaint(
+    server: str,
+) -> None:
+    """Opening and dropping 300 streams (100 at a time) leaves none subscribed, nothing logged."""
+    import httpx
+    from test_disconnect_servers_adversary import new_channel, open_many, until_subscribers
+
+    env = {"SSECAST_TEST_HEARTBEAT": "0.05"}
+    with _served(server, "PLAIN", env) as process:
+        async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
+            for _ in range(3):
+                streams = await open_many(process.port, 100, new_channel())
+                assert await until_subscribers(http, 100, HANG)
+                for stream in streams:
+                    stream.close()
+                assert await until_subscribers(http, 0, HANG)
+        seconds = process.stop()
+    assert seconds < 5, seconds
+    assert not [line for line in COMPLAINTS if line in process.log()], process.log()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["uvicorn-httptools", "hypercorn", "granian"])
+async def test_sigterm_with_100_open_streams_stops_the_server_promptly(server: str) -> None:
+    """SIGTERM with 100 idle streams open: every stream ends and the server exits in time."""
+    from test_disconnect_servers_adversary import new_channel, open_many
+
+    with _served(server, "PLAIN", {"SSECAST_TEST_HEARTBEAT": "0.1"}) as process:
+        streams = await open_many(process.port, 100, new_channel())
+        seconds = await asyncio.to_thread(process.stop)
+        ended = [await asyncio.wait_for(stream.read_to_end(), HANG) for stream in streams]
+        for stream in streams:
+            stream.close()
+    assert seconds < 5, seconds
+    assert all(ended)
+    # hypercorn on 3.11 logs its own reader task's cancellation at shutdown ("Exception in
+    # callback StreamReaderProtocol..."), with no ssecast frame in it: only ours count here.
+    assert "ssecast" not in process.log(), process.log()
