@@ -705,6 +705,7 @@ async def test_churning_300_connections_leaves_no_subscriber_and_no_complaint(
 ) -> None:
     """Opening and dropping 300 streams (100 at a time) leaves none subscribed, nothing logged."""
     import httpx
+
     from test_disconnect_servers_adversary import new_channel, open_many, until_subscribers
 
     env = {"SSECAST_TEST_HEARTBEAT": "0.05"}
