@@ -15,6 +15,7 @@ import gc
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any
 
@@ -766,3 +767,27 @@ async def test_sigterm_with_100_open_streams_stops_the_server_promptly(server: s
     # hypercorn on 3.11 logs its own reader task's cancellation at shutdown ("Exception in
     # callback StreamReaderProtocol..."), with no ssecast frame in it: only ours count here.
     assert "ssecast" not in process.log(), process.log()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Pump.throw(error, *_) ignores the value of the (deprecated) three-argument form"
+    " throw(type, value, tb) and raises a fresh `type()`; a coroutine chain raises `value`",
+)
+async def test_the_three_argument_throw_propagates_the_instance_thrown() -> None:
+    """`coro.throw(KeyError, err, None)` into a stream raises `err` itself, as a coroutine does."""
+    b = Broadcaster(heartbeat=None)
+    peer = Peer()
+    stepper = Stepper(EventStream(b, ["c"])(scope(), peer.receive, peer.send))
+    await stepper.run_until(lambda: len(peer.bodies) >= 2)
+    await stepper.run_for(0.05)
+    error = KeyError("the instance")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            with pytest.raises(KeyError) as raised:
+                stepper.coro.throw(KeyError, error, None)
+        assert raised.value is error
+        assert b.stats().subscribers == 0
+    finally:
+        await b.aclose()
