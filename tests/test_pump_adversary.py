@@ -141,12 +141,6 @@ def yielding(send: Send) -> Send:
 # --- heartbeats and lifetimes when every write has to wait once ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pump._advance starts the heartbeat clock only when the probe went out at once"
-    " (outcome None); a probe that waited (_Waiting) never starts it, so the lifetime"
-    " never ends the stream",
-)
 async def test_a_lifetime_ends_the_stream_when_each_send_yields_once() -> None:
     """With a send wrapper that awaits `asyncio.sleep(0)`, `lifetime=` still ends the stream."""
     b = Broadcaster(heartbeat=None)
@@ -162,11 +156,6 @@ async def test_a_lifetime_ends_the_stream_when_each_send_yields_once() -> None:
     assert peer.ended
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pump._advance starts the heartbeat clock only when the probe went out at once;"
-    " with a send that waits on the probe no heartbeat is ever written",
-)
 async def test_heartbeats_come_when_each_send_yields_once() -> None:
     """With a send wrapper that awaits `asyncio.sleep(0)`, heartbeats still come when idle."""
     b = Broadcaster(heartbeat=0.1)
@@ -202,12 +191,6 @@ async def test_heartbeats_and_lifetime_on_a_plain_send_stop_with_the_stream() ->
 # --- closing the app's coroutine (GeneratorExit) -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pump.close() (called by CPython on coro.close()) only releases the feed, it never"
-    " calls _stop(); the started Heartbeat stays in the loop's _Clock until its next tick,"
-    " which with a lifetime and no heartbeat is the lifetime's end",
-)
 async def test_closing_the_app_coroutine_lets_go_of_the_heartbeat_clock() -> None:
     """After `coro.close()` on an idle stream, the loop's clock keeps no heartbeat for it."""
     loop = asyncio.get_running_loop()
@@ -226,11 +209,6 @@ async def test_closing_the_app_coroutine_lets_go_of_the_heartbeat_clock() -> Non
         await b.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pump.close() does not close its delegate (_Waiting/_send_from_task): the send in"
-    " progress is not closed when the app's coroutine is, and the clock keeps it alive",
-)
 async def test_closing_the_app_coroutine_closes_the_send_that_was_waiting() -> None:
     """`coro.close()` during a write that waits runs the send wrapper's `finally` at once."""
     loop = asyncio.get_running_loop()
@@ -681,11 +659,6 @@ async def test_a_real_server_s_streams_get_heartbeats_and_end_at_their_lifetime(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="with a send wrapper that yields, the probe waits (_Waiting) and Pump._advance"
-    " never calls start(): no heartbeat, no lifetime",
-)
 async def test_behind_a_yielding_send_wrapper_streams_still_end_at_their_lifetime() -> None:
     """On uvicorn, behind a send wrapper that awaits `sleep(0)`, the lifetime still ends it."""
     from test_disconnect_servers_adversary import RawStream, new_channel
@@ -769,11 +742,6 @@ async def test_sigterm_with_100_open_streams_stops_the_server_promptly(server: s
     assert "ssecast" not in process.log(), process.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pump.throw(error, *_) ignores the value of the (deprecated) three-argument form"
-    " throw(type, value, tb) and raises a fresh `type()`; a coroutine chain raises `value`",
-)
 async def test_the_three_argument_throw_propagates_the_instance_thrown() -> None:
     """`coro.throw(KeyError, err, None)` into a stream raises `err` itself, as a coroutine does."""
     b = Broadcaster(heartbeat=None)

@@ -31,7 +31,7 @@ import asyncio
 import contextvars
 import enum
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
-from types import CoroutineType
+from types import CoroutineType, TracebackType
 from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 from ssecast._subscription import CloseReason, Heartbeat, Status, Subscription
@@ -91,6 +91,18 @@ class Pump(Heartbeat, Generator[object, None, None]):
         """
         self._release(self._feed, CloseReason.UNSUBSCRIBED)
 
+    def dispose(self) -> None:
+        """Let go of all the stream holds, however it ended; once the task stepped it last.
+
+        Ends the subscription, stops the heartbeats and closes a write still in progress,
+        as closing a coroutine closes what it awaits.
+        """
+        self.close()
+        self._stop()
+        delegate, self._delegate = self._delegate, None
+        if delegate is not None:
+            delegate.close()
+
     def read_nowait(self) -> bytes:
         """Return every pending frame as one chunk, or `b""`; for the stream's first write."""
         frames = self._feed.poll(None)
@@ -109,8 +121,16 @@ class Pump(Heartbeat, Generator[object, None, None]):
             self._stop()
             raise
 
-    def throw(self, error: BaseException | type[BaseException], *_: object) -> object:
+    def throw(
+        self,
+        error: BaseException | type[BaseException],
+        value: object = None,
+        traceback: TracebackType | None = None,
+        /,
+    ) -> object:
         """Throw `error` (a cancellation, say) into the write in progress, or out of the pump."""
+        if isinstance(value, BaseException):
+            error = value  # the old form, throw(type, instance, traceback)
         if self._delegate is not None:
             return self._delegated(self._delegate.throw, error)
         self._stop()
@@ -132,7 +152,10 @@ class Pump(Heartbeat, Generator[object, None, None]):
             raise
 
     def _advance(self) -> object:
-        """Act on what the callbacks settled, up to the next thing to wait on."""
+        """Act on what the callbacks settled, up to the next thing to wait on.
+
+        Its callers stop the pump when it raises, StopIteration (the end) included.
+        """
         loop = self.loop
         if self._outcome is None:  # the first step: the probe decides how to write
             self._outcome = loop.create_future()
@@ -140,17 +163,17 @@ class Pump(Heartbeat, Generator[object, None, None]):
             return _blocking(self._outcome)
         outcome = self._outcome.result()  # an error: the client went, or a cancellation
         if outcome is _Ended.ENDED:
-            self._stop()
             raise StopIteration
         if isinstance(outcome, _Refused):
             self._stop()
             self._delegate = self._send_from_task(outcome.body)
             return self._delegated(self._delegate.send, None)
+        feed = self._feed
+        if self._clock is None and (feed.heartbeat is not None or feed.expires is not None):
+            self.start()  # the probe went out from a callback (or is going): so will the rest
         if isinstance(outcome, _Waiting):
             self._delegate = outcome.__await__()  # the task finishes that write
             return self._delegated(self._delegate.send, None)
-        if self._feed.heartbeat is not None or self._feed.expires is not None:
-            self.start()  # the probe went out: the stream is written from callbacks
         return self._pump_on()
 
     def _pump_on(self) -> object:
@@ -171,8 +194,7 @@ class Pump(Heartbeat, Generator[object, None, None]):
     def _stop(self) -> None:
         self._feed.withdraw(self)
         self.stop()
-        if self._outcome is not None:
-            _drop(self._outcome)
+        _drop(self._outcome)
 
     def _probe(self) -> None:
         outcome_of = self._outcome
@@ -270,10 +292,15 @@ def _body(data: bytes) -> MutableMapping[str, Any]:
     return {"type": "http.response.body", "body": data, "more_body": True}
 
 
-def _drop(outcome: asyncio.Future[_Outcome]) -> None:
+def _drop(outcome: asyncio.Future[_Outcome] | None) -> None:
     """Let go of an outcome the task will not await (it was cancelled meanwhile)."""
     # Retrieving the exception keeps asyncio from logging it as never retrieved.
-    if outcome.done() and not outcome.cancelled() and outcome.exception() is None:
+    if (
+        outcome is not None
+        and outcome.done()
+        and not outcome.cancelled()
+        and outcome.exception() is None
+    ):
         waiting = outcome.result()
         if isinstance(waiting, _Waiting):
             waiting.close()

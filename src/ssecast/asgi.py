@@ -226,7 +226,7 @@ class EventStream:
                     async with asyncio.timeout(_FINAL_WRITE_SECONDS):
                         await send(_end())
             finally:
-                pump.close()
+                pump.dispose()
                 watch.close()
         elif kind == "lifespan":
             await _lifespan(receive, send)

@@ -28,7 +28,7 @@ control = Control(broadcaster)
 PLAIN = routed(broadcaster, events, control)
 
 
-async def YIELDING(scope: Any, receive: Any, send: Any) -> None:  # noqa: N802
+async def YIELDING(scope: Any, receive: Any, send: Any) -> None:
     async def wrapped(message: Any) -> None:
         await asyncio.sleep(0)
         await send(message)
