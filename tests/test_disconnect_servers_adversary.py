@@ -34,9 +34,11 @@ COMPLAINTS = ("Task was destroyed", "was never awaited", "Exception in callback"
 """What asyncio (or the server) logs when a stream's clean-up went wrong."""
 
 
-def command(server: str, app: str, port: int) -> list[str]:
-    """The command line that serves ``apps.disconnect_adversary_app:app`` on ``port``."""
-    target = f"apps.disconnect_adversary_app:{app}"
+def command(
+    server: str, app: str, port: int, module: str = "disconnect_adversary_app"
+) -> list[str]:
+    """The command line that serves ``apps.<module>:<app>`` on ``port``."""
+    target = f"apps.{module}:{app}"
     if server.startswith("uvicorn"):
         loop, http = ("asyncio", "h11") if server == "uvicorn-h11" else ("uvloop", "httptools")
         return [

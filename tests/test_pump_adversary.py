@@ -22,10 +22,20 @@ from typing import Any
 import anyio
 import pytest
 
+from asgi_request import get_scope
+from servers import free_port, running
 from ssecast import Broadcaster
 from ssecast._subscription import _Clock
 from ssecast._wire import HEARTBEAT
 from ssecast.asgi import EventStream
+from test_disconnect_servers_adversary import (
+    COMPLAINTS,
+    RawStream,
+    command,
+    new_channel,
+    open_many,
+    until_subscribers,
+)
 
 HANG = 5.0
 Message = MutableMapping[str, Any]
@@ -37,21 +47,8 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 
 
 def scope() -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test"), (b"accept", b"text/event-stream")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "state": {},
-    }
+    """A GET of the stream by an `EventSource`."""
+    return {**get_scope("/"), "headers": [(b"host", b"test"), (b"accept", b"text/event-stream")]}
 
 
 class Peer:
@@ -84,6 +81,27 @@ class Peer:
             self.gone.set_result(None)
 
 
+class Held:
+    """A send that holds a body with `hello` in it until `gate` is set; it logs what befell it."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self.gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.log: list[str] = []
+
+    async def send(self, message: Message) -> None:
+        if b"hello" in message.get("body", b""):
+            self.log.append("waiting")
+            try:
+                await self.gate
+            except BaseException as error:
+                self.log.append(type(error).__name__)
+                raise
+            finally:
+                self.log.append("closed")
+        await self.peer.send(message)
+
+
 async def until(condition: Callable[[], object], seconds: float = HANG) -> None:
     """Poll ``condition``: what it watches changes in loop callbacks, which set no event."""
     async with asyncio.timeout(seconds):
@@ -95,6 +113,12 @@ def clock_beats(loop: asyncio.AbstractEventLoop) -> int:
     """How many heartbeats the loop's clock keeps (0 when it has no clock)."""
     clock = _Clock._clocks.get(loop)
     return 0 if clock is None else len(clock._beats)
+
+
+def assert_let_go(b: Broadcaster, loop: asyncio.AbstractEventLoop) -> None:
+    """Nothing of a stream is left: no subscriber, no heartbeat on the loop's clock."""
+    assert b.stats().subscribers == 0
+    assert clock_beats(loop) == 0
 
 
 class Stepper:
@@ -183,8 +207,7 @@ async def test_heartbeats_and_lifetime_on_a_plain_send_stop_with_the_stream() ->
     assert peer.ended
     assert peer.bodies.count(HEARTBEAT) >= 2
     assert 0.45 < took < 1.5
-    assert b.stats().subscribers == 0
-    assert clock_beats(loop) == 0
+    assert_let_go(b, loop)
     await b.aclose()
 
 
@@ -214,28 +237,17 @@ async def test_closing_the_app_coroutine_closes_the_send_that_was_waiting() -> N
     loop = asyncio.get_running_loop()
     b = Broadcaster(heartbeat=None)
     peer = Peer()
-    gate: asyncio.Future[None] = loop.create_future()
-    log: list[str] = []
-
-    async def send(message: Message) -> None:
-        if b"hello" in message.get("body", b""):
-            log.append("waiting")
-            try:
-                await gate
-            finally:
-                log.append("closed")
-        await peer.send(message)
-
-    stepper = Stepper(EventStream(b, ["c"], lifetime=3600)(scope(), peer.receive, send))
+    held = Held(peer)
+    stepper = Stepper(EventStream(b, ["c"], lifetime=3600)(scope(), peer.receive, held.send))
     await stepper.run_until(lambda: clock_beats(loop) == 1)
     b.publish("m", "hello", channel="c")
-    await stepper.run_until(lambda: "waiting" in log)
+    await stepper.run_until(lambda: "waiting" in held.log)
     stepper.coro.close()
     for _ in range(5):
         await asyncio.sleep(0)
     gc.collect()
     try:
-        assert log == ["waiting", "closed"]
+        assert held.log == ["waiting", "GeneratorExit", "closed"]
     finally:
         await b.aclose()
 
@@ -271,8 +283,7 @@ async def test_a_base_exception_thrown_into_the_idle_stream_stops_it_and_propaga
     await stepper.run_until(lambda: clock_beats(loop) == 1)
     with pytest.raises(error):
         stepper.coro.throw(error())
-    assert b.stats().subscribers == 0
-    assert clock_beats(loop) == 0
+    assert_let_go(b, loop)
     b.publish("m", "after", channel="c")
     for _ in range(5):
         await asyncio.sleep(0)
@@ -285,27 +296,15 @@ async def test_a_base_exception_thrown_during_a_waiting_write_reaches_that_write
     loop = asyncio.get_running_loop()
     b = Broadcaster(heartbeat=0.5)
     peer = Peer()
-    gate: asyncio.Future[None] = loop.create_future()
-    seen: list[BaseException] = []
-
-    async def send(message: Message) -> None:
-        if b"hello" in message.get("body", b""):
-            try:
-                await gate
-            except BaseException as error:
-                seen.append(error)
-                raise
-        await peer.send(message)
-
-    stepper = Stepper(EventStream(b, ["c"])(scope(), peer.receive, send))
+    held = Held(peer)
+    stepper = Stepper(EventStream(b, ["c"])(scope(), peer.receive, held.send))
     await stepper.run_until(lambda: clock_beats(loop) == 1)
     b.publish("m", "hello", channel="c")
-    await stepper.run_until(lambda: stepper.waiting_on is gate)
+    await stepper.run_until(lambda: stepper.waiting_on is held.gate)
     with pytest.raises(Custom):
         stepper.coro.throw(Custom())
-    assert [type(e) for e in seen] == [Custom]
-    assert b.stats().subscribers == 0
-    assert clock_beats(loop) == 0
+    assert held.log == ["waiting", "Custom", "closed"]
+    assert_let_go(b, loop)
     await b.aclose()
 
 
@@ -317,28 +316,16 @@ async def test_cancelling_during_a_waiting_write_cancels_it_and_ends_the_respons
     loop = asyncio.get_running_loop()
     b = Broadcaster(heartbeat=0.5)
     peer = Peer()
-    gate: asyncio.Future[None] = loop.create_future()
-    seen: list[str] = []
-
-    async def send(message: Message) -> None:
-        if b"hello" in message.get("body", b""):
-            try:
-                await gate
-            except asyncio.CancelledError:
-                seen.append("cancelled")
-                raise
-        await peer.send(message)
-
-    task = asyncio.create_task(EventStream(b, ["c"])(scope(), peer.receive, send))
+    held = Held(peer)
+    task = asyncio.create_task(EventStream(b, ["c"])(scope(), peer.receive, held.send))
     await until(lambda: clock_beats(loop) == 1)
     b.publish("m", "hello", channel="c")
-    await until(lambda: gate._callbacks)  # type: ignore[attr-defined]
+    await until(lambda: held.gate._callbacks)  # type: ignore[attr-defined]
     task.cancel()
     await asyncio.wait_for(task, HANG)  # the cancel is absorbed: the response ended cleanly
-    assert seen == ["cancelled"]
+    assert held.log == ["waiting", "CancelledError", "closed"]
     assert peer.ended
-    assert b.stats().subscribers == 0
-    assert clock_beats(loop) == 0
+    assert_let_go(b, loop)
     await b.aclose()
 
 
@@ -361,8 +348,7 @@ async def test_a_second_cancel_during_the_final_send_propagates_and_releases() -
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, HANG)
-    assert b.stats().subscribers == 0
-    assert clock_beats(loop) == 0
+    assert_let_go(b, loop)
     await b.aclose()
 
 
@@ -376,8 +362,7 @@ async def test_a_cancel_before_the_probe_ran_sends_nothing_more_and_releases() -
     task.cancel()
     await asyncio.wait_for(task, HANG)
     assert peer.ended
-    assert b.stats().subscribers == 0
-    assert clock_beats(loop) == 0
+    assert_let_go(b, loop)
     await b.aclose()
 
 
@@ -410,13 +395,7 @@ async def test_a_middleware_deadline_around_the_app_ends_the_stream(
     loop = asyncio.get_running_loop()
     b = Broadcaster(heartbeat=0.5)
     peer = Peer()
-    gate: asyncio.Future[None] = loop.create_future()
-
-    async def send(message: Message) -> None:
-        if waiting and b"hello" in message.get("body", b""):
-            await gate
-        await peer.send(message)
-
+    send = Held(peer).send if waiting else peer.send
     errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: errors.append(context))
     try:
@@ -458,8 +437,7 @@ async def test_a_stream_sent_from_its_task_gets_heartbeats_and_lets_the_clock_go
     assert clock_beats(loop) == 1
     peer.disconnect()
     await asyncio.wait_for(task, HANG)
-    assert b.stats().subscribers == 0
-    assert clock_beats(loop) == 0
+    assert_let_go(b, loop)
     await b.aclose()
 
 
@@ -473,8 +451,7 @@ async def test_cancelling_the_fallback_releases_everything() -> None:
     task.cancel()
     await asyncio.wait_for(task, HANG)
     assert peer.ended
-    assert b.stats().subscribers == 0
-    assert clock_beats(loop) == 0
+    assert_let_go(b, loop)
     await b.aclose()
 
 
@@ -525,8 +502,7 @@ async def test_starlette_base_http_middleware_stream_ends_and_releases_on_discon
     await asyncio.wait_for(task, HANG)
     for _ in range(5):
         await asyncio.sleep(0)
-    assert b.stats().subscribers == 0
-    assert clock_beats(loop) == 0
+    assert_let_go(b, loop)
     await b.aclose()
 
 
@@ -606,34 +582,10 @@ def test_streams_served_by_eager_tasks_deliver_and_end() -> None:
 SERVERS = ["uvicorn-h11", "uvicorn-httptools", "hypercorn", "granian"]
 
 
-def _pump_command(server: str, app: str, port: int) -> list[str]:
-    from servers import PYTHON
-
-    target = f"apps.pump_adversary_app:{app}"
-    if server.startswith("uvicorn"):
-        loop, http = ("asyncio", "h11") if server == "uvicorn-h11" else ("uvloop", "httptools")
-        return [
-            *(PYTHON, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port)),
-            *("--loop", loop, "--http", http, "--timeout-graceful-shutdown", "1"),
-            "--no-access-log",
-        ]
-    if server == "hypercorn":
-        bind = f"127.0.0.1:{port}"
-        return [PYTHON, "-m", "hypercorn", target, "--bind", bind, "--graceful-timeout", "1"]
-    return [
-        *(PYTHON, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1"),
-        *("--port", str(port), "--workers", "1", "--loop", "asyncio", target),
-    ]
-
-
 def _served(server: str, app: str, env: dict[str, str]) -> Any:
-    from servers import free_port, running
-
+    """Run ``apps.pump_adversary_app:<app>`` on ``server`` with ``env``."""
     port = free_port()
-    return running(_pump_command(server, app, port), port=port, env=env)
-
-
-COMPLAINTS = ("Task was destroyed", "was never awaited", "Exception in callback", "Traceback")
+    return running(command(server, app, port, "pump_adversary_app"), port=port, env=env)
 
 
 @pytest.mark.slow
@@ -642,8 +594,6 @@ async def test_a_real_server_s_streams_get_heartbeats_and_end_at_their_lifetime(
     server: str,
 ) -> None:
     """On each server, idle streams get heartbeats and end cleanly when their lifetime is up."""
-    from test_disconnect_servers_adversary import RawStream, new_channel
-
     env = {"SSECAST_TEST_HEARTBEAT": "0.2", "SSECAST_TEST_LIFETIME": "1.0"}
     with _served(server, "PLAIN", env) as process:
         streams = [await RawStream.open(process.port, new_channel()) for _ in range(3)]
@@ -661,8 +611,6 @@ async def test_a_real_server_s_streams_get_heartbeats_and_end_at_their_lifetime(
 @pytest.mark.slow
 async def test_behind_a_yielding_send_wrapper_streams_still_end_at_their_lifetime() -> None:
     """On uvicorn, behind a send wrapper that awaits `sleep(0)`, the lifetime still ends it."""
-    from test_disconnect_servers_adversary import RawStream, new_channel
-
     env = {"SSECAST_TEST_HEARTBEAT": "0.2", "SSECAST_TEST_LIFETIME": "0.5"}
     with _served("uvicorn-h11", "YIELDING", env) as process:
         stream = await RawStream.open(process.port, new_channel())
@@ -680,8 +628,6 @@ async def test_churning_300_connections_leaves_no_subscriber_and_no_complaint(
 ) -> None:
     """Opening and dropping 300 streams (100 at a time) leaves none subscribed, nothing logged."""
     import httpx
-
-    from test_disconnect_servers_adversary import new_channel, open_many, until_subscribers
 
     env = {"SSECAST_TEST_HEARTBEAT": "0.05"}
     with _served(server, "PLAIN", env) as process:
@@ -717,8 +663,6 @@ async def test_churning_300_connections_leaves_no_subscriber_and_no_complaint(
 )
 async def test_sigterm_with_100_open_streams_stops_the_server_promptly(server: str) -> None:
     """SIGTERM with 100 idle streams open: every stream ends and the server exits in time."""
-    from test_disconnect_servers_adversary import new_channel, open_many
-
     with _served(server, "PLAIN", {"SSECAST_TEST_HEARTBEAT": "0.1"}) as process:
         streams = await open_many(process.port, 100, new_channel())
 

@@ -200,40 +200,35 @@ class EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one ASGI connection: an HTTP request, or the lifespan when run alone."""
-        kind = scope["type"]
-        if kind == "http":
-            # Subscribed in a coroutine of its own, whose frame is then freed, and streamed
-            # here by the pump, which needs none: a stream may be idle for hours.
-            pump = await self._subscribe(scope, send)
-            if pump is None:
-                return
-            watch = DisconnectWatch(receive, pump, pump.context)
-            try:
-                await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-                await send(_chunk(OPENING + pump.read_nowait()))
-                await pump
-                # The broadcaster closed or evicted it (or the client left): end the
-                # response so that the client reconnects with Last-Event-ID.
-                await send(_end())
-            except OSError:
-                pass  # ASGI 2.4 servers raise it from send() once the client has gone
-            except asyncio.CancelledError:
-                # uvicorn's --timeout-graceful-shutdown cancels the responses still open
-                # when it expires. Ending ours with its final chunk lets the client see a
-                # clean end and reconnect; re-raising would only make the server log a
-                # traceback for every stream. A second cancellation still propagates.
-                with contextlib.suppress(OSError, TimeoutError):
-                    async with asyncio.timeout(_FINAL_WRITE_SECONDS):
-                        await send(_end())
-            finally:
-                pump.dispose()
-                watch.close()
-        elif kind == "lifespan":
-            await _lifespan(receive, send)
-        elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1008, "reason": "use GET"})
-        else:
-            raise ValueError(f"EventStream serves HTTP, not ASGI {kind!r} connections")
+        if scope["type"] != "http":
+            await _serve_other(scope, receive, send)
+            return
+        # Subscribed in a coroutine of its own, whose frame is then freed, and streamed
+        # here by the pump, which needs none: a stream may be idle for hours.
+        pump = await self._subscribe(scope, send)
+        if pump is None:
+            return
+        watch = DisconnectWatch(receive, pump, pump.context)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+            await send(_chunk(OPENING + pump.read_nowait()))
+            await pump
+            # The broadcaster closed or evicted it (or the client left): end the response
+            # so that the client reconnects with Last-Event-ID.
+            await send(_end())
+        except OSError:
+            pass  # ASGI 2.4 servers raise it from send() once the client has gone
+        except asyncio.CancelledError:
+            # uvicorn's --timeout-graceful-shutdown cancels the responses still open when
+            # it expires. Ending ours with its final chunk lets the client see a clean end
+            # and reconnect; re-raising would only make the server log a traceback for
+            # every stream. A second cancellation still propagates.
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(_FINAL_WRITE_SECONDS):
+                    await send(_end())
+        finally:
+            pump.dispose()
+            watch.close()
 
     async def _subscribe(self, scope: Scope, send: Send) -> Pump | None:
         """Subscribe the request and return its pump, or answer its refusal and return `None`."""
@@ -348,6 +343,17 @@ async def _refuse(send: Send, status: int, reason: str, *extra: tuple[str, str])
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _serve_other(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer a connection that is not HTTP: the lifespan, when run alone, or a websocket."""
+    kind = scope["type"]
+    if kind == "lifespan":
+        await _lifespan(receive, send)
+    elif kind == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": "use GET"})
+    else:
+        raise ValueError(f"EventStream serves HTTP, not ASGI {kind!r} connections")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
