@@ -97,11 +97,11 @@ class Pump(Heartbeat, Generator[object, None, None]):
         Ends the subscription, stops the heartbeats and closes a write still in progress,
         as closing a coroutine closes what it awaits.
         """
-        self.close()
-        self._stop()
         delegate, self._delegate = self._delegate, None
         if delegate is not None:
             delegate.close()
+        self.close()
+        self._stop()
 
     def read_nowait(self) -> bytes:
         """Return every pending frame as one chunk, or `b""`; for the stream's first write."""
