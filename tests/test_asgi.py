@@ -23,6 +23,7 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
+from raw_stream import open_many
 from servers import PYTHON, Server, free_port, running
 from sse_client import aevents
 from ssecast import (
@@ -359,64 +360,10 @@ async def test_slow_client_is_evicted_and_never_blocks_others(limited: Server) -
 # -- shutdown with a thousand open streams ---------------------------------------------
 
 
-class RawStream:
-    """One SSE request over a bare socket: cheap enough to hold a thousand of."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.received = b""
-
-    @classmethod
-    async def open(cls, port: int, channel: str) -> RawStream:
-        """Send the request and read the response head and the opening comment."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET /events/?channel={channel} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        stream = cls(reader, writer)
-        while b"\r\n\r\n" not in stream.received or not stream.received.endswith(b":\n\n\r\n"):
-            chunk = await reader.read(4096)
-            if not chunk:
-                raise ConnectionError(f"closed early: {stream.received!r}")
-            stream.received += chunk
-        assert stream.received.startswith(b"HTTP/1.1 200 ")
-        return stream
-
-    async def read_to_end(self) -> bool:
-        """Read until the response ends; return whether it ended cleanly (last chunk)."""
-        while not self.ended_cleanly:
-            chunk = await self.reader.read(65536)
-            if not chunk:
-                break
-            self.received += chunk
-        return self.ended_cleanly
-
-    @property
-    def ended_cleanly(self) -> bool:
-        """Whether the chunked response ended with its zero-length last chunk."""
-        return self.received.endswith(b"\r\n0\r\n\r\n")
-
-    def close(self) -> None:
-        """Close the socket."""
-        self.writer.close()
-
-
-async def open_many(port: int, count: int) -> list[RawStream]:
-    """Open ``count`` streams, at most 100 connecting at a time."""
-    gate = asyncio.Semaphore(100)
-    channel = new_channel()
-
-    async def one() -> RawStream:
-        async with gate:
-            return await RawStream.open(port, channel)
-
-    async with asyncio.timeout(60):
-        return await asyncio.gather(*(one() for _ in range(count)))
-
-
 async def test_close_ends_1000_open_streams(app: str) -> None:
     """``broadcaster.close()`` ends a thousand open streams cleanly; then 503."""
     with serve(app) as server:
-        streams = await open_many(server.port, MANY)
+        streams = await open_many(server.port, MANY, new_channel(), at_once=100)
         try:
             async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
                 await until_subscribers(http, MANY, within=30)
@@ -443,7 +390,7 @@ async def test_sigterm_with_1000_open_streams_stops_uvicorn(app: str) -> None:
     no "timeout graceful shutdown exceeded", so the hook ended the streams, not the timeout.
     """
     with serve(app) as server:
-        streams = await open_many(server.port, MANY)
+        streams = await open_many(server.port, MANY, new_channel(), at_once=100)
         try:
             async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
                 await until_subscribers(http, MANY, within=30)
@@ -468,7 +415,7 @@ async def test_graceful_shutdown_timeout_alone_ends_streams_cleanly(app: str) ->
     hang), and logs one line counting the cancelled tasks but no traceback.
     """
     with serve(app, {"SSECAST_TEST_SIGNAL_HOOK": "0"}, cancels=True) as server:
-        streams = await open_many(server.port, 50)
+        streams = await open_many(server.port, 50, new_channel(), at_once=100)
         try:
             reading = asyncio.gather(*(s.read_to_end() for s in streams))
             # Up to 1.3 s under coverage with the other core busy, the 1 s timeout included.

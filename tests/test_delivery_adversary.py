@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import math
 import random
 import threading
 import time
@@ -257,6 +258,20 @@ def test_loops_closed_with_readers_on_them_leave_at_most_one_clock_behind() -> N
     b.close()
 
 
+async def heartbeat_gaps(
+    sub: Subscription, gaps: list[float], until_time: float = math.inf
+) -> None:
+    """Read `sub`, which gets nothing but heartbeats, adding the time between them to `gaps`."""
+    last = time.monotonic()
+    async for chunk in sub:
+        now = time.monotonic()
+        assert chunk == HEARTBEAT
+        gaps.append(now - last)
+        last = now
+        if now > until_time:
+            return
+
+
 def test_many_loops_in_many_threads_tick_for_their_own_readers_only() -> None:
     """Loops in many threads each tick for their own readers.
 
@@ -268,20 +283,10 @@ def test_many_loops_in_many_threads_tick_for_their_own_readers_only() -> None:
     errors: list[BaseException] = []
     start = threading.Barrier(8)
 
-    async def read(sub: Subscription, until_time: float) -> None:
-        last = time.monotonic()
-        async for chunk in sub:
-            now = time.monotonic()
-            assert chunk == HEARTBEAT
-            gaps.append(now - last)
-            last = now
-            if now > until_time:
-                return
-
     async def main() -> None:
         start.wait(HANG)
         ends = time.monotonic() + 0.5
-        readers = [read(fast.subscribe(), ends) for _ in range(15)]
+        readers = [heartbeat_gaps(fast.subscribe(), gaps, ends) for _ in range(15)]
         quiet = [slow.subscribe() for _ in range(15)]
         quiet_tasks = [asyncio.create_task(anext(aiter(sub))) for sub in quiet]
         await asyncio.gather(*readers)
@@ -532,14 +537,6 @@ def test_on_uvloop_heartbeats_and_lifetimes_keep_their_bounds() -> None:
     gaps: list[float] = []
     lateness: list[float] = []
 
-    async def beats(sub: Subscription) -> None:
-        last = time.monotonic()
-        async for chunk in sub:
-            now = time.monotonic()
-            assert chunk == HEARTBEAT
-            gaps.append(now - last)
-            last = now
-
     async def lives(lifetime: float) -> None:
         sub = await b.asubscribe("lives", lifetime=lifetime)
         expires = feed_of(sub).expires
@@ -550,7 +547,7 @@ def test_on_uvloop_heartbeats_and_lifetimes_keep_their_bounds() -> None:
 
     async def main() -> None:
         subs = [await b.asubscribe() for _ in range(10)]
-        readers = [asyncio.create_task(beats(sub)) for sub in subs]
+        readers = [asyncio.create_task(heartbeat_gaps(sub, gaps)) for sub in subs]
         await asyncio.gather(*(lives(0.3 + 0.05 * n) for n in range(10)))
         await asyncio.sleep(0.5)
         b.close()

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from raw_stream import RawStream, open_many
 from servers import PYTHON, Server, free_port, running
 
 pytestmark = pytest.mark.slow
@@ -68,59 +69,8 @@ def serve(
         assert not [line for line in COMPLAINTS if line in log], log
 
 
-class RawStream:
-    """One SSE request over a bare socket."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.received = b""
-
-    @classmethod
-    async def open(cls, port: int, channel: str, *, body: bytes | None = None) -> RawStream:
-        """Send the request (with the start of a chunked body if given), read the opening."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        head = f"GET /events/?channel={channel} HTTP/1.1\r\nHost: x\r\n"
-        if body is not None:
-            head += "Transfer-Encoding: chunked\r\n"
-        writer.write(f"{head}\r\n".encode() + (body or b""))
-        stream = cls(reader, writer)
-        while b"\r\n\r\n" not in stream.received or b":\n\n" not in stream.received:
-            chunk = await reader.read(4096)
-            if not chunk:
-                raise ConnectionError(f"closed early: {stream.received!r}")
-            stream.received += chunk
-        assert stream.received.startswith(b"HTTP/1.1 200 "), stream.received
-        return stream
-
-    async def read_to_end(self) -> bool:
-        """Read until the response ends; return whether it ended with its last chunk."""
-        while not self.received.endswith(b"0\r\n\r\n"):
-            chunk = await self.reader.read(65536)
-            if not chunk:
-                break
-            self.received += chunk
-        return self.received.endswith(b"0\r\n\r\n")
-
-    def close(self) -> None:
-        """Close the socket: the client leaves."""
-        self.writer.close()
-
-
 def new_channel() -> str:
     return f"room-{uuid.uuid4().hex[:8]}"
-
-
-async def open_many(port: int, count: int, channel: str) -> list[RawStream]:
-    """Open ``count`` streams, at most 50 connecting at a time."""
-    gate = asyncio.Semaphore(50)
-
-    async def one() -> RawStream:
-        async with gate:
-            return await RawStream.open(port, channel)
-
-    async with asyncio.timeout(60):
-        return await asyncio.gather(*(one() for _ in range(count)))
 
 
 async def subscribers(http: httpx.AsyncClient) -> int:

@@ -24,6 +24,7 @@ import anyio
 import pytest
 
 from asgi_request import get_scope
+from raw_stream import RawStream, open_many
 from servers import free_port, running
 from ssecast import Broadcaster
 from ssecast._subscription import _Clock
@@ -31,10 +32,8 @@ from ssecast._wire import HEARTBEAT
 from ssecast.asgi import EventStream
 from test_disconnect_servers_adversary import (
     COMPLAINTS,
-    RawStream,
     command,
     new_channel,
-    open_many,
     until_subscribers,
 )
 

@@ -22,13 +22,14 @@ import httpx
 import pytest
 
 from asgi_request import get_scope
+from raw_stream import RawStream, open_many
 from ssecast import Broadcaster, Subscription
 from ssecast._pump import Pump
 from ssecast._subscription import Heartbeat, _Clock
 from ssecast._watch import DisconnectWatch
 from ssecast._wire import HEARTBEAT
 from ssecast.asgi import EventStream
-from test_disconnect_servers_adversary import RawStream, new_channel, open_many, serve
+from test_disconnect_servers_adversary import new_channel, serve
 
 Message = MutableMapping[str, Any]
 HANG = 5.0

@@ -10,12 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from ssecast import Broadcaster
 from ssecast.asgi import close_on_signal
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
 
 HEADERS = {"Access-Control-Allow-Origin": "*"}
 """The extra response header every app's EventStream adds."""
@@ -116,3 +120,12 @@ class Control:
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+async def mark_response(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """An ``@app.middleware("http")`` function (a ``BaseHTTPMiddleware``): it marks the answer."""
+    response = await call_next(request)
+    response.headers["x-middleware"] = "seen"
+    return response

@@ -22,9 +22,16 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
-from apps.asgi_support import Control, broadcaster_from_env, channels_from_query, lifespan, routed
+from apps.asgi_support import (
+    Control,
+    broadcaster_from_env,
+    channels_from_query,
+    lifespan,
+    mark_response,
+    routed,
+)
 from ssecast import Broadcaster
 from ssecast.asgi import EventStream
 
@@ -117,11 +124,4 @@ FASTAPI = FastAPI(lifespan=app_lifespan)
 FASTAPI.mount("/events", events)
 FASTAPI.mount("/control", control)
 
-
-@FASTAPI.middleware("http")
-async def count_requests(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    response = await call_next(request)
-    response.headers["x-middleware"] = "seen"
-    return response
+FASTAPI.middleware("http")(mark_response)

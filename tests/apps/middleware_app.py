@@ -9,15 +9,20 @@ each ``send`` with ``asyncio.timeout``. uvicorn serves ``apps.middleware_app:FAS
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from apps.asgi_support import Control, broadcaster_from_env, channels_from_query, lifespan
+from apps.asgi_support import (
+    Control,
+    broadcaster_from_env,
+    channels_from_query,
+    lifespan,
+    mark_response,
+)
 from ssecast.asgi import EventStream
 
 broadcaster = broadcaster_from_env()
@@ -31,14 +36,7 @@ FASTAPI = FastAPI(lifespan=app_lifespan)
 FASTAPI.mount("/events", EventStream(broadcaster, channels_from_query))
 FASTAPI.mount("/control", Control(broadcaster))
 
-
-@FASTAPI.middleware("http")
-async def count_requests(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    response = await call_next(request)
-    response.headers["x-middleware"] = "seen"
-    return response
+FASTAPI.middleware("http")(mark_response)
 
 
 class SendTimeout:
