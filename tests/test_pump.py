@@ -201,6 +201,30 @@ async def test_a_send_that_waits_is_finished_by_the_task_before_the_next_one() -
     await task
 
 
+async def test_no_heartbeat_is_written_while_a_write_waits() -> None:
+    """A heartbeat due during a send that waits is not sent over it; heartbeats come after."""
+    b = Broadcaster(heartbeat=0.02)
+    gate = asyncio.Event()
+    sends: list[tuple[str, bytes]] = []
+
+    async def slow_send(message: MutableMapping[str, Any]) -> None:
+        sends.append(("begin", message["body"]))
+        if message["body"] not in (b"", b":\n\n"):
+            await gate.wait()  # the client stopped reading
+        sends.append(("end", message["body"]))
+
+    _, task = await pumping(b, slow_send)
+    await until(lambda: ("end", b":\n\n") in sends)  # heartbeats come while idle
+    event = b.publish("n", 0)
+    await until(lambda: sends[-1] == ("begin", event.frame))
+    await asyncio.sleep(0.2)  # ten heartbeat periods
+    assert sends[-1] == ("begin", event.frame)  # nothing was sent over the waiting write
+    gate.set()
+    await until(lambda: sends[-2:] == [("begin", b":\n\n"), ("end", b":\n\n")])
+    await b.aclose()
+    await asyncio.wait_for(task, 5)
+
+
 async def test_an_awaitable_that_is_not_a_coroutine_is_awaited_too() -> None:
     """A send may return any awaitable, such as a future a server resolves later."""
     b = Broadcaster(heartbeat=None)

@@ -5,14 +5,19 @@ resolved, the loop schedules the task, and the task resumes through every corout
 frame between the server and the reader (server, middleware, application). With a
 thousand clients on a loop and an event every few milliseconds, that is most of the
 CPU a delivery costs in Python. A `Pump` skips it: it parks itself as the
-subscription's waiter, and the loop's wake-up callback writes the chunk at once.
+subscription's waiter, and the loop's wake-up callback writes the chunk at once. One
+callback serves every pump that an event woke on a loop (`Pump.ready_all`): it polls
+their feeds under one hold of the broadcaster's lock, then writes to each in turn.
 
 Each write is an ASGI `send` of one body message: a coroutine that nearly always
-completes without waiting. The pump starts it by hand; when it does wait (the client
-reads slowly and the server applies back-pressure), the pump hands the rest of it to
-the stream's own task, which finishes it and pumps on. Each write runs in a copy of
-the task's context: context variables set before the stream began are seen, and ones a
-`send` wrapper sets stay in the copy.
+completes without waiting. A *writer* steps it: a generator that awaits each `send` it
+is handed, and yields when that one completed, so that one writer serves a whole
+wake-up without a coroutine per stream nor the `StopIteration` that ends a coroutine
+stepped by hand. When a send does wait (the client reads slowly and the server applies
+back-pressure), the pump hands the writer, stopped in that send, to the stream's own
+task, which finishes it and pumps on; the callback takes a new writer for the others.
+Each write runs in a copy of the task's context: context variables set before the
+stream began are seen, and ones a `send` wrapper sets stay in the copy.
 
 Some `send` wrappers only work inside a task: Starlette's `BaseHTTPMiddleware` (and
 FastAPI's `@app.middleware("http")`), anything using `asyncio.timeout` or anyio
@@ -30,22 +35,30 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
 from types import CoroutineType, TracebackType
-from typing import Any, NamedTuple, TypeAlias, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeAlias, TypeVar
 
-from ssecast._subscription import CloseReason, Heartbeat, Status, Subscription
+from ssecast._subscription import CloseReason, Heartbeat, Status, Subscription, poll_all
 from ssecast._wire import HEARTBEAT
 
 __all__ = ["Pump", "coroutine_of"]
 
 _Send: TypeAlias = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _T = TypeVar("_T")
-_Steps: TypeAlias = Coroutine[Any, Any, object]
+_Writer: TypeAlias = Generator[object, tuple[_Send, MutableMapping[str, Any]], NoReturn]
 
 
 class _Ended(enum.Enum):
     ENDED = "the subscription ended"
+
+
+class _Written(enum.Enum):
+    WRITTEN = "the send completed"
+
+
+_WRITTEN = _Written.WRITTEN
 
 
 class _Refused(NamedTuple):
@@ -179,7 +192,7 @@ class Pump(Heartbeat, Generator[object, None, None]):
     def _pump_on(self) -> object:
         """Write from callbacks again, and wait for what they settle next."""
         outcome_of = self._outcome = self.loop.create_future()
-        self.ready()
+        self._write(_writer(), self._feed.poll(self))
         return self._advance() if outcome_of.done() else _blocking(outcome_of)
 
     async def _send_from_task(self, refused: bytes) -> _Ended:
@@ -200,59 +213,79 @@ class Pump(Heartbeat, Generator[object, None, None]):
         outcome_of = self._outcome
         if outcome_of is None or outcome_of.done():
             return  # the task was cancelled, which cancels its outcome, before this ran
-        if self._write(b""):
+        if self._write(_writer(), [b""]):
             self._settle(None)
 
     def heartbeat_due(self) -> None:
         """Write what is pending, or a heartbeat if nothing is."""
-        self.ready(HEARTBEAT)
+        if self._writes():
+            self._write(_writer(), self._feed.poll(self), HEARTBEAT)
 
-    def ready(self, when_idle: bytes | None = None) -> None:
-        """Write what is pending, else `when_idle` if given; the end ends the await.
+    @staticmethod
+    def ready_all(pumps: list[Pump]) -> None:
+        """Write what is pending for each of `pumps`, which frames (or their end) woke.
 
-        The poll leaves the pump parked, so what arrives during the write wakes it again.
+        The feeds are polled together, under one hold of the broadcaster's lock, and then
+        written with one writer while it lasts. A function call is a tenth of a write's
+        cost here, so `_writes` is inlined.
         """
-        if self._stopped or self._outcome is None or self._outcome.done():
-            # Queued before the task was cancelled, or while the task finishes a write
-            # that had to wait.
-            return
+        writing = []
+        for pump in pumps:
+            outcome_of = pump._outcome
+            if not pump._stopped and outcome_of is not None and not outcome_of.done():
+                writing.append(pump)
+        writer = _writer()
+        for pump, got in zip(writing, poll_all(writing), strict=True):
+            if not pump._write(writer, got):
+                writer = _writer()
+
+    def _writes(self) -> bool:
+        """Whether the callbacks write: the task awaits the pump, and is not writing itself."""
+        # Not when queued before the task was cancelled, nor while the task finishes a
+        # write that had to wait.
+        outcome_of = self._outcome
+        return not self._stopped and outcome_of is not None and not outcome_of.done()
+
+    def _write(
+        self, writer: _Writer, got: bytes | list[bytes] | Status, when_idle: bytes | None = None
+    ) -> bool:
+        """Send what a poll got with `writer`, else `when_idle` if given; the end ends the await.
+
+        The poll left the pump parked, so what arrives during the write wakes it again.
+        Returns whether `writer` may write on: not when the send had to wait (the task is
+        handed the rest of it, with `writer`), nor when it raised (the task takes over).
+        """
         feed = self._feed
         while True:
-            got = feed.poll(self)
-            if got is Status.ENDED:
-                self._settle(_Ended.ENDED)
-                return
-            if got is Status.IDLE:
+            if type(got) is bytes:
+                body = got
+            elif type(got) is list:
+                body = b"".join(got)
+            elif got is Status.IDLE:
                 if when_idle is None:
-                    return
+                    return True
                 body = when_idle
             else:
-                body = b"".join(got)
-            if not self._write(body) or feed.close_reason is None:
-                return
+                self._settle(_Ended.ENDED)
+                return True
+            message = {"type": "http.response.body", "body": body, "more_body": True}
+            try:
+                written = self.context.run(writer.send, (self._send, message))
+            except (OSError, asyncio.CancelledError) as error:
+                self._settle(error=error)  # the client went away, or the stream was cancelled
+                return False
+            except Exception:
+                self._settle(_Refused(body))  # send needs its task: the task sends this chunk
+                return False
+            if written is not _WRITTEN:
+                self._settle(_Waiting(self.context, writer, written))  # the task finishes it
+                return False
+            if feed.close_reason is None:
+                return True
             # Ended (shut down) with frames left: the poll did not park the pump, and
             # nothing wakes it again, so it polls on to the end.
             when_idle = None
-
-    def _write(self, body: bytes) -> bool:
-        """Send `body` from this callback; return False if the task must take over.
-
-        The send is stepped by hand, as a task would step it; when it has to wait, the
-        task is handed the rest of it.
-        """
-        try:
-            steps = coroutine_of(self._send(_body(body)))
-            waited_on = self.context.run(steps.send, None)
-        except StopIteration:
-            return True
-        except (OSError, asyncio.CancelledError) as error:
-            self._settle(error=error)  # the client went away, or the stream was cancelled
-            return False
-        except Exception:
-            self._settle(_Refused(body))  # send needs its task: the task sends this chunk
-            return False
-        self._settle(_Waiting(self.context, steps, waited_on))  # the task finishes it
-        return False
+            got = feed.poll(self)
 
     def _settle(self, outcome: _Outcome = None, *, error: BaseException | None = None) -> None:
         """Hand the task what to do next, unless it was cancelled (by the send itself, even)."""
@@ -288,6 +321,30 @@ async def _awaiting(awaitable: Awaitable[_T]) -> _T:
     return await awaitable
 
 
+@types.coroutine
+def _writing() -> Generator[object, tuple[_Send, MutableMapping[str, Any]], NoReturn]:
+    # Yields _WRITTEN when a send completed, or what a send waits on.
+    while True:
+        send, message = yield _WRITTEN
+        awaitable = send(message)
+        if type(awaitable) is CoroutineType:
+            yield from awaitable  # type: ignore[misc]  # types.coroutine allows it
+        else:
+            yield from awaitable.__await__()
+
+
+def _writer() -> _Writer:
+    """Return a writer: send it `(send, message)`, and it awaits `send(message)`.
+
+    It yields `_WRITTEN` when that send completed, or what the send waits on; so it writes
+    one stream after another, each step in that stream's context, without the
+    `StopIteration` that ends a coroutine stepped by hand.
+    """
+    writer = _writing()
+    next(writer)
+    return writer
+
+
 def _body(data: bytes) -> MutableMapping[str, Any]:
     return {"type": "http.response.body", "body": data, "more_body": True}
 
@@ -309,30 +366,28 @@ def _drop(outcome: asyncio.Future[_Outcome] | None) -> None:
 class _Waiting:
     """The rest of a write that had to wait: awaiting it, a task takes it over and ends it."""
 
-    __slots__ = ("_context", "_steps", "_waited_on")
+    __slots__ = ("_context", "_waited_on", "_writer")
 
-    def __init__(self, context: contextvars.Context, steps: _Steps, waited_on: object) -> None:
+    def __init__(self, context: contextvars.Context, writer: _Writer, waited_on: object) -> None:
         self._context = context
-        self._steps = steps
+        self._writer = writer
         self._waited_on = waited_on
 
     def close(self) -> None:
         """Abandon the write, as when a coroutine is closed unfinished."""
-        self._context.run(self._steps.close)
+        self._context.run(self._writer.close)
 
     def __await__(self) -> Generator[Any, Any, None]:
         # What `await` does for a coroutine, from its second step on: hand what it waits
         # on to the task, and pass the task's answer (or exception) back into it.
-        steps, waited_on = self._steps, self._waited_on
-        while True:
+        writer, waited_on = self._writer, self._waited_on
+        while waited_on is not _WRITTEN:
             step: Callable[[Any], object]
             try:
                 answer = yield waited_on
             except BaseException as error:  # cancelled, say: the write decides what to do
-                step, answer = steps.throw, error
+                step, answer = writer.throw, error
             else:
-                step = steps.send
-            try:
-                waited_on = self._context.run(step, answer)
-            except StopIteration:
-                return
+                step = writer.send
+            waited_on = self._context.run(step, answer)
+        writer.close()

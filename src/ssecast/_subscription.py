@@ -3,13 +3,15 @@
 The broadcaster appends frames to a `Feed` under its lock; a reader takes
 everything pending in one chunk (one socket write however far it fell behind). Every
 reader does that through one operation, `Feed.poll`, which takes what is pending
-and parks a *waiter* to be woken when more comes:
+and parks a *waiter*, woken when a frame comes to the feed it left empty (and when the
+feed ends), and then again whenever its poll has emptied it again:
 
 - a `threading.Event` for a thread (`for chunk in sub`), which it waits on;
-- a `Callback` for an event loop: the loop calls its `ready()` when frames or
-  the end arrive, and a `Heartbeat` calls its `heartbeat_due()` once the reader
-  has been quiet for a heartbeat. A task (`async for`) parks one that resolves the
-  future it awaits; the ASGI pump (`_pump.py`) is one, and writes from the callback.
+- a `Callback` for an event loop: the loop calls its class's `ready_all()` with the
+  readers of the loop that frames or the end woke, and a `Heartbeat` calls its
+  `heartbeat_due()` once the reader has been quiet for a heartbeat. A task (`async for`)
+  parks one that resolves the future it awaits; the ASGI pump (`_pump.py`) is one, and
+  writes from the callback.
 
 A subscription with a lifetime ends when it runs out: a thread reader bounds its waits by
 it, and the clock of a loop reader's loop (one timer for all its `Heartbeat`s) fires at it.
@@ -26,9 +28,9 @@ import enum
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import ClassVar, Protocol, Self
+from typing import Any, ClassVar, Protocol, Self
 
 from ssecast._wire import HEARTBEAT
 
@@ -38,10 +40,12 @@ __all__ = [
     "CloseReason",
     "Feed",
     "Heartbeat",
+    "Reader",
     "Status",
     "Subscription",
     "Waiter",
     "feed_of",
+    "poll_all",
     "wake",
 ]
 
@@ -53,8 +57,9 @@ class Callback(Protocol):
     def loop(self) -> asyncio.AbstractEventLoop:
         """The loop that calls it (an attribute: it is read for every wake-up)."""
 
-    def ready(self) -> None:
-        """Poll the feed: frames, or the end, arrived."""
+    @staticmethod
+    def ready_all(waiters: list[Any]) -> None:
+        """Poll the feeds of `waiters` (of this class, on this loop): frames, or the end, came."""
 
     def heartbeat_due(self) -> None:
         """Poll the feed, and send a heartbeat if still idle: the reader has been quiet."""
@@ -158,10 +163,12 @@ class Feed:
     def poll(self, waiter: Waiter | None) -> list[bytes] | Status:
         """Take what is pending, and leave `waiter` parked unless the feed has ended.
 
-        Whatever waiter was parked before is taken back first (a subscription has one
-        reader at a time); `None` parks nothing. The frames come back as a list for the
-        caller to join after the lock is released: a reader far behind must not hold up
-        publishers while it copies megabytes.
+        It replaces whatever waiter was parked before (a subscription has one reader at a
+        time); `None` parks nothing. A parked waiter is woken when a frame comes to the
+        feed this poll left empty, or when the feed ends; it stays parked (so the next
+        poll need not park it again) until a poll parks another, or `withdraw`. The
+        frames come back as a list for the caller to join after the lock is released: a
+        reader far behind must not hold up publishers while it copies megabytes.
 
         :returns: the frames, oldest first; else `Status.IDLE` (`waiter` will be
             woken when more come) or `Status.ENDED`.
@@ -171,37 +178,35 @@ class Feed:
         lock = self._lock
         lock.acquire()
         try:
-            pending = self._pending
-            frames: list[bytes] | None
-            if self._head:
-                frames, self._head = self._head, None
-                frames += pending
-                pending.clear()
-                self.taken = True
-            elif pending:
-                frames = pending.copy()
-                pending.clear()
-                self.taken = True
-            elif self.close_reason is not None:
-                return Status.ENDED
-            else:
-                frames = None
-            if waiter is None or self.close_reason is not None:
-                if self._waiter is not None:
-                    self._unpark()
-            elif self._waiter is None:
-                self._park(waiter)
-            else:
-                self._waiter = waiter
+            return self._take(waiter)
         finally:
             lock.release()
+
+    def _take(self, waiter: Waiter | None) -> list[bytes] | Status:
+        # `poll` once the lock is held.
+        pending = self._pending
+        frames: list[bytes] | None
+        if self._head:
+            frames, self._head = self._head, None
+            frames += pending
+            pending.clear()
+            self.taken = True
+        elif pending:
+            frames = pending.copy()
+            pending.clear()
+            self.taken = True
+        elif self.close_reason is not None:
+            return Status.ENDED
+        else:
+            frames = None
+        self._waiter = None if self.close_reason is not None else waiter
         return Status.IDLE if frames is None else frames
 
     def withdraw(self, waiter: Waiter) -> None:
         """Take back `waiter` if it is the one parked (its reader stopped waiting)."""
         with self._lock:
             if self._waiter is waiter:
-                self._unpark()
+                self._waiter = None
 
     def parked_on(self, loop: asyncio.AbstractEventLoop) -> Callback | None:
         """Return the waiter parked by a reader on `loop`, if there is one."""
@@ -216,18 +221,17 @@ class Feed:
         self._audiences = audiences
         for audience in audiences:
             audience.add(self)
-            if self._waiter is not None:  # its reader waited before it joined
-                audience.parked[self] = None
 
     def push(self, frame: bytes, woken: list[Waiter | None]) -> bool:
         """Append `frame`; collect the waiter to wake; return whether it overflowed.
 
         The caller holds the lock.
         """
-        self._pending.append(frame)
-        if self._waiter is not None:
-            woken.append(self._unpark())
-        return len(self._pending) > self.capacity
+        pending = self._pending
+        if not pending:
+            woken.append(self._waiter)
+        pending.append(frame)
+        return len(pending) > self.capacity
 
     def end(self, reason: CloseReason) -> Waiter | None:
         """Mark it ended; return the waiter to wake. The caller holds the lock.
@@ -240,21 +244,7 @@ class Feed:
         if reason is not CloseReason.SHUTDOWN and reason is not CloseReason.EXPIRED:
             self._pending.clear()
             self._head = None
-        return self._unpark()
-
-    def _park(self, waiter: Waiter) -> None:
-        # Precondition: self._lock is held, the feed is open and no waiter is parked.
-        for audience in self._audiences:
-            audience.parked[self] = None
-        self._waiter = waiter
-
-    def _unpark(self) -> Waiter | None:
-        # Precondition: self._lock is held.
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            for audience in self._audiences:
-                del audience.parked[self]
+        waiter, self._waiter = self._waiter, None
         return waiter
 
 
@@ -264,7 +254,7 @@ class Audience:
     Not thread-safe: the broadcaster calls it under its lock.
     """
 
-    __slots__ = ("alone", "capacity", "channels", "feeds", "parked")
+    __slots__ = ("alone", "capacity", "channels", "feeds")
 
     def __init__(self, channel: str) -> None:
         self.channels = frozenset((channel,))
@@ -273,8 +263,6 @@ class Audience:
         """Itself, as the audiences of a feed that receives its channel alone."""
         self.feeds: dict[Feed, list[bytes]] = {}
         """Each member's pending list, iterated by `deliver`."""
-        self.parked: dict[Feed, None] = {}
-        """Members whose reader waits for a frame."""
         self.capacity: int | None = None
         """The capacity every member shares, or `None` once two members differ."""
 
@@ -299,13 +287,16 @@ class Audience:
         An overflowed member is collected, not removed, because the loop is iterating over
         the dict that holds it; removing inside the loop would skip the next one.
         """
+        # A member left empty by its reader's poll is woken; `wake` skips a `None` waiter.
         capacity = self.capacity
         if capacity is not None:
             # Every member has the same limit, so the loop does one comparison and one
             # append per member; the rare overflow is looked for afterwards.
             overflowed = False
-            for pending in self.feeds.values():
-                if len(pending) >= capacity:
+            for feed, pending in self.feeds.items():
+                if not pending:
+                    woken.append(feed._waiter)
+                elif len(pending) >= capacity:
                     overflowed = True
                 pending.append(frame)
             if overflowed:
@@ -314,20 +305,11 @@ class Audience:
                 )
         else:
             for feed, pending in self.feeds.items():
+                if not pending:
+                    woken.append(feed._waiter)
                 pending.append(frame)
                 if len(pending) > feed.capacity:
                     evicted.append(feed)
-        parked = self.parked
-        if parked:
-            # Feed._unpark inlined: a wake-up per member is most of a fan-out to readers
-            # that keep up.
-            for feed in parked:
-                for other in feed._audiences:
-                    if other is not self:
-                        del other.parked[feed]
-                woken.append(feed._waiter)
-                feed._waiter = None
-            parked.clear()
 
 
 class Heartbeat:
@@ -643,13 +625,50 @@ class _TaskWaiter:
         self.future = future
         self.loop = future.get_loop()
 
-    def ready(self) -> None:
-        if not self.future.done():
-            self.future.set_result(False)
+    @staticmethod
+    def ready_all(waiters: list[_TaskWaiter]) -> None:
+        for waiter in waiters:
+            if not waiter.future.done():
+                waiter.future.set_result(False)
 
     def heartbeat_due(self) -> None:
         if not self.future.done():
             self.future.set_result(True)
+
+
+class Reader(Callback, Protocol):
+    """A `Callback` that reads one feed, such as the ASGI pump."""
+
+    _feed: Feed
+
+
+def poll_all(readers: Sequence[Reader]) -> list[bytes | list[bytes] | Status]:
+    """Return `reader._feed.poll(reader)` for each reader, polled under one hold of the lock.
+
+    The readers are ones `wake` woke together, so one broadcaster's, whose lock all their
+    feeds share. A single frame may come as itself rather than as a list.
+    """
+    if not readers:
+        return []
+    polled: list[bytes | list[bytes] | Status] = []
+    lock = readers[0]._feed._lock
+    lock.acquire()
+    try:
+        for reader in readers:
+            feed = reader._feed
+            pending = feed._pending
+            if pending and feed.close_reason is None and not feed._head:
+                # What a wake-up nearly always finds: `_take` for that case inlined, and one
+                # frame alone (as `b"".join` would give it) rather than in a list.
+                polled.append(pending[0] if len(pending) == 1 else pending.copy())
+                pending.clear()
+                feed.taken = True
+                feed._waiter = reader
+            else:
+                polled.append(feed._take(reader))
+    finally:
+        lock.release()
+    return polled
 
 
 def feed_of(sub: Subscription) -> Feed:
@@ -658,35 +677,36 @@ def feed_of(sub: Subscription) -> Feed:
 
 
 def wake(waiters: Iterable[Waiter | None]) -> None:
-    """Wake parked readers: threads directly, the others by one callback per event loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[Callback]] = {}
+    """Wake parked readers: threads directly, the others by one callback per loop and kind.
+
+    The waiters are one broadcaster's (see `poll_all`); `None` is skipped.
+    """
+    batches: dict[tuple[asyncio.AbstractEventLoop, type[Callback]], list[Callback]] = {}
     last_loop: asyncio.AbstractEventLoop | None = None
-    waiting: list[Callback] = []
+    last_kind: type[Callback] | None = None
+    batch: list[Callback] = []
     for waiter in waiters:
-        if isinstance(waiter, threading.Event):
+        # Readers come in runs of one loop and kind: one lookup per run.
+        if type(waiter) is last_kind and waiter.loop is last_loop:
+            batch.append(waiter)
+        elif isinstance(waiter, threading.Event):
             waiter.set()
         elif waiter is not None:
-            loop = waiter.loop
-            if loop is not last_loop:  # readers come in runs of one loop: one lookup per run
-                last_loop, waiting = loop, by_loop.setdefault(loop, [])
-            waiting.append(waiter)
-    if not by_loop:
+            last_loop, last_kind = waiter.loop, type(waiter)
+            batch = batches.setdefault((last_loop, last_kind), [])
+            batch.append(waiter)
+    if not batches:
         return
     here = _running_loop()
-    for loop, waiting in by_loop.items():
+    for (loop, kind), batch in batches.items():
         if loop is here:
             # Later, not now: a callback then writes what several events brought at once,
             # and never inside the publisher's own write.
-            loop.call_soon(_ready_all, waiting)
+            loop.call_soon(kind.ready_all, batch)
         else:
             # A closed loop raises RuntimeError; its readers are gone with it.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_ready_all, waiting)
-
-
-def _ready_all(waiting: list[Callback]) -> None:
-    for waiter in waiting:
-        waiter.ready()
+                loop.call_soon_threadsafe(kind.ready_all, batch)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
