@@ -178,28 +178,24 @@ class Feed:
         lock = self._lock
         lock.acquire()
         try:
-            return self._take(waiter)
+            pending = self._pending
+            frames: list[bytes] | None
+            if self._head:
+                frames, self._head = self._head, None
+                frames += pending
+                pending.clear()
+                self.taken = True
+            elif pending:
+                frames = pending.copy()
+                pending.clear()
+                self.taken = True
+            elif self.close_reason is not None:
+                return Status.ENDED
+            else:
+                frames = None
+            self._waiter = None if self.close_reason is not None else waiter
         finally:
             lock.release()
-
-    def _take(self, waiter: Waiter | None) -> list[bytes] | Status:
-        # `poll` once the lock is held.
-        pending = self._pending
-        frames: list[bytes] | None
-        if self._head:
-            frames, self._head = self._head, None
-            frames += pending
-            pending.clear()
-            self.taken = True
-        elif pending:
-            frames = pending.copy()
-            pending.clear()
-            self.taken = True
-        elif self.close_reason is not None:
-            return Status.ENDED
-        else:
-            frames = None
-        self._waiter = None if self.close_reason is not None else waiter
         return Status.IDLE if frames is None else frames
 
     def withdraw(self, waiter: Waiter) -> None:
@@ -228,7 +224,7 @@ class Feed:
         The caller holds the lock.
         """
         pending = self._pending
-        if not pending:
+        if not pending and self._waiter is not None:
             woken.append(self._waiter)
         pending.append(frame)
         return len(pending) > self.capacity
@@ -287,7 +283,7 @@ class Audience:
         An overflowed member is collected, not removed, because the loop is iterating over
         the dict that holds it; removing inside the loop would skip the next one.
         """
-        # A member left empty by its reader's poll is woken; `wake` skips a `None` waiter.
+        # A member its reader's poll left empty is woken, if the reader left a waiter.
         capacity = self.capacity
         if capacity is not None:
             # Every member has the same limit, so the loop does one comparison and one
@@ -295,7 +291,8 @@ class Audience:
             overflowed = False
             for feed, pending in self.feeds.items():
                 if not pending:
-                    woken.append(feed._waiter)
+                    if feed._waiter is not None:
+                        woken.append(feed._waiter)
                 elif len(pending) >= capacity:
                     overflowed = True
                 pending.append(frame)
@@ -305,7 +302,7 @@ class Audience:
                 )
         else:
             for feed, pending in self.feeds.items():
-                if not pending:
+                if not pending and feed._waiter is not None:
                     woken.append(feed._waiter)
                 pending.append(frame)
                 if len(pending) > feed.capacity:
@@ -651,6 +648,7 @@ def poll_all(readers: Sequence[Reader]) -> list[bytes | list[bytes] | Status]:
     if not readers:
         return []
     polled: list[bytes | list[bytes] | Status] = []
+    others: list[int] = []
     lock = readers[0]._feed._lock
     lock.acquire()
     try:
@@ -658,16 +656,20 @@ def poll_all(readers: Sequence[Reader]) -> list[bytes | list[bytes] | Status]:
             feed = reader._feed
             pending = feed._pending
             if pending and feed.close_reason is None and not feed._head:
-                # What a wake-up nearly always finds: `_take` for that case inlined, and one
+                # What a wake-up nearly always finds: `poll` for that case inlined, and one
                 # frame alone (as `b"".join` would give it) rather than in a list.
                 polled.append(pending[0] if len(pending) == 1 else pending.copy())
                 pending.clear()
                 feed.taken = True
                 feed._waiter = reader
             else:
-                polled.append(feed._take(reader))
+                others.append(len(polled))
+                polled.append(Status.IDLE)
     finally:
         lock.release()
+    for index in others:  # nothing pending, frames ahead of it, or ended: polled in full
+        reader = readers[index]
+        polled[index] = reader._feed.poll(reader)
     return polled
 
 
