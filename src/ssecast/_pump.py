@@ -268,6 +268,11 @@ class Pump(Heartbeat, Generator[object, None, None]):
             else:
                 self._settle(_Ended.ENDED)
                 return True
+            if feed.close_reason is not None and feed.discarded:
+                # Revoked, say, by an earlier write of this callback since the poll: what
+                # the poll took is dropped with the rest.
+                self._settle(_Ended.ENDED)
+                return True
             message = {"type": "http.response.body", "body": body, "more_body": True}
             try:
                 written = self.context.run(writer.send, (self._send, message))
@@ -276,6 +281,9 @@ class Pump(Heartbeat, Generator[object, None, None]):
                 return False
             except Exception:
                 self._settle(_Refused(body))  # send needs its task: the task sends this chunk
+                return False
+            except BaseException as error:
+                self._settle(error=error)  # the task raises it, as it would from its own send
                 return False
             if written is not _WRITTEN:
                 self._settle(_Waiting(self.context, writer, written))  # the task finishes it

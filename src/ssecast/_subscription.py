@@ -90,6 +90,10 @@ class CloseReason(enum.StrEnum):
     """`Broadcaster.disconnect` ended it."""
 
 
+_READ_OUT = frozenset((CloseReason.SHUTDOWN, CloseReason.EXPIRED))
+"""The ends whose pending frames are still read: the others drop them."""
+
+
 class Feed:
     """What one subscription shares with the broadcaster: its frames, its waiter, its end.
 
@@ -154,6 +158,11 @@ class Feed:
     def closed(self) -> bool:
         """Whether it has ended; read without the lock, so a hint unless it says True."""
         return self.close_reason is not None
+
+    @property
+    def discarded(self) -> bool:
+        """Whether it ended with its frames dropped: unsubscribed, evicted or revoked."""
+        return self.close_reason is not None and self.close_reason not in _READ_OUT
 
     @property
     def waiting(self) -> bool:
@@ -237,7 +246,7 @@ class Feed:
         """
         if self.close_reason is None:
             self.close_reason = reason
-        if reason is not CloseReason.SHUTDOWN and reason is not CloseReason.EXPIRED:
+        if reason not in _READ_OUT:
             self._pending.clear()
             self._head = None
         waiter, self._waiter = self._waiter, None
