@@ -1,0 +1,98 @@
+"""EventStream behind send wrappers that test one wake-up writing many streams (batch tests).
+
+``SSECAST_TEST_HEARTBEAT`` sets the heartbeat (seconds). The server runs
+``apps.batch_adversary_app:NAME``:
+
+- ``PLAIN``: no middleware.
+- ``CONTEXT``: a pure ASGI middleware that sets a context variable to the request's
+  ``rid`` query parameter before the app runs; its send wrapper appends an SSE comment
+  ``:rid=<the variable's value>`` to every body with an event in it, and sets another
+  variable that no other stream may see (it appends ``:leak=<value>`` when it does).
+- ``MUTATING``: a pure ASGI middleware whose send wrapper keeps every message dict it is
+  given and, after passing it on, overwrites its body (a dict shared between two writes
+  would corrupt the other stream's).
+- ``BASE_HTTP``: Starlette with a `BaseHTTPMiddleware` (the pump's task fallback).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.routing import Mount
+
+from apps.asgi_support import Control, channels_from_query, routed
+from ssecast import Broadcaster
+from ssecast.asgi import EventStream
+
+broadcaster = Broadcaster(heartbeat=float(os.environ.get("SSECAST_TEST_HEARTBEAT", "15")))
+events = EventStream(broadcaster, channels_from_query)
+control = Control(broadcaster)
+
+PLAIN = routed(broadcaster, events, control)
+
+RID: contextvars.ContextVar[str] = contextvars.ContextVar("rid", default="none")
+OWN: contextvars.ContextVar[str] = contextvars.ContextVar("own", default="none")
+
+
+def _rid(scope: Any) -> str:
+    pairs = parse_qs(scope.get("query_string", b"").decode())
+    return pairs.get("rid", ["none"])[-1]
+
+
+async def CONTEXT(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        await PLAIN(scope, receive, send)
+        return
+    rid = _rid(scope)
+    RID.set(rid)
+
+    async def wrapped(message: Any) -> None:
+        body = message.get("body", b"")
+        if b"data:" in body:
+            extra = f":rid={RID.get()}\n\n"
+            own = OWN.get()
+            if own not in ("none", rid):
+                extra += f":leak={own}\n\n"
+            message = {**message, "body": body + extra.encode()}
+        OWN.set(rid)
+        await send(message)
+
+    await PLAIN(scope, receive, wrapped)
+
+
+kept: list[Any] = []
+
+
+async def MUTATING(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        await PLAIN(scope, receive, send)
+        return
+
+    async def wrapped(message: Any) -> None:
+        if "ssecast-kept" in message:
+            message = {**message, "body": b"event: duplicate-dict\ndata: x\n\n"}
+        await send(message)
+        if message.get("more_body"):
+            message["body"] = b"event: mangled\ndata: x\n\n"
+            message["ssecast-kept"] = True
+            kept.append(message)
+            del kept[:-1000]
+
+    await PLAIN(scope, receive, wrapped)
+
+
+class _Passthrough(BaseHTTPMiddleware):
+    async def dispatch(self, request: Any, call_next: Any) -> Any:
+        return await call_next(request)
+
+
+BASE_HTTP = Starlette(
+    routes=[Mount("/events", events), Mount("/control", control)],
+    middleware=[Middleware(_Passthrough)],
+)
