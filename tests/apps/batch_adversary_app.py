@@ -11,7 +11,8 @@
 - ``MUTATING``: a pure ASGI middleware whose send wrapper keeps every message dict it is
   given and, after passing it on, overwrites its body (a dict shared between two writes
   would corrupt the other stream's).
-- ``BASE_HTTP``: Starlette with a `BaseHTTPMiddleware` (the pump's task fallback).
+- ``BASE_HTTP``: Starlette with a `BaseHTTPMiddleware` (the pump's task fallback), and
+  `close_on_signal` in its lifespan.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.routing import Mount
 
-from apps.asgi_support import Control, channels_from_query, routed
+from apps.asgi_support import Control, channels_from_query, lifespan, routed
 from ssecast import Broadcaster
 from ssecast.asgi import EventStream
 
@@ -95,4 +96,5 @@ class _Passthrough(BaseHTTPMiddleware):
 BASE_HTTP = Starlette(
     routes=[Mount("/events", events), Mount("/control", control)],
     middleware=[Middleware(_Passthrough)],
+    lifespan=lambda app: lifespan(broadcaster),
 )
