@@ -42,13 +42,14 @@ class Stream:
         name: str,
         send: Send | None = None,
         last_event_id: str | None = None,
+        channels: tuple[str, ...] = ("c",),
         **kw: Any,
     ) -> None:
         self.name = name
         self.last_event_id = last_event_id
         self.peer = Peer()
         self.send: Send = send or self.peer.send
-        self.app = EventStream(b, ["c"], **kw)
+        self.app = EventStream(b, list(channels), **kw)
         self.task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
@@ -501,6 +502,72 @@ async def test_streams_on_many_loops_with_publishers_on_each_get_everything_in_o
             t, n = line.split(b'"t":')[1].split(b',"n":')
             by_thread.setdefault(t, []).append(int(n.rstrip(b"}")))
         assert all(ns == list(range(per_loop)) for ns in by_thread.values())
+
+
+async def test_two_channel_streams_get_both_channels_from_threads_and_the_loop_in_order() -> None:
+    """Pumps of `["a", "b"]` streams next to one-channel ones; publishers in threads and loop."""
+    b = Broadcaster(heartbeat=None, queue_size=10_000)
+    both = [Stream(b, f"ab{n}", channels=("a", "b")) for n in range(4)]
+    only_a = [Stream(b, f"a{n}", channels=("a",)) for n in range(2)]
+    await started(b, both + only_a)
+    per = 200
+
+    def publish(p: int) -> None:
+        for n in range(per):
+            b.publish("m", {"p": p, "n": n}, channel="a" if (n + p) % 2 else "b")
+
+    try:
+        loop_publisher = asyncio.create_task(asyncio.to_thread(publish, 9))
+        await asyncio.gather(*(asyncio.to_thread(publish, p) for p in range(3)))
+        for n in range(per):
+            b.publish("m", {"p": 8, "n": n}, channel="a" if n % 2 else "b")
+            if n % 5 == 0:
+                await asyncio.sleep(0)
+        await loop_publisher
+        for stream in both:
+            await until(lambda s=stream: s.data.count(b"data:") >= 5 * per)  # type: ignore[misc]
+        for stream in only_a:
+            await until(lambda s=stream: s.data.count(b"data:") >= 5 * per // 2)  # type: ignore[misc]
+        await asyncio.sleep(0.05)
+        for stream in both + only_a:
+            lines = [x for x in stream.data.split(b"\n") if x.startswith(b"data:")]
+            by_publisher: dict[bytes, list[int]] = {}
+            for line in lines:
+                p, n = line.split(b'"p":')[1].split(b',"n":')
+                by_publisher.setdefault(p, []).append(int(n.rstrip(b"}")))
+            for p, ns in by_publisher.items():
+                want = list(range(per))
+                if stream in only_a:
+                    shift = 0 if p == b"8" else int(p)  # the loop's publisher: a when n is odd
+                    want = [n for n in want if (n + shift) % 2]
+                assert ns == want, (stream.name, p)
+    finally:
+        await finish(b, both + only_a)
+
+
+async def test_streams_reaching_their_lifetime_amid_bursts_end_cleanly_with_no_gap() -> None:
+    """lifetime=0.2 on some streams while events stream: each gets an in-order prefix, ends."""
+    b = Broadcaster(heartbeat=0.05)
+    short = [Stream(b, f"short{n}", lifetime=0.2) for n in range(3)]
+    long = [Stream(b, f"long{n}") for n in range(3)]
+    await started(b, short + long)
+    events: list[Event] = []
+    try:
+        for round_ in range(40):
+            events += [b.publish("m", round_ * 10 + k, channel="c") for k in range(round_ % 3)]
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*(s.task for s in short if s.task)), HANG)
+        for stream in short:
+            got = stream.data.replace(b":\n\n", b"")
+            assert stream.peer.ended
+            assert frames(events).startswith(got)
+            assert 0 < len(got) < len(frames(events))
+        for stream in long:
+            await until(
+                lambda s=stream: s.data.replace(b":\n\n", b"") == frames(events)  # type: ignore[misc]
+            )
+    finally:
+        await finish(b, short + long)
 
 
 # --- awaitables that are not coroutines ----------------------------------------------------
