@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping
+import types
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
 
 import httpx
@@ -593,7 +594,16 @@ class _NextOnlyAwaitable:
         return _NextOnly(self.steps)
 
 
-@pytest.mark.parametrize("kind", ["done future", "later future", "next-only 0", "next-only 2"])
+@types.coroutine
+def _generator_coroutine(steps: int) -> Generator[None, None, None]:
+    for _ in range(steps):
+        yield
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["done future", "later future", "next-only 0", "next-only 2", "generator 0", "generator 1"],
+)
 async def test_non_coroutine_awaitables_in_a_batch_deliver_everything_once(kind: str) -> None:
     """Sends returning futures or next-only iterators, mixed with coroutines, in one batch."""
     loop = asyncio.get_running_loop()
@@ -611,6 +621,8 @@ async def test_non_coroutine_awaitables_in_a_batch_deliver_everything_once(kind:
                 later: asyncio.Future[None] = loop.create_future()
                 loop.call_later(0.005, later.set_result, None)
                 return later
+            if kind.startswith("generator"):
+                return _generator_coroutine(int(kind[-1]))
             return _NextOnlyAwaitable(int(kind[-1]))
 
         return send
