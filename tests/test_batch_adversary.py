@@ -898,3 +898,39 @@ async def test_clients_that_stop_reading_get_everything_later_and_fast_ones_mean
         assert len(datas) == len(published)
         assert all(line.count(b"x") == size for line in datas)
     assert not OUR_FRAME.search(process.log()), process.log()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["uvicorn-h11", "granian"])
+@pytest.mark.parametrize("app", ["THREADS", "YIELDING"])
+async def test_thread_publishers_during_writes_reach_200_clients_once_in_order(
+    server: str, app: str
+) -> None:
+    """Two threads in the server publish while the loop writes to 200 streams."""
+    with _served(server, app, {"SSECAST_TEST_HEARTBEAT": "0.05"}) as process:
+        channel = new_channel()
+        streams: list[RawStream] = []
+        try:
+            streams = await open_many(process.port, 200, channel)
+            async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
+                assert await until_subscribers(http, 200, HANG)
+                by_thread: list[list[str]] = [[], []]
+                for _ in range(3):
+                    response = await http.post(
+                        "/control/tpublish", params={"channel": channel, "count": 40}
+                    )
+                    response.raise_for_status()
+                    for t, ids in enumerate(response.json()):
+                        by_thread[t] += ids
+            total = sum(len(ids) for ids in by_thread)
+            got = await asyncio.gather(*(read_until_ids(s, total, 20) for s in streams))
+        finally:
+            for stream in streams:
+                stream.close()
+    wanted = set(by_thread[0]) | set(by_thread[1])
+    for ids in got:
+        assert len(ids) == total
+        assert set(ids) == wanted
+        assert [i for i in ids if i in set(by_thread[0])] == by_thread[0]
+        assert [i for i in ids if i in set(by_thread[1])] == by_thread[1]
+    assert not OUR_FRAME.search(process.log()), process.log()

@@ -11,13 +11,18 @@
 - ``MUTATING``: a pure ASGI middleware whose send wrapper keeps every message dict it is
   given and, after passing it on, overwrites its body (a dict shared between two writes
   would corrupt the other stream's).
+- ``YIELDING``: a send wrapper that awaits ``asyncio.sleep(0)`` before each body, so that
+  every write waits; with ``/control/tpublish`` (two threads publish).
+- ``THREADS``: ``PLAIN`` with ``/control/tpublish``.
 - ``BASE_HTTP``: Starlette with a `BaseHTTPMiddleware` (the pump's task fallback), and
   `close_on_signal` in its lifespan.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import json
 import os
 from typing import Any
 from urllib.parse import parse_qs
@@ -98,3 +103,46 @@ BASE_HTTP = Starlette(
     middleware=[Middleware(_Passthrough)],
     lifespan=lambda app: lifespan(broadcaster),
 )
+
+
+async def _yielding_send(scope: Any, receive: Any, send: Any) -> None:
+    async def wrapped(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            await asyncio.sleep(0)  # every write waits once: each goes to its task
+        await send(message)
+
+    await PLAIN(scope, receive, wrapped)
+
+
+async def _thread_control(scope: Any, receive: Any, send: Any) -> None:
+    """``/control/tpublish?channel=&count=``: two threads publish ``count`` events each."""
+    query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+    channel, count = query["channel"], int(query["count"])
+
+    def publish(t: int) -> list[str]:
+        return [
+            broadcaster.publish("tick", {"t": t, "n": n}, channel=channel).id for n in range(count)
+        ]
+
+    ids = await asyncio.gather(*(asyncio.to_thread(publish, t) for t in range(2)))
+    body = json.dumps(ids).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def YIELDING(scope: Any, receive: Any, send: Any) -> None:
+    """PLAIN behind a send wrapper that awaits ``sleep(0)``; ``/control/tpublish`` too."""
+    if scope["type"] == "http" and scope["path"].startswith("/control/tpublish"):
+        await _thread_control(scope, receive, send)
+    elif scope["type"] == "http" and scope["path"].startswith("/events"):
+        await _yielding_send(scope, receive, send)
+    else:
+        await PLAIN(scope, receive, send)
+
+
+async def THREADS(scope: Any, receive: Any, send: Any) -> None:
+    """PLAIN, with ``/control/tpublish``: publishers in threads while the loop writes."""
+    if scope["type"] == "http" and scope["path"].startswith("/control/tpublish"):
+        await _thread_control(scope, receive, send)
+    else:
+        await PLAIN(scope, receive, send)
