@@ -564,14 +564,14 @@ async def test_two_channel_streams_get_both_channels_from_threads_and_the_loop_i
             lines = [x for x in stream.data.split(b"\n") if x.startswith(b"data:")]
             by_publisher: dict[bytes, list[int]] = {}
             for line in lines:
-                p, n = line.split(b'"p":')[1].split(b',"n":')
-                by_publisher.setdefault(p, []).append(int(n.rstrip(b"}")))
-            for p, ns in by_publisher.items():
+                who, number = line.split(b'"p":')[1].split(b',"n":')
+                by_publisher.setdefault(who, []).append(int(number.rstrip(b"}")))
+            for who, ns in by_publisher.items():
                 want = list(range(per))
                 if stream in only_a:
-                    shift = 0 if p == b"8" else int(p)  # the loop's publisher: a when n is odd
+                    shift = 0 if who == b"8" else int(who)  # the loop's publisher: a when n is odd
                     want = [n for n in want if (n + shift) % 2]
-                assert ns == want, (stream.name, p)
+                assert ns == want, (stream.name, who)
     finally:
         await finish(b, both + only_a)
 

@@ -48,7 +48,7 @@ OWN: contextvars.ContextVar[str] = contextvars.ContextVar("own", default="none")
 
 def _rid(scope: Any) -> str:
     pairs = parse_qs(scope.get("query_string", b"").decode())
-    return pairs.get("rid", ["none"])[-1]
+    return str(pairs.get("rid", ["none"])[-1])
 
 
 async def CONTEXT(scope: Any, receive: Any, send: Any) -> None:
