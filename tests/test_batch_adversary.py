@@ -24,7 +24,7 @@ from servers import free_port, running
 from ssecast import Broadcaster, Event
 from ssecast.asgi import EventStream
 from test_disconnect_servers_adversary import command, new_channel, until_subscribers
-from test_pump_adversary import OUR_FRAME, Peer, scope, until
+from test_pump_adversary import OUR_FRAME, SERVERS, Peer, scope, until
 
 HANG = 5.0
 Message = MutableMapping[str, Any]
@@ -166,12 +166,6 @@ async def test_an_error_from_one_send_in_a_batch_loses_no_frame_of_the_others(
         await finish(b, streams)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a BaseException (not cancellation/exit) from one send escapes Pump.ready_all:"
-    " the frames poll_all already took for the pumps after it in the batch are never written"
-    " (the parent, 729ca6b, fails too: there the later readers were left unparked)",
-)
 async def test_a_base_exception_from_one_send_loses_no_frame_of_the_streams_after_it() -> None:
     """A send raising a BaseException subclass must not cost the other streams their events."""
     errors = collect_loop_errors()
@@ -185,11 +179,6 @@ async def test_a_base_exception_from_one_send_loses_no_frame_of_the_streams_afte
         await finish(b, streams)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not new in 0117d2c: a BaseException from a send made in a wake-up callback goes"
-    " to the loop's exception handler: the stream's task is never told and waits forever",
-)
 async def test_a_base_exception_from_a_send_ends_that_stream() -> None:
     """As with an `async for` reader, the stream's task ends with the send's error."""
     collect_loop_errors()
@@ -299,55 +288,28 @@ async def test_a_send_that_closes_the_broadcaster_mid_batch_ends_every_stream_wh
         await finish(b, streams)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new in 0117d2c: poll_all takes the frames of every pump in the batch before"
-    " writing any: a stream"
-    " revoked by `disconnect(key=...)` during the batch still gets frames written after the"
-    " disconnect returned (its docs: it ends at once, its pending frames dropped)",
-)
-async def test_nothing_is_written_to_a_stream_after_disconnect_returned() -> None:
-    """Revoking a key from inside another stream's send: the revoked stream gets nothing more."""
+@pytest.mark.parametrize("ending", ["disconnect", "cancel"])
+async def test_a_stream_another_send_ends_mid_batch_gets_only_its_end(ending: str) -> None:
+    """A stream ended from inside another's send writes nothing more from that wake-up.
+
+    It is revoked by `disconnect(key=...)`, or its task is cancelled (a server's shutdown
+    timeout, say).
+    """
     b = Broadcaster(heartbeat=None)
-    streams = [Stream(b, f"s{n}") for n in range(4)]
-    streams[3] = Stream(b, "s3", key="revoked-user")
+    streams = [Stream(b, f"s{n}") for n in range(3)] + [Stream(b, "s3", key="revoked-user")]
     marks: dict[str, int] = {}
 
-    def disconnect() -> None:
-        b.disconnect(key="revoked-user")
+    def end_the_last() -> None:
+        if ending == "disconnect":
+            b.disconnect(key="revoked-user")
+        else:
+            assert streams[3].task is not None
+            streams[3].task.cancel()
         marks["at"] = len(streams[3].peer.messages)
 
-    streams[1].send = misbehaving(streams[1].peer, disconnect)
+    streams[1].send = misbehaving(streams[1].peer, end_the_last)
     await started(b, streams)
     b.publish("m", "secret", channel="c")
-    try:
-        await asyncio.wait_for(asyncio.shield(streams[3].task), HANG)  # type: ignore[arg-type]
-        after = streams[3].peer.messages[marks["at"] :]
-        assert [m.get("body") for m in after] == [b""]  # the end of the response alone
-    finally:
-        await finish(b, streams)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="new in 0117d2c: ready_all checks which pumps may write before any send, so a"
-    " stream whose task another stream's send cancelled is still written to from the callback"
-    " (its parent skipped it, as test_pump's wake-up-queued-before-a-cancel test expects)",
-)
-async def test_a_stream_cancelled_by_another_send_mid_batch_gets_no_write_from_the_batch() -> None:
-    """Once a stream's task is cancelled, the wake-up callback writes nothing more to it."""
-    b = Broadcaster(heartbeat=None)
-    streams = [Stream(b, f"s{n}") for n in range(4)]
-    marks: dict[str, int] = {}
-
-    def cancel_the_last() -> None:
-        assert streams[3].task is not None
-        streams[3].task.cancel()  # a server's shutdown timeout, say, firing mid-batch
-        marks["at"] = len(streams[3].peer.messages)
-
-    streams[1].send = misbehaving(streams[1].peer, cancel_the_last)
-    await started(b, streams)
-    b.publish("m", "after", channel="c")
     try:
         await asyncio.wait_for(asyncio.shield(streams[3].task), HANG)  # type: ignore[arg-type]
         after = streams[3].peer.messages[marks["at"] :]
@@ -404,12 +366,6 @@ async def test_each_send_in_a_batch_sees_its_own_context_and_leaks_nothing() -> 
     assert SET_IN_SEND.get() == "unset"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not new in 0117d2c: the pump's writes run in a copy of the context taken before"
-    " the response started, so a variable a send wrapper set on `http.response.start` (in the"
-    " task) is not seen by the body writes made from callbacks, as it is with `await send`",
-)
 async def test_a_variable_a_send_wrapper_sets_on_the_response_start_is_seen_by_later_writes() -> (
     None
 ):
@@ -789,8 +745,6 @@ async def test_thread_and_task_readers_get_every_event_from_many_publishers() ->
 
 # --- real servers ------------------------------------------------------------------------
 
-SERVERS = ["uvicorn-h11", "uvicorn-httptools", "hypercorn", "granian"]
-
 
 def dechunked(received: bytes) -> bytes:
     """The body of a chunked HTTP/1.1 response, as far as it came."""
@@ -847,15 +801,20 @@ def _served(server: str, app: str, env: dict[str, str] | None = None) -> Any:
     return running(command(server, app, port, "batch_adversary_app"), port=port, env=env)
 
 
+# The plain app on every server; the wrappers, and the fallback to the task, on two.
+_WRAPPED_ON = ("uvicorn-h11", "granian")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("server", SERVERS)
-@pytest.mark.parametrize("app", ["PLAIN", "CONTEXT", "MUTATING"])
+@pytest.mark.parametrize(
+    ("server", "app"),
+    [(server, "PLAIN") for server in SERVERS]
+    + [(server, app) for server in _WRAPPED_ON for app in ("CONTEXT", "MUTATING")],
+)
 async def test_200_clients_get_every_burst_and_single_event_once_in_order(
     server: str, app: str
 ) -> None:
     """200 streams; bursts of 30 and single events: each client gets the ids published, once."""
-    if app != "PLAIN" and server in ("uvicorn-httptools", "hypercorn"):
-        pytest.skip("the wrappers run on two servers; PLAIN on all four")
     with _served(server, app, {"SSECAST_TEST_HEARTBEAT": "0.05"}) as process:
         channel = new_channel()
         streams: list[RawStream] = []
@@ -885,14 +844,14 @@ async def test_200_clients_get_every_burst_and_single_event_once_in_order(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("server", SERVERS)
-@pytest.mark.parametrize("app", ["PLAIN", "BASE_HTTP"])
+@pytest.mark.parametrize(
+    ("server", "app"),
+    [(server, "PLAIN") for server in SERVERS] + [(server, "BASE_HTTP") for server in _WRAPPED_ON],
+)
 async def test_clients_that_stop_reading_get_everything_later_and_fast_ones_meanwhile(
     server: str, app: str
 ) -> None:
     """8 clients stop reading while 32 read: big events back up on the slow ones only."""
-    if app == "BASE_HTTP" and server not in ("uvicorn-h11", "granian"):
-        pytest.skip("the fallback runs on two servers")
     size = 60_000  # 5 MB in all for each client: more than the socket buffers hold
     with _served(server, app, {"SSECAST_TEST_HEARTBEAT": "0.05"}) as process:
         channel = new_channel()
@@ -931,7 +890,7 @@ async def test_clients_that_stop_reading_get_everything_later_and_fast_ones_mean
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("server", ["uvicorn-h11", "granian"])
+@pytest.mark.parametrize("server", _WRAPPED_ON)
 @pytest.mark.parametrize("app", ["THREADS", "YIELDING"])
 async def test_thread_publishers_during_writes_reach_200_clients_once_in_order(
     server: str, app: str

@@ -255,7 +255,8 @@ class Pump(Heartbeat, Generator[object, None, None]):
         Returns whether `writer` may write on: not when the send had to wait (the task is
         handed the rest of it, with `writer`), nor when it raised (the task takes over).
         """
-        feed = self._feed
+        feed, outcome_of = self._feed, self._outcome
+        assert outcome_of is not None  # a write runs only once the task awaits the pump
         while True:
             if type(got) is bytes:
                 body = got
@@ -268,9 +269,11 @@ class Pump(Heartbeat, Generator[object, None, None]):
             else:
                 self._settle(_Ended.ENDED)
                 return True
+            # Since the poll, an earlier write of this callback may have cancelled the
+            # stream, or revoked it: then what the poll took is dropped with the rest.
+            if outcome_of.done():
+                return True
             if feed.close_reason is not None and feed.discarded:
-                # Revoked, say, by an earlier write of this callback since the poll: what
-                # the poll took is dropped with the rest.
                 self._settle(_Ended.ENDED)
                 return True
             message = {"type": "http.response.body", "body": body, "more_body": True}

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import signal
 import threading
@@ -208,10 +209,14 @@ class EventStream:
         pump = await self._subscribe(scope, send)
         if pump is None:
             return
-        watch = DisconnectWatch(receive, pump, pump.context)
+        watch: DisconnectWatch | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             await send(_chunk(OPENING + pump.read_nowait()))
+            # Copied again: what a `send` wrapper set as the response started is seen by
+            # the writes from callbacks, as by the task's own sends.
+            pump.context = contextvars.copy_context()
+            watch = DisconnectWatch(receive, pump, pump.context)
             await pump
             # The broadcaster closed or evicted it (or the client left): end the response
             # so that the client reconnects with Last-Event-ID.
@@ -228,7 +233,8 @@ class EventStream:
                     await send(_end())
         finally:
             pump.dispose()
-            watch.close()
+            if watch is not None:
+                watch.close()
 
     async def _subscribe(self, scope: Scope, send: Send) -> Pump | None:
         """Subscribe the request and return its pump, or answer its refusal and return `None`."""
