@@ -276,7 +276,7 @@ class Pump(Heartbeat, Generator[object, None, None]):
             if feed.close_reason is not None and feed.discarded:
                 self._settle(_Ended.ENDED)
                 return True
-            message = {"type": "http.response.body", "body": body, "more_body": True}
+            message = {"type": "http.response.body", "body": body, "more_body": True}  # _body
             try:
                 written = self.context.run(writer.send, (self._send, message))
             except (OSError, asyncio.CancelledError) as error:

@@ -3,8 +3,8 @@
 The broadcaster appends frames to a `Feed` under its lock; a reader takes
 everything pending in one chunk (one socket write however far it fell behind). Every
 reader does that through one operation, `Feed.poll`, which takes what is pending
-and parks a *waiter*, woken when a frame comes to the feed it left empty (and when the
-feed ends), and then again whenever its poll has emptied it again:
+and parks a *waiter*, which stays parked, and is woken whenever a frame comes to the feed
+a poll left empty, and when the feed ends:
 
 - a `threading.Event` for a thread (`for chunk in sub`), which it waits on;
 - a `Callback` for an event loop: the loop calls its class's `ready_all()` with the
