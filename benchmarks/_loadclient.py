@@ -228,6 +228,13 @@ class Collector(threading.Thread):
         conn.sock.close()
 
 
+def evicted_during(before: dict[str, Any], after: dict[str, Any]) -> int | None:
+    """Return the clients a server evicted between two ``/stats`` answers, if it counts them."""
+    if "evicted" not in after:
+        return None
+    return int(after["evicted"]) - int(before.get("evicted", 0))
+
+
 async def http_json(host: str, port: int, method: str, path: str, limit: float = 10.0) -> Any:
     """Make one HTTP/1.1 request on a new connection; return the JSON body (``limit`` s)."""
     async with asyncio.timeout(limit):
@@ -438,7 +445,7 @@ class Clients:
             "missed": gaps + late,
             "out_of_order": sum(conn.out_of_order for conn in conns),
             "disconnects": state.disconnects,
-            "server_evicted": stats.get("evicted"),
+            "server_evicted": evicted_during(before, stats),
             "publisher_error": stats.get("failed") or None,
             "wall_s": wall,
             "client_cpu_pct": 100 * client_cpu / wall,
