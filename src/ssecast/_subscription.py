@@ -648,37 +648,33 @@ class Reader(Callback, Protocol):
     _feed: Feed
 
 
-def poll_all(readers: Sequence[Reader]) -> list[bytes | list[bytes] | Status]:
-    """Return `reader._feed.poll(reader)` for each reader, polled under one hold of the lock.
+def poll_all(readers: Sequence[Reader]) -> list[bytes | list[bytes] | None]:
+    """Take what is pending for each reader still parked on its feed, under one hold of the lock.
 
     The readers are ones `wake` woke together, so one broadcaster's, whose lock all their
-    feeds share. A single frame may come as itself rather than as a list.
+    feeds share. A single frame comes as itself rather than in a list. `None` where the
+    reader must poll in full if it still reads: nothing pending, frames ahead of the live
+    ones, the feed ended, or the reader withdrew since it was woken.
     """
     if not readers:
         return []
-    polled: list[bytes | list[bytes] | Status] = []
-    others: list[int] = []
+    polled: list[bytes | list[bytes] | None] = []
     lock = readers[0]._feed._lock
     lock.acquire()
     try:
         for reader in readers:
             feed = reader._feed
             pending = feed._pending
-            if pending and feed.close_reason is None and not feed._head:
-                # What a wake-up nearly always finds: `poll` for that case inlined, and one
-                # frame alone (as `b"".join` would give it) rather than in a list.
+            # What a wake-up nearly always finds: `poll` for that case inlined. A parked
+            # waiter stays parked, and only on an open feed.
+            if pending and feed._waiter is reader and not feed._head:
                 polled.append(pending[0] if len(pending) == 1 else pending.copy())
                 pending.clear()
                 feed.taken = True
-                feed._waiter = reader
             else:
-                others.append(len(polled))
-                polled.append(Status.IDLE)
+                polled.append(None)
     finally:
         lock.release()
-    for index in others:  # nothing pending, frames ahead of it, or ended: polled in full
-        reader = readers[index]
-        polled[index] = reader._feed.poll(reader)
     return polled
 
 
