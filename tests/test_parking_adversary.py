@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -20,7 +21,7 @@ import httpx
 import pytest
 
 from raw_stream import RawStream, open_many
-from ssecast import Broadcaster, Event
+from ssecast import Broadcaster, BroadcasterClosedError, Event
 from ssecast._wire import HEARTBEAT
 from test_batch_adversary import (
     Stream,
@@ -34,7 +35,7 @@ from test_batch_adversary import (
     started,
 )
 from test_disconnect_servers_adversary import new_channel, until_subscribers
-from test_pump_adversary import HANG, OUR_FRAME, Peer, clock_beats, until
+from test_pump_adversary import HANG, OUR_FRAME, SERVERS, Peer, clock_beats, until
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -440,7 +441,7 @@ async def test_many_streams_with_waiting_refusing_and_resuming_sends_get_everyth
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("server", ["uvicorn-h11", "uvicorn-httptools"])
+@pytest.mark.parametrize("server", SERVERS)
 async def test_a_shutdown_while_slow_clients_writes_wait_reads_out_everything_then_ends(
     server: str,
 ) -> None:
@@ -480,3 +481,137 @@ async def test_a_shutdown_while_slow_clients_writes_wait_reads_out_everything_th
     assert not OUR_FRAME.search(log), log
     assert "never retrieved" not in log, log
     assert "Exception in callback" not in log, log
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("needs its task"), ConnectionResetError("gone")],
+    ids=["Exception", "OSError"],
+)
+async def test_a_write_refused_right_after_a_waiting_one_hands_over_or_ends(
+    error: BaseException,
+) -> None:
+    """Write 1 waits while events pile up; write 2 (from the task, pumping on) raises.
+
+    A plain Exception: the task sends that chunk itself and streams on, everything once
+    and in order. An OSError: the client is gone; the stream ends and is let go.
+    """
+    errors = collect_loop_errors()
+    b = Broadcaster(heartbeat=0.01)
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def fail() -> None:
+        raise error
+
+    stream = Stream(b, "s")
+    stream.send = Scripted(stream.peer, {1: lambda: gate, 2: fail}).send
+    await started(b, [stream])
+    events = [b.publish("m", 0, channel="c")]
+    try:
+        await asyncio.sleep(0.02)
+        events += [b.publish("m", n, channel="c") for n in range(1, 4)]
+        events += publish_in_thread(b, 5)
+        asyncio.get_running_loop().call_soon(gate.set_result, None)
+        asyncio.get_running_loop().call_soon(
+            lambda: events.append(b.publish("m", "with the gate", channel="c"))
+        )
+        task = stream.task
+        assert task is not None
+        if isinstance(error, OSError):
+            await asyncio.wait_for(asyncio.shield(task), HANG)
+            assert without_heartbeats(stream.data) == frames(events[:1])
+            await until(lambda: b.stats().subscribers == 0)
+            assert clock_beats(asyncio.get_running_loop()) == 0
+        else:
+            await asyncio.sleep(0.05)
+            events += [b.publish("m", n, channel="c") for n in range(4, 6)]
+            await until(lambda: without_heartbeats(stream.data) == frames(events))
+            await b.aclose()
+            await asyncio.wait_for(asyncio.shield(task), HANG)
+            assert without_heartbeats(stream.data) == frames(events)
+            assert ended_once(stream.peer)
+        assert errors == []
+    finally:
+        await finish(b, [stream])
+
+
+def _loop_of_streams(
+    b: Broadcaster, seed: int, ready: threading.Event, out: dict[int, Any]
+) -> None:
+    """Serve 6 streams with misbehaving sends on a loop of this thread, until they end."""
+
+    async def main() -> None:
+        errors = collect_loop_errors()
+        rng = random.Random(seed)
+        streams = [Stream(b, f"t{seed}-{n}") for n in range(6)]
+        for stream in streams:
+            stream.send = _behaviour(rng, stream.peer)
+        await started(b, streams)
+        ready.set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.task for s in streams if s.task)), 20)
+        finally:
+            out[seed] = (
+                [(everything(s), ended_once(s.peer)) for s in streams],
+                errors,
+                clock_beats(asyncio.get_running_loop()),
+            )
+            for stream in streams:
+                if stream.task is not None:
+                    stream.task.cancel()
+
+    asyncio.run(main())
+
+
+async def test_a_shutdown_from_a_thread_amid_a_thread_publisher_ends_streams_on_two_loops() -> None:
+    """Streams on two other loops, sends waiting and refusing; a thread publishes; close().
+
+    Every stream gets every event published before the shutdown, once and in order (what
+    was pending is read out), and then its end.
+    """
+    b = Broadcaster(heartbeat=0.005, queue_size=100_000)
+    out: dict[int, Any] = {}
+    readies = [threading.Event() for _ in range(2)]
+    loops = [
+        threading.Thread(target=_loop_of_streams, args=(b, seed, readies[seed], out))
+        for seed in range(2)
+    ]
+    for thread in loops:
+        thread.start()
+    events: list[Event] = []
+    stop = threading.Event()
+
+    def publish_until_closed() -> None:
+        n = 0
+        while not stop.is_set() and n < 20_000:
+            try:
+                events.append(b.publish("m", n, channel="c"))
+            except BroadcasterClosedError:
+                return
+            n += 1
+            if n % 50 == 0:
+                time.sleep(0.001)
+
+    try:
+        for ready in readies:
+            assert await asyncio.to_thread(ready.wait, HANG)
+        publisher = threading.Thread(target=publish_until_closed)
+        publisher.start()
+        await asyncio.sleep(0.15)
+        await asyncio.to_thread(b.close)
+        await asyncio.to_thread(publisher.join, HANG)
+        assert not publisher.is_alive()
+        for thread in loops:
+            await asyncio.to_thread(thread.join, 25)
+            assert not thread.is_alive()
+    finally:
+        stop.set()
+        b.close()
+    assert len(events) > 100
+    for seed in range(2):
+        streams, errors, beats = out[seed]
+        assert [got == frames(events) for got, _ in streams] == [True] * 6, seed
+        assert [ended for _, ended in streams] == [True] * 6, seed
+        assert errors == []
+        assert beats == 0
+    assert b.stats().subscribers == 0
