@@ -478,9 +478,8 @@ async def test_a_shutdown_while_slow_clients_writes_wait_reads_out_everything_th
     assert [ids == published for ids in got_fast] == [True] * 4
     assert [ids == published for ids in got_slow] == [True] * 4
     log = process.log()
+    # Hypercorn on 3.11 logs its own reader's cancellation at shutdown: only ours count.
     assert not OUR_FRAME.search(log), log
-    assert "never retrieved" not in log, log
-    assert "Exception in callback" not in log, log
 
 
 @pytest.mark.parametrize(
@@ -615,3 +614,42 @@ async def test_a_shutdown_from_a_thread_amid_a_thread_publisher_ends_streams_on_
         assert errors == []
         assert beats == 0
     assert b.stats().subscribers == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", SERVERS)
+async def test_slow_clients_leaving_while_their_writes_wait_are_let_go(server: str) -> None:
+    """4 clients stop reading under 5 MB of events, then leave while writes to them wait.
+
+    Their subscriptions are let go, the 4 readers get everything once and in order, and
+    the server logs no error of ssecast's.
+    """
+    size = 60_000
+    with _served(server, "PLAIN", {"SSECAST_TEST_HEARTBEAT": "0.02"}) as process:
+        channel = new_channel()
+        streams: list[RawStream] = []
+        try:
+            streams = await open_many(process.port, 8, channel)
+            slow, fast = streams[:4], streams[4:]
+            async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
+                assert await until_subscribers(http, 8, HANG)
+                published: list[str] = []
+                for round_ in range(6):
+                    published += await publish(http, channel, 1 if round_ % 2 else 25, size)
+                await asyncio.gather(*(read_until_ids(s, len(published), 20) for s in fast))
+                for stream in slow:
+                    stream.close()
+                published += await publish(http, channel, 5, size)
+                await asyncio.gather(*(read_until_ids(s, len(published), 20) for s in fast))
+                assert await until_subscribers(http, 4, HANG)
+                published += await publish(http, channel, 2)
+                got_fast = await asyncio.gather(
+                    *(read_until_ids(s, len(published), 20) for s in fast)
+                )
+        finally:
+            for stream in streams:
+                stream.close()
+    assert [ids == published for ids in got_fast] == [True] * 4
+    log = process.log()
+    # Hypercorn on 3.11 logs its own reader's cancellation at shutdown: only ours count.
+    assert not OUR_FRAME.search(log), log
