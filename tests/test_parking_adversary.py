@@ -27,6 +27,7 @@ from test_batch_adversary import (
     Stream,
     _served,
     collect_loop_errors,
+    dechunked,
     finish,
     frames,
     ids_in,
@@ -653,3 +654,52 @@ async def test_slow_clients_leaving_while_their_writes_wait_are_let_go(server: s
     log = process.log()
     # Hypercorn on 3.11 logs its own reader's cancellation at shutdown: only ours count.
     assert not OUR_FRAME.search(log), log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["uvicorn-h11", "granian"])
+async def test_a_shutdown_amid_thread_publishers_and_waiting_writes_ends_every_client_alike(
+    server: str,
+) -> None:
+    """Every write waits once (YIELDING); two threads publish; the broadcaster closes meanwhile.
+
+    Each of 100 clients reads out the same events (fewer than its queue holds), once, in
+    the same order, each thread's in its order, and then the end.
+    """
+    with _served(server, "YIELDING", {"SSECAST_TEST_HEARTBEAT": "0.01"}) as process:
+        channel = new_channel()
+        streams: list[RawStream] = []
+        try:
+            streams = await open_many(process.port, 100, channel)
+            async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
+                assert await until_subscribers(http, 100, HANG)
+
+                async def close_soon() -> None:
+                    await asyncio.sleep(0.01)
+                    (await http.post("/control/close")).raise_for_status()
+
+                publishing = http.post(
+                    "/control/tpublish", params={"channel": channel, "count": 100}
+                )
+                # The publish fails if the shutdown comes first: then fewer events went out.
+                response, _ = await asyncio.gather(publishing, close_soon())
+            ends = await asyncio.wait_for(asyncio.gather(*(s.read_to_end() for s in streams)), 30)
+        finally:
+            for stream in streams:
+                stream.close()
+    assert ends == [True] * 100
+    got = [ids_in(s.received) for s in streams]
+    if response.status_code == 200:
+        assert sorted(got[0]) == sorted(response.json()[0] + response.json()[1])
+    assert len(got[0]) > 0
+    assert len(set(got[0])) == len(got[0])
+    assert [ids == got[0] for ids in got] == [True] * 100
+    body = dechunked(streams[0].received)
+    for t in range(2):
+        ns = [
+            int(line.split(b'"n":')[1].rstrip(b"}"))
+            for line in body.split(b"\n")
+            if line.startswith(f'data: {{"t":{t},'.encode())
+        ]
+        assert ns == list(range(len(ns))), t
+    assert not OUR_FRAME.search(process.log()), process.log()
