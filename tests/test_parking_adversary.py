@@ -703,3 +703,36 @@ async def test_a_shutdown_amid_thread_publishers_and_waiting_writes_ends_every_c
         ]
         assert ns == list(range(len(ns))), t
     assert not OUR_FRAME.search(process.log()), process.log()
+
+
+async def test_a_stream_taken_over_mid_way_keeps_its_heartbeats_and_lifetime() -> None:
+    """A send refuses a write from a callback mid-stream: the task streams on.
+
+    It beats, and ends at its lifetime, as before; the loop's clock lets go of it.
+    """
+    errors = collect_loop_errors()
+    b = Broadcaster(heartbeat=0.01)
+    stream = Stream(b, "s", lifetime=0.8)
+
+    def refuse() -> None:
+        raise ValueError("needs its task")
+
+    stream.send = Scripted(stream.peer, {2: refuse}).send
+    await started(b, [stream])
+    events = [b.publish("m", 0, channel="c")]
+    try:
+        await until(lambda: without_heartbeats(stream.data) == frames(events))
+        events.append(b.publish("m", 1, channel="c"))  # refused, then sent by the task
+        await until(lambda: without_heartbeats(stream.data) == frames(events))
+        beats = stream.data.count(HEARTBEAT)
+        await until(lambda: stream.data.count(HEARTBEAT) >= beats + 3)
+        events.append(b.publish("m", 2, channel="c"))
+        assert stream.task is not None
+        await asyncio.wait_for(asyncio.shield(stream.task), HANG)
+        assert without_heartbeats(stream.data) == frames(events)
+        assert ended_once(stream.peer)
+        assert b.stats().subscribers == 0
+        assert clock_beats(asyncio.get_running_loop()) == 0
+        assert errors == []
+    finally:
+        await finish(b, [stream])
