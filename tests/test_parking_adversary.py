@@ -674,23 +674,31 @@ async def test_a_shutdown_amid_thread_publishers_and_waiting_writes_ends_every_c
             async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
                 assert await until_subscribers(http, 100, HANG)
 
-                async def close_soon() -> None:
-                    await asyncio.sleep(0.01)
+                async def close_once_events_flow() -> None:
+                    # Not after a fixed delay: on a busy machine the threads may not have
+                    # published yet, and a stream of no events would test nothing.
+                    first = streams[0]
+                    while b"data:" not in first.received:
+                        chunk = await first.reader.read(65536)
+                        assert chunk, "the stream ended before its first event"
+                        first.received += chunk
                     (await http.post("/control/close")).raise_for_status()
 
                 publishing = http.post(
                     "/control/tpublish", params={"channel": channel, "count": 100}
                 )
-                # The publish fails if the shutdown comes first: then fewer events went out.
-                response, _ = await asyncio.gather(publishing, close_soon())
+                # Each thread stops at the close: it answers the ids it published before.
+                response, _ = await asyncio.wait_for(
+                    asyncio.gather(publishing, close_once_events_flow()), HANG
+                )
             ends = await asyncio.wait_for(asyncio.gather(*(s.read_to_end() for s in streams)), 30)
         finally:
             for stream in streams:
                 stream.close()
     assert ends == [True] * 100
     got = [ids_in(s.received) for s in streams]
-    if response.status_code == 200:
-        assert sorted(got[0]) == sorted(response.json()[0] + response.json()[1])
+    assert response.status_code == 200
+    assert sorted(got[0]) == sorted(response.json()[0] + response.json()[1])
     assert len(got[0]) > 0
     assert len(set(got[0])) == len(got[0])
     assert [ids == got[0] for ids in got] == [True] * 100

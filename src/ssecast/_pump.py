@@ -217,9 +217,8 @@ class Pump(Heartbeat, Generator[object, None, None]):
             self._settle(None)
 
     def heartbeat_due(self) -> None:
-        """Write what is pending, or a heartbeat if nothing is."""
-        if self._writes():
-            self._write(_writer(), self._feed.poll(self), HEARTBEAT)
+        """Write what is pending, or a heartbeat if nothing is; the pump is parked."""
+        self._write(_writer(), self._feed.poll(self), HEARTBEAT)
 
     @staticmethod
     def ready_all(pumps: list[Pump]) -> None:

@@ -652,12 +652,10 @@ def poll_all(readers: Sequence[Reader]) -> list[bytes | list[bytes] | None]:
     """Take what is pending for each reader still parked on its feed, under one hold of the lock.
 
     The readers are ones `wake` woke together, so one broadcaster's, whose lock all their
-    feeds share. A single frame comes as itself rather than in a list. `None` where the
-    reader must poll in full if it still reads: nothing pending, frames ahead of the live
-    ones, the feed ended, or the reader withdrew since it was woken.
+    feeds share (so at least one). A single frame comes as itself rather than in a list.
+    `None` where the reader must poll in full if it still reads: nothing pending, frames
+    ahead of the live ones, the feed ended, or the reader withdrew since it was woken.
     """
-    if not readers:
-        return []
     polled: list[bytes | list[bytes] | None] = []
     lock = readers[0]._feed._lock
     lock.acquire()

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import os
@@ -33,7 +34,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.routing import Mount
 
 from apps.asgi_support import Control, channels_from_query, lifespan, routed
-from ssecast import Broadcaster
+from ssecast import Broadcaster, BroadcasterClosedError
 from ssecast.asgi import EventStream
 
 broadcaster = Broadcaster(heartbeat=float(os.environ.get("SSECAST_TEST_HEARTBEAT", "15")))
@@ -115,14 +116,19 @@ async def _yielding_send(scope: Any, receive: Any, send: Any) -> None:
 
 
 async def _thread_control(scope: Any, receive: Any, send: Any) -> None:
-    """``/control/tpublish?channel=&count=``: two threads publish ``count`` events each."""
+    """``/control/tpublish?channel=&count=``: two threads publish ``count`` events each.
+
+    Each thread stops at the broadcaster's close; the answer lists the ids each published.
+    """
     query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
     channel, count = query["channel"], int(query["count"])
 
     def publish(t: int) -> list[str]:
-        return [
-            broadcaster.publish("tick", {"t": t, "n": n}, channel=channel).id for n in range(count)
-        ]
+        ids: list[str] = []
+        with contextlib.suppress(BroadcasterClosedError):
+            for n in range(count):
+                ids.append(broadcaster.publish("tick", {"t": t, "n": n}, channel=channel).id)
+        return ids
 
     ids = await asyncio.gather(*(asyncio.to_thread(publish, t) for t in range(2)))
     body = json.dumps(ids).encode()
