@@ -11,10 +11,11 @@ stream left hanging; nothing left subscribed; nothing the loop complains about.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import httpx
@@ -438,7 +439,41 @@ async def test_many_streams_with_waiting_refusing_and_resuming_sends_get_everyth
         await finish(b, streams)
 
 
-# --- a real server: a shutdown while writes wait on slow clients ----------------------------
+# --- a real server: writes that wait on slow clients ----------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def slow_and_fast(
+    server: str, rounds: int, burst: int
+) -> AsyncIterator[tuple[httpx.AsyncClient, str, list[RawStream], list[RawStream], list[str]]]:
+    """Serve ``PLAIN`` on ``server`` to 8 clients; back up events of 60 kB on the first 4.
+
+    Publishes ``rounds`` rounds (``burst`` events, then one, in turn) while no client
+    reads: far more than the socket buffers hold. Yields the control client, the channel,
+    the 4 slow and the 4 fast streams and the ids published; checks, once the server has
+    stopped, that it logged no error of ssecast's.
+    """
+    with _served(server, "PLAIN", {"SSECAST_TEST_HEARTBEAT": "0.02"}) as process:
+        channel = new_channel()
+        streams: list[RawStream] = []
+        try:
+            streams = await open_many(process.port, 8, channel)
+            async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
+                assert await until_subscribers(http, 8, HANG)
+                published: list[str] = []
+                for round_ in range(rounds):
+                    published += await publish(http, channel, 1 if round_ % 2 else burst, _BIG)
+                yield http, channel, streams[:4], streams[4:], published
+        finally:
+            for stream in streams:
+                stream.close()
+    log = process.log()
+    # Hypercorn on 3.11 logs its own reader's cancellation at shutdown: only ours count.
+    assert not OUR_FRAME.search(log), log
+
+
+_BIG = 60_000
+"""Bytes of padding per event in `slow_and_fast`."""
 
 
 @pytest.mark.slow
@@ -451,36 +486,14 @@ async def test_a_shutdown_while_slow_clients_writes_wait_reads_out_everything_th
     Every client, once it reads again, gets every event once, in order, and then the
     response's end; the server logs no error of ssecast's.
     """
-    size = 60_000  # 9.5 MB for each client: far more than the socket buffers hold
-    with _served(server, "PLAIN", {"SSECAST_TEST_HEARTBEAT": "0.02"}) as process:
-        channel = new_channel()
-        streams: list[RawStream] = []
-        try:
-            streams = await open_many(process.port, 8, channel)
-            slow, fast = streams[:4], streams[4:]
-            async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
-                assert await until_subscribers(http, 8, HANG)
-                published: list[str] = []
-                for round_ in range(10):
-                    published += await publish(http, channel, 1 if round_ % 2 else 30, size)
-                got_fast = await asyncio.gather(
-                    *(read_until_ids(s, len(published), 20) for s in fast)
-                )
-                await asyncio.sleep(0.2)  # heartbeats fall due while the slow writes wait
-                published += await publish(http, channel, 3, size)
-                (await http.post("/control/close")).raise_for_status()
-            ends = await asyncio.wait_for(asyncio.gather(*(s.read_to_end() for s in streams)), 30)
-        finally:
-            for stream in streams:
-                stream.close()
+    async with slow_and_fast(server, rounds=10, burst=30) as (http, channel, slow, fast, published):
+        await asyncio.gather(*(read_until_ids(s, len(published), 20) for s in fast))
+        await asyncio.sleep(0.2)  # heartbeats fall due while the slow writes wait
+        published += await publish(http, channel, 3, _BIG)
+        (await http.post("/control/close")).raise_for_status()
+        ends = await asyncio.wait_for(asyncio.gather(*(s.read_to_end() for s in slow + fast)), 30)
     assert ends == [True] * 8
-    got_fast = [ids_in(s.received) for s in fast]
-    got_slow = [ids_in(s.received) for s in slow]
-    assert [ids == published for ids in got_fast] == [True] * 4
-    assert [ids == published for ids in got_slow] == [True] * 4
-    log = process.log()
-    # Hypercorn on 3.11 logs its own reader's cancellation at shutdown: only ours count.
-    assert not OUR_FRAME.search(log), log
+    assert [ids_in(s.received) == published for s in slow + fast] == [True] * 8
 
 
 @pytest.mark.parametrize(
@@ -625,35 +638,16 @@ async def test_slow_clients_leaving_while_their_writes_wait_are_let_go(server: s
     Their subscriptions are let go, the 4 readers get everything once and in order, and
     the server logs no error of ssecast's.
     """
-    size = 60_000
-    with _served(server, "PLAIN", {"SSECAST_TEST_HEARTBEAT": "0.02"}) as process:
-        channel = new_channel()
-        streams: list[RawStream] = []
-        try:
-            streams = await open_many(process.port, 8, channel)
-            slow, fast = streams[:4], streams[4:]
-            async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
-                assert await until_subscribers(http, 8, HANG)
-                published: list[str] = []
-                for round_ in range(6):
-                    published += await publish(http, channel, 1 if round_ % 2 else 25, size)
-                await asyncio.gather(*(read_until_ids(s, len(published), 20) for s in fast))
-                for stream in slow:
-                    stream.close()
-                published += await publish(http, channel, 5, size)
-                await asyncio.gather(*(read_until_ids(s, len(published), 20) for s in fast))
-                assert await until_subscribers(http, 4, HANG)
-                published += await publish(http, channel, 2)
-                got_fast = await asyncio.gather(
-                    *(read_until_ids(s, len(published), 20) for s in fast)
-                )
-        finally:
-            for stream in streams:
-                stream.close()
+    async with slow_and_fast(server, rounds=6, burst=25) as (http, channel, slow, fast, published):
+        await asyncio.gather(*(read_until_ids(s, len(published), 20) for s in fast))
+        for stream in slow:
+            stream.close()
+        published += await publish(http, channel, 5, _BIG)
+        await asyncio.gather(*(read_until_ids(s, len(published), 20) for s in fast))
+        assert await until_subscribers(http, 4, HANG)
+        published += await publish(http, channel, 2)
+        got_fast = await asyncio.gather(*(read_until_ids(s, len(published), 20) for s in fast))
     assert [ids == published for ids in got_fast] == [True] * 4
-    log = process.log()
-    # Hypercorn on 3.11 logs its own reader's cancellation at shutdown: only ours count.
-    assert not OUR_FRAME.search(log), log
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ thousand clients on a loop and an event every few milliseconds, that is most of 
 CPU a delivery costs in Python. A `Pump` skips it: it parks itself as the
 subscription's waiter, and the loop's wake-up callback writes the chunk at once. One
 callback serves every pump that an event woke on a loop (`Pump.ready_all`): it polls
-their feeds under one hold of the broadcaster's lock, then writes to each in turn.
+their feeds under one hold of the broadcaster's lock, then writes to each in turn. A pump
+is parked only while the callbacks write for it: when its task must act (a send that
+waited or raised, the end), it withdraws until the task pumps on.
 
 Each write is an ASGI `send` of one body message: a coroutine that nearly always
 completes without waiting. A *writer* steps it: a generator that awaits each `send` it
@@ -230,10 +232,10 @@ class Pump(Heartbeat, Generator[object, None, None]):
         """
         writer = _writer()
         for pump, taken in zip(pumps, poll_all(pumps), strict=True):
-            outcome_of = pump._outcome
             if type(taken) is bytes and pump._feed.close_reason is None:
                 # One frame for an open feed: nearly every write. `_write` for that case,
                 # inlined: the call and its checks were an eighth of ssecast's cost per write.
+                outcome_of = pump._outcome
                 if outcome_of is None or outcome_of.done():
                     continue  # the stream was cancelled since the poll (by a write, even)
                 message = {"type": "http.response.body", "body": taken, "more_body": True}
