@@ -102,9 +102,9 @@ def browser_records(browser: webdriver.Chrome) -> list[Record]:
     return records
 
 
-def by_client(records: list[Record]) -> dict[int, list[Record]]:
-    """The records of each client, in order."""
-    clients: dict[int, list[Record]] = {}
+def by_client(records: list[Record], count: int = 0) -> dict[int, list[Record]]:
+    """The records of each client, in order; clients 0 to ``count - 1`` even with none yet."""
+    clients: dict[int, list[Record]] = {client: [] for client in range(count)}
     for record in records:
         clients.setdefault(record["client"], []).append(record)
     return clients

@@ -48,6 +48,8 @@ DOC = TESTS.parent / "docs" / "deployment.md"
 DEMO = TESTS.parent / "examples" / "ticker"
 TYPES = ("price_update", "alert", "ssecast.gap", "ssecast.unavailable")
 NPM_CLIENTS = 3
+PAGE_CLIENTS = 1
+"""Plain EventSources in the page, beside its ssecast.js client."""
 # A 1.5 s outage: the issue's restart, which nginx turned into a dead client.
 DOWN = 1.5
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -160,9 +162,13 @@ class Clients:
         self.npm = npm
 
     def plain(self) -> list[list[Record]]:
-        """Each plain EventSource's records: npm's, then Chromium's."""
-        npm = by_client(self.npm.records())
-        page = by_client(browser_records(self.browser))
+        """Each plain EventSource's records: npm's, then Chromium's.
+
+        Every client counts from the start, even one that has recorded nothing yet: a
+        client that is slow to open is waited for, not skipped.
+        """
+        npm = by_client(self.npm.records(), NPM_CLIENTS)
+        page = by_client(browser_records(self.browser), PAGE_CLIENTS)
         return [*npm.values(), *page.values()]
 
     def page(self) -> dict[str, Any]:
@@ -215,7 +221,7 @@ def clients_behind(front: Server, node_modules: Path) -> Iterator[Clients]:
     url = front.url + "/events"
     with npm_listeners(node_modules, url, NPM_CLIENTS, TYPES) as npm, chromium() as browser:
         browser.get(front.url + "/")
-        browser_listen(browser, "/events", 1, TYPES)
+        browser_listen(browser, "/events", PAGE_CLIENTS, TYPES)
         yield Clients(browser, npm)
 
 
@@ -264,7 +270,7 @@ def test_ssecast_js_brings_back_a_page_the_browser_gave_up_on(
         front = stack.enter_context(nginx(app_port, tmp_path, retries=False))
         browser = stack.enter_context(chromium())
         browser.get(front.url + "/")
-        browser_listen(browser, "/events", 1, TYPES)
+        browser_listen(browser, "/events", PAGE_CLIENTS, TYPES)
         wait_until(lambda: browser.execute_script("return window.ticker.receivedIds.length"), "")
         demo.stop(signal.SIGTERM)
         wait_until(lambda: gave_up(browser_records(browser)), "the plain EventSource gave up")
