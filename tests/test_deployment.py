@@ -212,7 +212,13 @@ def recovered(clients: Clients, done: Callable[[Seen], bool]) -> list[float]:
                 times[n] = time.monotonic()
         return len(times) == len(seen)
 
-    wait_until(check, "every client streaming again")
+    try:
+        wait_until(check, "every client streaming again")
+    except AssertionError as error:
+        late = [n for n in range(len(clients.seen())) if n not in times]
+        plain = clients.plain()
+        tails = {n: plain[n][-3:] if n < len(plain) else clients.page() for n in late}
+        raise AssertionError(f"{error}; clients {late} not yet, last records: {tails}") from None
     return [times[n] for n in sorted(times)]
 
 
