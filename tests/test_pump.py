@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import itertools
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -140,6 +141,83 @@ async def test_a_send_that_refuses_a_later_chunk_outside_its_task_loses_nothing(
     assert set(client.senders[1:]) == {task}
     await b.aclose()
     await asyncio.wait_for(task, 5)
+
+
+class _StepOnce:
+    """An awaitable whose iterator has only `__next__`: it waits one turn, then is done."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def __await__(self) -> _StepOnce:
+        return self
+
+    def __next__(self) -> None:
+        if self.waited:
+            raise StopIteration
+        self.waited = True
+
+
+async def test_a_send_returning_an_awaitable_not_a_coroutine_is_written_by_callbacks() -> None:
+    """An awaitable that `await` takes is taken from a callback too, and waits in the task."""
+    b = Broadcaster(heartbeat=None)
+    client = Client()
+
+    def send(message: MutableMapping[str, Any]) -> _StepOnce:
+        client.bodies.append(message["body"])
+        client.senders.append(asyncio.current_task())
+        return _StepOnce()
+
+    _, task = await pumping(b, send)  # type: ignore[arg-type]  # any awaitable will do
+    await until(lambda: client.bodies)
+    published = [b.publish("n", n) for n in range(3)]
+    await until(lambda: client.events == frames(published))
+    assert client.senders[:2] == [None, None]  # the probe and the first chunk
+    await b.aclose()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_once_the_task_took_over_its_sends_see_what_earlier_sends_set() -> None:
+    """Every write runs in one copy of the task's context, whoever makes it, waits included."""
+    b = Broadcaster(heartbeat=None)
+    client = Client()
+    sends: contextvars.ContextVar[int] = contextvars.ContextVar("sends", default=0)
+    counted: list[tuple[int, bytes]] = []
+
+    async def counting_send(message: MutableMapping[str, Any]) -> None:
+        # A middleware that keeps a count in a context variable, and needs its task for
+        # bodies it inspects; after the takeover, every other send also waits a turn.
+        sends.set(sends.get() + 1)
+        counted.append((sends.get(), message["body"]))
+        if message["body"] and asyncio.current_task() is None:
+            raise RuntimeError("this send must run inside a task")
+        if len(counted) % 2:
+            await asyncio.sleep(0)
+        sends.set(sends.get() + 100)  # after the wait, still the same context
+        await client.send(message)
+
+    sub = await b.asubscribe()
+
+    async def stream() -> int:
+        REQUEST_ID.set("request-9")
+        await Pump(sub, counting_send)
+        return sends.get()
+
+    task = asyncio.create_task(stream())
+    await until(lambda: client.bodies == [b""])  # the probe, from a callback
+    published = [b.publish("n", n) for n in range(4)]
+    await until(lambda: client.events == frames(published))
+    published += await asyncio.to_thread(lambda: [b.publish("n", n) for n in range(4, 8)])
+    await until(lambda: client.events == frames(published))
+    counts = [count for count, _ in counted]
+    # The probe (and its +100), the chunk refused before its +100, its resend by the task.
+    assert counts[:3] == [1, 102, 103]
+    assert all(later == earlier + 101 for earlier, later in itertools.pairwise(counts[2:]))
+    assert set(client.request_ids) == {"request-9"}
+    assert set(client.senders[1:]) == {task}
+    await b.aclose()
+    assert await asyncio.wait_for(task, 5) == 0  # the task's own context is left alone
+    assert sends.get() == 0
 
 
 async def test_a_first_chunk_that_finds_the_client_gone_raises() -> None:

@@ -18,8 +18,9 @@ wake-up without a coroutine per stream nor the `StopIteration` that ends a corou
 stepped by hand. When a send does wait (the client reads slowly and the server applies
 back-pressure), the pump hands the writer, stopped in that send, to the stream's own
 task, which finishes it and pumps on; the callback takes a new writer for the others.
-Each write runs in a copy of the task's context: context variables set before the
-stream began are seen, and ones a `send` wrapper sets stay in the copy.
+Every write, from a callback or from the task, runs in one copy of the task's context:
+context variables set before the stream began are seen, and ones a `send` wrapper sets
+stay in the copy, for its later writes.
 
 Some `send` wrappers only work inside a task: Starlette's `BaseHTTPMiddleware` (and
 FastAPI's `@app.middleware("http")`), anything using `asyncio.timeout` or anyio
@@ -200,11 +201,18 @@ class Pump(Heartbeat, Generator[object, None, None]):
     async def _send_from_task(self, refused: bytes) -> _Ended:
         """Send the chunk `send` refused from a callback, then every later one, from here."""
         if refused:
-            await self._send(_body(refused))
+            await self._send_in_context(refused)
         async with Subscription(self._feed, self._release) as sub:
             async for chunk in sub:
-                await self._send(_body(chunk))
+                await self._send_in_context(chunk)
         return _Ended.ENDED
+
+    async def _send_in_context(self, body: bytes) -> None:
+        """Send `body` from the task, in the context the callbacks' writes ran in."""
+        writer = _writer()
+        written = self.context.run(writer.send, (self._send, _body(body)))
+        if written is not _WRITTEN:
+            await _Waiting(self.context, writer, written)
 
     def _stop(self) -> None:
         self._feed.withdraw(self)
@@ -360,7 +368,9 @@ def _writing() -> Generator[object, tuple[_Send, MutableMapping[str, Any]], NoRe
         if type(awaitable) is CoroutineType:
             yield from awaitable  # type: ignore[misc]  # types.coroutine allows it
         else:
-            yield from awaitable.__await__()
+            # As `await` takes it: its iterator may have only `__next__`, which
+            # `yield from` would refuse.
+            yield from _awaiting(awaitable)
 
 
 def _writer() -> _Writer:
