@@ -16,6 +16,8 @@ import contextlib
 import contextvars
 import gc
 import re
+import subprocess
+import sys
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
 from typing import Any
@@ -405,3 +407,78 @@ async def test_cancelling_a_task_side_write_whose_awaitable_has_only_next_ends_i
     assert peer.ended
     assert_let_go(b, loop)
     await b.aclose()
+
+
+# --- eager tasks (3.12+) and a receive that needs its task -------------------------------
+
+_EAGER_RECEIVE_NEEDS_TASK = """
+import asyncio
+from ssecast import Broadcaster
+from ssecast.asgi import EventStream
+
+SCOPE = {
+    "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+    "scheme": "http", "path": "/", "raw_path": b"/", "query_string": b"", "root_path": "",
+    "headers": [(b"host", b"t"), (b"accept", b"text/event-stream")],
+    "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+}
+
+async def main():
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)
+    complaints = []
+    loop.set_exception_handler(lambda _, context: complaints.append(context["message"]))
+    b = Broadcaster(heartbeat=None)
+    gone = loop.create_future()
+    bodies = []
+
+    async def receive():
+        if asyncio.current_task() is None:
+            raise RuntimeError("this receive must run inside a task")
+        await gone
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        bodies.append(message.get("body", b""))
+
+    task = asyncio.create_task(EventStream(b, ["c"])(SCOPE, receive, send))
+    await asyncio.sleep(0.05)
+    b.publish("m", "hello", channel="c")
+    await asyncio.sleep(0.05)
+    gone.set_result(None)
+    await asyncio.wait_for(task, 5)
+    print("delivered", any(b"hello" in body for body in bodies))
+    print("subscribers", b.stats().subscribers)
+    print("complaints", complaints)
+
+asyncio.run(asyncio.wait_for(main(), 10))
+"""
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12+")
+@pytest.mark.xfail(
+    strict=True,
+    reason="DisconnectWatch._failed creates its eager task in the watch's context, which "
+    "the failing callback has entered: 'cannot enter context', and (3.12.1, 3.13.0) a "
+    "wedged loop",
+)
+def test_with_eager_tasks_a_receive_that_needs_its_task_still_sees_the_disconnect() -> None:
+    """With `eager_task_factory`, a receive that needs its task: the stream still ends.
+
+    Run in a process of its own, bounded: the loop may wedge.
+    """
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _EAGER_RECEIVE_NEEDS_TASK],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the event loop hung")
+    assert result.stdout.splitlines() == [
+        "delivered True",
+        "subscribers 0",
+        "complaints []",
+    ], result.stderr
