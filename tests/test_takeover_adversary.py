@@ -456,12 +456,6 @@ asyncio.run(asyncio.wait_for(main(), 10))
 
 
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12+")
-@pytest.mark.xfail(
-    strict=True,
-    reason="DisconnectWatch._failed creates its eager task in the watch's context, which "
-    "the failing callback has entered: 'cannot enter context', and (3.12.1, 3.13.0) a "
-    "wedged loop",
-)
 def test_with_eager_tasks_a_receive_that_needs_its_task_still_sees_the_disconnect() -> None:
     """With `eager_task_factory`, a receive that needs its task: the stream still ends.
 

@@ -168,6 +168,16 @@ async def test_closing_stops_the_task_of_a_receive_that_needs_one() -> None:
     assert gone.calls == 0
 
 
+async def test_a_watch_closed_just_as_its_receive_needed_a_task_starts_none() -> None:
+    """Closed right after the receive failed outside a task: no task calls it again."""
+    server, gone = Server(), Gone()
+    watch = DisconnectWatch(needing_a_task(server), gone)
+    asyncio.get_running_loop().call_soon(watch.close)  # runs right after the first read
+    await asyncio.sleep(0.01)
+    assert server.calls == 0
+    assert gone.calls == 0
+
+
 async def test_a_receive_that_waits_on_something_not_a_future_ends_the_watch() -> None:
     """What a task would refuse (a bad yield) is a broken receive: the stream ends."""
     gone = Gone()

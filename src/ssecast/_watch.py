@@ -152,7 +152,9 @@ class DisconnectWatch:
         if self._fresh and not isinstance(error, OSError):
             # It failed before it could take any message: a receive that needs a task
             # (anyio's wrappers), awaited in one from now on.
-            self._task = self._loop.create_task(self._listen(), context=self._context)
+            # From a callback of its own: this one runs in the watch's context, which an
+            # eager task (3.12+) would enter again, and fail.
+            self._loop.call_soon(self._listen_in_task)
         else:
             # It may have taken the disconnect with it: the client is as good as gone, as
             # a task awaiting receive() would have decided too.
@@ -179,6 +181,10 @@ class DisconnectWatch:
     def _end(self) -> None:
         if not self._closed:
             self._sub.close()
+
+    def _listen_in_task(self) -> None:
+        if not self._closed:
+            self._task = self._loop.create_task(self._listen(), context=self._context)
 
     async def _listen(self) -> None:
         try:
