@@ -151,6 +151,47 @@ async def test_a_slow_client_gets_every_event_once_in_order_after_the_task_took_
     await _slow_reader_gets_everything(server, app)
 
 
+async def _evicted_reader_resumes(server: str, app: str) -> None:
+    port = free_port()
+    with running(_command(server, app, port), port=port) as process:
+        async with httpx.AsyncClient(base_url=process.url) as http:
+            channel = new_channel()
+            reader = await Reader.open(port, channel)
+            assert await until_subscribers(http, 1, 5)
+            published = await _publish(http, channel, 10, 0)
+            # More than the queue holds (256) while the client reads nothing: its writes
+            # wait, from the task, and the broadcaster evicts it.
+            published += await _publish(http, channel, 600, 16_000)
+            await asyncio.sleep(0.3)
+            got: list[bytes] = []
+            for _ in range(5):
+                await reader.read_until(len(published) - len(got))
+                got += reader.ids
+                reader.close()
+                if len(got) >= len(published):
+                    break
+                reader = await Reader.open(port, channel, got[-1].decode())  # as EventSource
+            assert got == published
+            assert await until_subscribers(http, 0, 5)
+    log = process.log()
+    assert not [line for line in COMPLAINTS if line in log], log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("app", ["COUNTING", "BASE"])
+@pytest.mark.parametrize("server", ["uvicorn-h11", "uvicorn-httptools"])
+async def test_a_client_evicted_while_the_task_writes_resumes_and_gets_everything_once(
+    server: str, app: str
+) -> None:
+    """A client reads nothing while 600 big events come, more than its queue holds.
+
+    Whether it is evicted (its response ends) or not, resuming with Last-Event-ID as
+    EventSource does, it gets each event once, in order, over its responses. Nothing
+    stays subscribed; the server logs no complaint.
+    """
+    await _evicted_reader_resumes(server, app)
+
+
 # --- in-process: a send wrapper that needs its task after some writes from callbacks ----
 
 
