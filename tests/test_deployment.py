@@ -258,7 +258,7 @@ def describe(clients: Clients, n: int) -> str:
 
 
 def _ago(now_ms: float, record: Record) -> float:
-    return round((now_ms - record["ms"]) / 1000, 1)
+    return round((now_ms - float(record["ms"])) / 1000, 1)
 
 
 @contextlib.contextmanager
@@ -349,14 +349,16 @@ def redis_demo_state(demo: Callable[[], Server], store: redis.Redis, folder: Pat
     """The Redis demo's state, for a failure: its processes, its stream, its and nginx's logs."""
     server = demo()
     code = server.process.poll()
-    lines = [
-        f"demo supervisor {server.process.pid}: "
-        + (
-            f"exited with {code}"
-            if code is not None
-            else f"workers {worker_pids(server.process.pid)}"
-        )
-    ]
+    if code is not None:
+        lines = [f"demo supervisor {server.process.pid}: exited with {code}"]
+    else:
+        try:
+            held = str(
+                {pid: streams_held(pid, server.port) for pid in worker_pids(server.process.pid)}
+            )
+        except OSError as error:  # a worker that died meanwhile
+            held = repr(error)
+        lines = [f"demo supervisor {server.process.pid}: workers and streams held: {held}"]
     try:
         newest = cast(Entries, store.xrevrange("ticker:events", count=1))
         length = store.xlen("ticker:events")
@@ -373,6 +375,21 @@ def redis_demo_state(demo: Callable[[], Server], store: redis.Redis, folder: Pat
     if error_log.is_file():
         lines += ["nginx error.log, last lines:", tail(error_log.read_text(errors="replace"), 20)]
     return "\n".join(lines)
+
+
+def streams_held(pid: int, port: int) -> int:
+    """How many open TCP connections process ``pid`` holds on its listening ``port``."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith("socket:["):
+                sockets.add(target[8:-1])
+    established = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        established += state == "01" and int(local.split(":")[1], 16) == port and inode in sockets
+    return established
 
 
 def stream_ids(client: redis.Redis, first: str, last: str) -> list[str]:
