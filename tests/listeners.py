@@ -110,14 +110,22 @@ def by_client(records: list[Record], count: int = 0) -> dict[int, list[Record]]:
     return clients
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = HANG) -> Any:
-    """Return ``condition()`` once it is true; fail after ``timeout`` seconds."""
+def wait_until(
+    condition: Callable[[], Any],
+    what: str,
+    timeout: float = HANG,
+    fail: Callable[[], str] | None = None,
+) -> Any:
+    """Return ``condition()`` once it is true; fail after ``timeout`` seconds.
+
+    The failure's message ends with ``fail()``, when given: what the test knows then.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := condition():
             return value
         time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
+    raise AssertionError(f"not within {timeout} s: {what}" + (f"\n{fail()}" if fail else ""))
 
 
 def report(label: str, clients: int, outages: int, waits: list[float]) -> None:

@@ -57,6 +57,11 @@ class Server:
         return time.monotonic() - started
 
 
+def tail(text: str, lines: int = 40) -> str:
+    """The last ``lines`` lines of ``text``, for a failure's message."""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,7 +105,10 @@ def running(
         )
     server = Server(f"http://127.0.0.1:{port}", port, process, log_path)
     try:
-        _wait_for_port(port, process, timeout)
+        try:
+            _wait_for_port(port, process, timeout)
+        except (RuntimeError, TimeoutError) as error:
+            raise type(error)(f"{error}; {argv[0]} printed:\n{tail(server.log())}") from None
         yield server
     finally:
         server.stop()

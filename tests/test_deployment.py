@@ -39,7 +39,7 @@ from listeners import (
     report,
     wait_until,
 )
-from servers import PYTHON, TESTS, Server, free_port, running
+from servers import PYTHON, TESTS, Server, free_port, running, tail
 from test_restarts import redis_server
 
 pytestmark = pytest.mark.slow
@@ -201,8 +201,13 @@ def processes(ids: list[str]) -> int:
     return len({event_id.rsplit("-", 1)[0] for event_id in ids})
 
 
-def recovered(clients: Clients, done: Callable[[Seen], bool]) -> list[float]:
-    """Wait until ``done`` holds for every client; return when each first did (monotonic)."""
+def recovered(
+    clients: Clients, done: Callable[[Seen], bool], context: Callable[[], str] = str
+) -> list[float]:
+    """Wait until ``done`` holds for every client; return when each first did (monotonic).
+
+    On failure, say what each late client saw, then ``context()``: the servers' state.
+    """
     times: dict[int, float] = {}
 
     def check() -> bool:
@@ -216,10 +221,44 @@ def recovered(clients: Clients, done: Callable[[Seen], bool]) -> list[float]:
         wait_until(check, "every client streaming again")
     except AssertionError as error:
         late = [n for n in range(len(clients.seen())) if n not in times]
-        plain = clients.plain()
-        tails = {n: plain[n][-3:] if n < len(plain) else clients.page() for n in late}
-        raise AssertionError(f"{error}; clients {late} not yet, last records: {tails}") from None
+        said = "\n".join(f"  {describe(clients, n)}" for n in late)
+        raise AssertionError(f"{error}; late clients:\n{said}\n{context()}") from None
     return [times[n] for n in sorted(times)]
+
+
+def describe(clients: Clients, n: int) -> str:
+    """What client ``n`` of ``clients.seen()`` saw: opens, errors, events, and when."""
+    now = time.time() * 1000
+    plain = clients.plain()
+    if n < len(plain):
+        records = plain[n]
+        kind = f"npm EventSource {n}" if n < NPM_CLIENTS else f"page EventSource {n - NPM_CLIENTS}"
+        events = [r for r in records if r["kind"] in ("price_update", "alert")]
+        errors = [
+            {k: r.get(k) for k in ("state", "code", "message")} | {"ago_s": _ago(now, r)}
+            for r in records
+            if r["kind"] == "error"
+        ]
+        opens = [_ago(now, r) for r in records if r["kind"] == "open"]
+        last = f"last {events[-1]['id']} {_ago(now, events[-1])} s ago" if events else "none"
+        return (
+            f"{kind}: {len(records)} records; opened {len(opens)} times (s ago: {opens[-5:]}); "
+            f"{len(errors)} errors (last: {errors[-3:]}); told unavailable "
+            f"{count(records, 'ssecast.unavailable')} times; {len(events)} events ({last}); "
+            f"gave up: {gave_up(records)}"
+        )
+    page = clients.page()
+    ids = page["receivedIds"]
+    state = clients.browser.find_element("id", "state").text
+    return (
+        f"page's ssecast.js: state {state!r}, opens {page['opens']}, gaps {page['gaps']}, "
+        f"reloads {page['reloads']}, unavailable {page['unavailable'][-3:]}, "
+        f"{len(ids)} events (last {ids[-1] if ids else None})"
+    )
+
+
+def _ago(now_ms: float, record: Record) -> float:
+    return round((now_ms - float(record["ms"])) / 1000, 1)
 
 
 @contextlib.contextmanager
@@ -306,6 +345,53 @@ def worker_pids(supervisor: int) -> list[int]:
     ]
 
 
+def redis_demo_state(demo: Callable[[], Server], store: redis.Redis, folder: Path) -> str:
+    """The Redis demo's state, for a failure: its processes, its stream, its and nginx's logs."""
+    server = demo()
+    code = server.process.poll()
+    if code is not None:
+        lines = [f"demo supervisor {server.process.pid}: exited with {code}"]
+    else:
+        try:
+            held = str(
+                {pid: streams_held(pid, server.port) for pid in worker_pids(server.process.pid)}
+            )
+        except OSError as error:  # a worker that died meanwhile
+            held = repr(error)
+        lines = [f"demo supervisor {server.process.pid}: workers and streams held: {held}"]
+    try:
+        newest = cast(Entries, store.xrevrange("ticker:events", count=1))
+        length = store.xlen("ticker:events")
+    except redis.RedisError as error:
+        lines.append(f"Redis: {error!r}")
+    else:
+        if newest:
+            age = time.time() - int(newest[0][0].decode().split("-")[0]) / 1000
+            lines.append(f"stream: {length} entries, newest {age:.1f} s ago (the publisher)")
+        else:
+            lines.append("stream: empty: the demo's publisher published nothing")
+    lines += ["demo log, last lines:", tail(server.log())]
+    error_log = folder / "error.log"
+    if error_log.is_file():
+        lines += ["nginx error.log, last lines:", tail(error_log.read_text(errors="replace"), 20)]
+    return "\n".join(lines)
+
+
+def streams_held(pid: int, port: int) -> int:
+    """How many open TCP connections process ``pid`` holds on its listening ``port``."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith("socket:["):
+                sockets.add(target[8:-1])
+    established = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        established += state == "01" and int(local.split(":")[1], 16) == port and inode in sockets
+    return established
+
+
 def stream_ids(client: redis.Redis, first: str, last: str) -> list[str]:
     """The ids of the demo's events from ``first`` to ``last``, gap markers left out."""
     entries = cast(Entries, client.xrange("ticker:events", first, last))
@@ -324,15 +410,19 @@ def test_every_client_outlives_worker_restarts_of_the_redis_demo(
         stack.enter_context(redis_server(redis_port, tmp_path))
         store = stack.enter_context(contextlib.closing(redis.Redis(port=redis_port)))
         demo = stack.enter_context(running(argv, port=app_port))
+        state = functools.partial(redis_demo_state, lambda: demo, store, tmp_path)
         wait_until(lambda: len(worker_pids(demo.process.pid)) == 3, "three workers")
+        # Not the clients' fault if nothing is published: say so at once, with the log.
+        published = functools.partial(store.exists, "ticker:events")
+        wait_until(published, "the demo's publisher published", fail=state)
         front = stack.enter_context(nginx(app_port, tmp_path))
         clients = stack.enter_context(clients_behind(front, node_modules))
-        recovered(clients, lambda seen: len(seen.ids) > 0)
+        recovered(clients, lambda seen: len(seen.ids) > 0, state)
         for worker in worker_pids(demo.process.pid):
             opens = [seen.opens for seen in clients.seen()]
             os.kill(worker, signal.SIGKILL)
             killed, newest = time.monotonic(), newest_id(store)
-            times = recovered(clients, functools.partial(streaming_after, newest))
+            times = recovered(clients, functools.partial(streaming_after, newest), state)
             # Only the clients of the killed worker were cut, and count.
             cut = [n for n, seen in enumerate(clients.seen()) if seen.opens > opens[n]]
             # A worker may hold none of the clients: the kernel spreads them at random.
@@ -343,7 +433,7 @@ def test_every_client_outlives_worker_restarts_of_the_redis_demo(
         time.sleep(DOWN)
         demo = stack.enter_context(running(argv, port=app_port))
         back = time.monotonic()
-        times = recovered(clients, functools.partial(streaming_after, newest))
+        times = recovered(clients, functools.partial(streaming_after, newest), state)
         waits += [at - back for at in times]
         seen = clients.seen()
         plain = clients.plain()

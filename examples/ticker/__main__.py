@@ -37,21 +37,34 @@ from app import STATE_KEY, make_broadcaster  # noqa: E402  (after the path is se
 from market import Market  # noqa: E402
 
 
-def publish_through_redis(redis_url: str, rate: float, stop: threading.Event) -> None:
-    """Publish the market's moves to Redis, and keep its state there for the workers."""
+def publish_through_redis(redis_url: str, rate: float, stop: threading.Event) -> threading.Thread:
+    """Start a thread that publishes the market's moves to Redis, and keeps its state there.
+
+    Everything it needs is imported and made here, before it starts: a thread that
+    imports while the main thread starts uvicorn can lose a module to coverage.py's
+    measurement of this process in the tests (coveragepy#2247: a change to ``sys.path``
+    makes it drop every module imported meanwhile, by any thread), and a publisher
+    that dies so publishes nothing.
+    """
     import redis
 
     broadcaster = make_broadcaster(redis_url)
     market = Market()
     client = redis.Redis.from_url(redis_url)
-    try:
-        while not stop.wait(1 / rate):
-            for event_type, channel, data in market.step():
-                broadcaster.publish(event_type, data, channel=channel)
-            client.set(STATE_KEY, json.dumps(market.snapshot()))
-    finally:
-        client.close()
-        broadcaster.close()
+
+    def publish() -> None:
+        try:
+            while not stop.wait(1 / rate):
+                for event_type, channel, data in market.step():
+                    broadcaster.publish(event_type, data, channel=channel)
+                client.set(STATE_KEY, json.dumps(market.snapshot()))
+        finally:
+            client.close()
+            broadcaster.close()
+
+    thread = threading.Thread(target=publish, name="ticker publisher", daemon=True)
+    thread.start()
+    return thread
 
 
 def main() -> None:
@@ -72,10 +85,7 @@ def main() -> None:
     publisher = None
     if args.redis:
         os.environ["TICKER_REDIS_URL"] = args.redis
-        publisher = threading.Thread(
-            target=publish_through_redis, args=(args.redis, args.rate, stop), daemon=True
-        )
-        publisher.start()
+        publisher = publish_through_redis(args.redis, args.rate, stop)
     print(f"ssecast ticker demo on http://{args.host}:{args.port}", flush=True)
     try:
         uvicorn.run(
@@ -85,7 +95,8 @@ def main() -> None:
             port=args.port,
             workers=args.workers,
             timeout_graceful_shutdown=1,
-            app_dir=str(HERE),
+            # No app_dir: HERE is on sys.path already, and uvicorn would insert it again
+            # while the publisher runs (see publish_through_redis).
         )
     finally:
         stop.set()
