@@ -366,7 +366,7 @@ async def test_a_cancel_before_the_probe_ran_sends_nothing_more_and_releases() -
     await b.aclose()
 
 
-def _timeout_middleware(app: App, seconds: float) -> App:
+def timeout_middleware(app: App, seconds: float) -> App:
     async def middleware(s: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         try:
             async with asyncio.timeout(seconds):
@@ -377,7 +377,7 @@ def _timeout_middleware(app: App, seconds: float) -> App:
     return middleware
 
 
-def _anyio_middleware(app: App, seconds: float) -> App:
+def anyio_middleware(app: App, seconds: float) -> App:
     async def middleware(s: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         with anyio.move_on_after(seconds):
             async with anyio.create_task_group() as tg:
@@ -386,7 +386,7 @@ def _anyio_middleware(app: App, seconds: float) -> App:
     return middleware
 
 
-@pytest.mark.parametrize("wrap", [_timeout_middleware, _anyio_middleware], ids=["timeout", "anyio"])
+@pytest.mark.parametrize("wrap", [timeout_middleware, anyio_middleware], ids=["timeout", "anyio"])
 @pytest.mark.parametrize("waiting", [False, True], ids=["idle", "mid-write"])
 async def test_a_middleware_deadline_around_the_app_ends_the_stream(
     wrap: Callable[[App, float], App], waiting: bool

@@ -12,7 +12,6 @@ variables carried from one write to the next; nothing left subscribed; nothing l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import gc
 import re
@@ -22,7 +21,6 @@ import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 
@@ -30,7 +28,15 @@ from servers import free_port, running
 from ssecast import Broadcaster
 from ssecast.asgi import EventStream
 from test_disconnect_servers_adversary import COMPLAINTS, command, new_channel, until_subscribers
-from test_pump_adversary import Peer, Stepper, assert_let_go, scope, until
+from test_pump_adversary import (
+    Peer,
+    Stepper,
+    anyio_middleware,
+    assert_let_go,
+    scope,
+    timeout_middleware,
+    until,
+)
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -286,25 +292,7 @@ async def test_a_send_that_absorbs_the_cancel_during_a_task_side_write_streams_o
     await b.aclose()
 
 
-def _timeout_middleware(app: App, seconds: float) -> App:
-    async def middleware(s: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await app(s, receive, send)
-
-    return middleware
-
-
-def _anyio_middleware(app: App, seconds: float) -> App:
-    async def middleware(s: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        with anyio.move_on_after(seconds):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(app, s, receive, send)
-
-    return middleware
-
-
-@pytest.mark.parametrize("wrap", [_timeout_middleware, _anyio_middleware], ids=["timeout", "anyio"])
+@pytest.mark.parametrize("wrap", [timeout_middleware, anyio_middleware], ids=["timeout", "anyio"])
 async def test_a_deadline_around_the_app_ends_a_stream_whose_task_write_waits(
     wrap: Callable[[App, float], App],
 ) -> None:
