@@ -40,11 +40,10 @@ from market import Market  # noqa: E402
 def publish_through_redis(redis_url: str, rate: float, stop: threading.Event) -> threading.Thread:
     """Start a thread that publishes the market's moves to Redis, and keeps its state there.
 
-    Everything it needs is imported and made here, before it starts: a thread that
-    imports while the main thread starts uvicorn can lose a module to coverage.py's
-    measurement of this process in the tests (coveragepy#2247: a change to ``sys.path``
-    makes it drop every module imported meanwhile, by any thread), and a publisher
-    that dies so publishes nothing.
+    Everything it needs is imported and made here, before the thread starts, so that it
+    imports nothing while uvicorn starts: under coverage.py, as in the tests, a change to
+    ``sys.path`` meanwhile can drop a module the thread is importing (coveragepy#2247),
+    and the publisher dies.
     """
     import redis
 
