@@ -10,17 +10,18 @@ nothing after the end, each `send` in its own stream's context.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 import types
-from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, MutableMapping
 from typing import Any
 
 import httpx
 import pytest
 
 from raw_stream import RawStream, open_many
-from servers import free_port, running
+from servers import Server, free_port, running
 from ssecast import Broadcaster, Event
 from ssecast.asgi import EventStream
 from test_disconnect_servers_adversary import command, new_channel, until_subscribers
@@ -805,6 +806,27 @@ def _served(server: str, app: str, env: dict[str, str] | None = None) -> Any:
     return running(command(server, app, port, "batch_adversary_app"), port=port, env=env)
 
 
+@contextlib.asynccontextmanager
+async def served_streams(
+    server: str, app: str, count: int, heartbeat: str
+) -> AsyncIterator[tuple[Server, httpx.AsyncClient, str, list[RawStream]]]:
+    """Serve ``app`` on ``server`` to ``count`` streams of a new channel, all subscribed.
+
+    Yields the server, a control client, the channel and the streams; closes the streams.
+    """
+    with _served(server, app, {"SSECAST_TEST_HEARTBEAT": heartbeat}) as process:
+        channel = new_channel()
+        streams: list[RawStream] = []
+        try:
+            streams = await open_many(process.port, count, channel)
+            async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
+                assert await until_subscribers(http, count, HANG)
+                yield process, http, channel, streams
+        finally:
+            for stream in streams:
+                stream.close()
+
+
 # The plain app on every server; the wrappers, and the fallback to the task, on two.
 _WRAPPED_ON = ("uvicorn-h11", "granian")
 
@@ -900,26 +922,22 @@ async def test_thread_publishers_during_writes_reach_200_clients_once_in_order(
     server: str, app: str
 ) -> None:
     """Two threads in the server publish while the loop writes to 200 streams."""
-    with _served(server, app, {"SSECAST_TEST_HEARTBEAT": "0.05"}) as process:
-        channel = new_channel()
-        streams: list[RawStream] = []
-        try:
-            streams = await open_many(process.port, 200, channel)
-            async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
-                assert await until_subscribers(http, 200, HANG)
-                by_thread: list[list[str]] = [[], []]
-                for _ in range(3):
-                    response = await http.post(
-                        "/control/tpublish", params={"channel": channel, "count": 40}
-                    )
-                    response.raise_for_status()
-                    for t, ids in enumerate(response.json()):
-                        by_thread[t] += ids
-            total = sum(len(ids) for ids in by_thread)
-            got = await asyncio.gather(*(read_until_ids(s, total, 20) for s in streams))
-        finally:
-            for stream in streams:
-                stream.close()
+    async with served_streams(server, app, 200, "0.05") as (
+        process,
+        http,
+        channel,
+        streams,
+    ):
+        by_thread: list[list[str]] = [[], []]
+        for _ in range(3):
+            response = await http.post(
+                "/control/tpublish", params={"channel": channel, "count": 40}
+            )
+            response.raise_for_status()
+            for t, ids in enumerate(response.json()):
+                by_thread[t] += ids
+        total = sum(len(ids) for ids in by_thread)
+        got = await asyncio.gather(*(read_until_ids(s, total, 20) for s in streams))
     wanted = set(by_thread[0]) | set(by_thread[1])
     for ids in got:
         assert len(ids) == total

@@ -21,12 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
-from raw_stream import RawStream, open_many
+from raw_stream import RawStream
 from ssecast import Broadcaster, BroadcasterClosedError, Event
 from ssecast._wire import HEARTBEAT
 from test_batch_adversary import (
     Stream,
-    _served,
     collect_loop_errors,
     dechunked,
     finish,
@@ -34,9 +33,10 @@ from test_batch_adversary import (
     ids_in,
     publish,
     read_until_ids,
+    served_streams,
     started,
 )
-from test_disconnect_servers_adversary import new_channel, until_subscribers
+from test_disconnect_servers_adversary import until_subscribers
 from test_pump_adversary import HANG, OUR_FRAME, SERVERS, Peer, clock_beats, until
 
 Message = MutableMapping[str, Any]
@@ -453,20 +453,16 @@ async def slow_and_fast(
     the 4 slow and the 4 fast streams and the ids published; checks, once the server has
     stopped, that it logged no error of ssecast's.
     """
-    with _served(server, "PLAIN", {"SSECAST_TEST_HEARTBEAT": "0.02"}) as process:
-        channel = new_channel()
-        streams: list[RawStream] = []
-        try:
-            streams = await open_many(process.port, 8, channel)
-            async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
-                assert await until_subscribers(http, 8, HANG)
-                published: list[str] = []
-                for round_ in range(rounds):
-                    published += await publish(http, channel, 1 if round_ % 2 else burst, _BIG)
-                yield http, channel, streams[:4], streams[4:], published
-        finally:
-            for stream in streams:
-                stream.close()
+    async with served_streams(server, "PLAIN", 8, "0.02") as (
+        process,
+        http,
+        channel,
+        streams,
+    ):
+        published: list[str] = []
+        for round_ in range(rounds):
+            published += await publish(http, channel, 1 if round_ % 2 else burst, _BIG)
+        yield http, channel, streams[:4], streams[4:], published
     log = process.log()
     # Hypercorn on 3.11 logs its own reader's cancellation at shutdown: only ours count.
     assert not OUR_FRAME.search(log), log
@@ -660,35 +656,29 @@ async def test_a_shutdown_amid_thread_publishers_and_waiting_writes_ends_every_c
     Each of 100 clients reads out the same events (fewer than its queue holds), once, in
     the same order, each thread's in its order, and then the end.
     """
-    with _served(server, "YIELDING", {"SSECAST_TEST_HEARTBEAT": "0.01"}) as process:
-        channel = new_channel()
-        streams: list[RawStream] = []
-        try:
-            streams = await open_many(process.port, 100, channel)
-            async with httpx.AsyncClient(base_url=process.url, timeout=HANG) as http:
-                assert await until_subscribers(http, 100, HANG)
+    async with served_streams(server, "YIELDING", 100, "0.01") as (
+        process,
+        http,
+        channel,
+        streams,
+    ):
 
-                async def close_once_events_flow() -> None:
-                    # Not after a fixed delay: on a busy machine the threads may not have
-                    # published yet, and a stream of no events would test nothing.
-                    first = streams[0]
-                    while b"data:" not in first.received:
-                        chunk = await first.reader.read(65536)
-                        assert chunk, "the stream ended before its first event"
-                        first.received += chunk
-                    (await http.post("/control/close")).raise_for_status()
+        async def close_once_events_flow() -> None:
+            # Not after a fixed delay: on a busy machine the threads may not have
+            # published yet, and a stream of no events would test nothing.
+            first = streams[0]
+            while b"data:" not in first.received:
+                chunk = await first.reader.read(65536)
+                assert chunk, "the stream ended before its first event"
+                first.received += chunk
+            (await http.post("/control/close")).raise_for_status()
 
-                publishing = http.post(
-                    "/control/tpublish", params={"channel": channel, "count": 100}
-                )
-                # Each thread stops at the close: it answers the ids it published before.
-                response, _ = await asyncio.wait_for(
-                    asyncio.gather(publishing, close_once_events_flow()), HANG
-                )
-            ends = await asyncio.wait_for(asyncio.gather(*(s.read_to_end() for s in streams)), 30)
-        finally:
-            for stream in streams:
-                stream.close()
+        publishing = http.post("/control/tpublish", params={"channel": channel, "count": 100})
+        # Each thread stops at the close: it answers the ids it published before.
+        response, _ = await asyncio.wait_for(
+            asyncio.gather(publishing, close_once_events_flow()), HANG
+        )
+        ends = await asyncio.wait_for(asyncio.gather(*(s.read_to_end() for s in streams)), 30)
     assert ends == [True] * 100
     got = [ids_in(s.received) for s in streams]
     assert response.status_code == 200
