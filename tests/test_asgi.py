@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
 import threading
@@ -469,7 +470,9 @@ async def test_event_stream_alone_is_a_complete_asgi_app() -> None:
 # -- in-process ------------------------------------------------------------------------
 
 
-async def test_close_on_signal_closes_then_calls_the_previous_handler() -> None:
+async def test_close_on_signal_closes_then_calls_the_previous_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The hook closes the broadcaster, hands the signal on, and restores the handler."""
     seen: list[int] = []
 
@@ -479,7 +482,8 @@ async def test_close_on_signal_closes_then_calls_the_previous_handler() -> None:
     original = signal.signal(signal.SIGUSR1, previous)
     try:
         broadcaster = Broadcaster()
-        async with close_on_signal(broadcaster, [signal.SIGUSR1]):
+        async with close_on_signal(broadcaster, [signal.SIGUSR1, signal.SIGUSR2]):
+            assert not caplog.records  # one of the two is hooked: nothing to warn about
             assert signal.getsignal(signal.SIGUSR1) is not previous
             signal.raise_signal(signal.SIGUSR1)
             assert seen == [signal.SIGUSR1]
@@ -495,22 +499,38 @@ async def test_close_on_signal_closes_then_calls_the_previous_handler() -> None:
         signal.signal(signal.SIGUSR1, original)
 
 
-def test_close_on_signal_leaves_default_handlers_alone() -> None:
-    """A signal at its default disposition is not hooked; leaving closes the broadcaster."""
+def test_close_on_signal_leaves_default_handlers_alone(caplog: pytest.LogCaptureFixture) -> None:
+    """A signal at its default disposition is not hooked; leaving closes the broadcaster.
+
+    With no signal hooked in the main thread (a hypercorn worker process's case), it warns
+    that a stop signal will end no stream, naming the signals and what to do.
+    """
 
     async def main() -> None:
         broadcaster = Broadcaster()
-        async with close_on_signal(broadcaster, [signal.SIGUSR2]):
+        async with close_on_signal(broadcaster, iter([signal.SIGUSR2, signal.SIGHUP])):
             assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
         with pytest.raises(BroadcasterClosedError):
             broadcaster.subscribe()
 
     assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
-    asyncio.run(main())
+    with caplog.at_level(logging.WARNING, "ssecast"):
+        asyncio.run(main())
+    [warning] = caplog.records
+    assert warning.levelno == logging.WARNING
+    message = warning.getMessage()
+    assert "no handler for SIGUSR2 or SIGHUP" in message
+    assert "--workers 0" in message
+    assert "lifetime" in message
 
 
-def test_close_on_signal_outside_the_main_thread_installs_nothing() -> None:
-    """In a thread, where Python takes no signal handlers, it only closes on leaving."""
+def test_close_on_signal_outside_the_main_thread_installs_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In a thread, where Python takes no signal handlers, it only closes on leaving.
+
+    Nor does it warn there: test clients run an application's lifespan in a thread.
+    """
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     seen: list[Any] = []
 
@@ -523,9 +543,11 @@ def test_close_on_signal_outside_the_main_thread_installs_nothing() -> None:
         seen.append("closed")
 
     thread = threading.Thread(target=asyncio.run, args=(main(),))
-    thread.start()
-    thread.join(10)
+    with caplog.at_level(logging.WARNING, "ssecast"):
+        thread.start()
+        thread.join(10)
     assert seen == [before, "closed"]
+    assert not caplog.records
 
 
 async def test_close_on_signal_keeps_a_handler_installed_after_it() -> None:

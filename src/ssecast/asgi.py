@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
+import logging
 import signal
 import threading
 from collections.abc import (
@@ -96,6 +97,8 @@ from ssecast._pump import Pump
 from ssecast._watch import DisconnectWatch
 
 __all__ = ["EventStream", "HealthCheck", "close_on_signal"]
+
+logger = logging.getLogger("ssecast")
 
 # ASGI's types, written here as Starlette's types.py writes them, so that no framework
 # is needed.
@@ -420,19 +423,25 @@ async def close_on_signal(
     """Close `broadcaster` when the process gets a stop signal, so that servers can stop.
 
     Enter it in the application's lifespan, which runs in the server's event loop. For
-    each of `signals` whose handler is a Python function (uvicorn's, hypercorn's), it
-    installs a handler that schedules `broadcaster.aclose()` on the loop and then calls
-    the handler it replaced, so the server goes on to shut down as usual, now with every
-    event stream ending at once. Signals left at their default or ignored are not
-    touched, and outside the main thread (where Python takes no signal handlers) nothing
-    is installed. On leaving the block it puts the replaced handlers back and closes the
-    broadcaster.
+    each of `signals` whose handler is a Python function (uvicorn's, granian's,
+    `hypercorn --workers 0`'s), it installs a handler that schedules `broadcaster.aclose()`
+    on the loop and then calls the handler it replaced, so the server goes on to shut down
+    as usual, now with every event stream ending at once. Signals left at their default or
+    ignored are not touched, and outside the main thread (where Python takes no signal
+    handlers) nothing is installed. On leaving the block it puts the replaced handlers back
+    and closes the broadcaster.
+
+    In the main thread with none of `signals` handled, it logs a warning, for it can end no
+    stream early there: a hypercorn worker process (`--workers 1`, the default, or more)
+    leaves the stop signals to its parent, and on Python 3.12+ it then waits for every
+    open stream to end before it exits.
 
     :param broadcaster: the broadcaster to close.
     :param signals: the signals that mean "stop"; SIGINT and SIGTERM by default.
     :returns: an async context manager that yields `broadcaster`.
     """
     loop = asyncio.get_running_loop()
+    signals = tuple(signals)
     closing: set[asyncio.Task[None]] = set()
 
     def close() -> None:
@@ -448,6 +457,13 @@ async def close_on_signal(
                 handler = _chained(loop, close, previous)
                 signal.signal(sig, handler)
                 installed[sig] = (handler, previous)
+        if not installed:
+            logger.warning(
+                "close_on_signal: no handler for %s in this process, so a stop signal will"
+                " not end the event streams (a hypercorn worker: serve with --workers 0,"
+                " or give the streams a lifetime)",
+                " or ".join(signal.Signals(sig).name for sig in signals),
+            )
     try:
         yield broadcaster
     finally:
