@@ -83,16 +83,22 @@ def running(
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
     cwd: Path = TESTS,
+    measured: bool = True,
 ) -> Iterator[Server]:
     """Run ``argv`` (which must listen on ``port``) until the block ends, then stop it.
 
     Start Python tools as ``[PYTHON, "-m", "uvicorn", ...]`` so they run in this venv.
     The command runs with this interpreter's environment plus ``env``, from ``cwd`` (the
     tests folder unless given); the tests folder is on ``PYTHONPATH`` either way, so test
-    apps import as top-level modules.
+    apps import as top-level modules. Under ``--cov`` its Python processes are measured
+    too, unless ``measured`` is false: then they run as a user's would, without coverage's
+    own SIGTERM handler.
     """
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     merged = {**os.environ, "PYTHONPATH": path, **(env or {})}
+    if not measured:
+        for name in [name for name in merged if name.startswith("COVERAGE_PROCESS_")]:
+            del merged[name]
     with tempfile.NamedTemporaryFile(prefix="ssecast-server-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
     with log_path.open("wb") as log_file:
