@@ -223,6 +223,74 @@ async def test_a_send_that_waits_in_a_batch_delays_only_its_own_stream() -> None
         await finish(b, streams)
 
 
+def _with_two_channel_second(b: Broadcaster) -> list[Stream]:
+    """Four streams of channel "c", the second also of "d".
+
+    An event on "d" right after one on "c" gives the second two frames in the wake-up
+    where the others have one.
+    """
+    return [Stream(b, f"s{n}", channels=("c", "d") if n == 1 else ("c",)) for n in range(4)]
+
+
+def noting_where(peer: Peer, from_callback: list[bool]) -> Send:
+    """A send that notes, for each body holding an event, whether no task ran it."""
+
+    async def send(message: Message) -> None:
+        if b"data:" in message.get("body", b""):
+            from_callback.append(asyncio.current_task() is None)
+        await peer.send(message)
+
+    return send
+
+
+async def test_a_send_that_waits_on_two_frames_mid_batch_leaves_the_next_streams_whole() -> None:
+    """The waiting stream is handed its write; the single frames after it go out whole."""
+    b = Broadcaster(heartbeat=None)
+    gate = asyncio.Event()
+    streams = _with_two_channel_second(b)
+    streams[1].send = misbehaving(streams[1].peer, gate.wait)
+    await started(b, streams)
+    live = [b.publish("m", 0, channel="c")]  # one wake-up for all four
+    only_second = b.publish("m", "d", channel="d")  # before it runs: two frames for s1
+    try:
+        for n in (0, 2, 3):
+            await until(lambda n=n: streams[n].data == frames(live))  # type: ignore[misc]
+        live.append(b.publish("m", 1, channel="c"))
+        for n in (0, 2, 3):
+            await until(lambda n=n: streams[n].data == frames(live))  # type: ignore[misc]
+        assert streams[1].data == b""
+        gate.set()
+        await until(lambda: streams[1].data == frames([live[0], only_second, live[1]]))
+    finally:
+        await finish(b, streams)
+
+
+@pytest.mark.parametrize("pending", [1, 2], ids=["one frame", "two frames"])
+async def test_a_send_that_fails_mid_batch_leaves_the_next_streams_to_the_wake_up(
+    pending: int,
+) -> None:
+    """After one stream's send raises, the wake-up still writes the streams after it.
+
+    Not each handed to its task, which would cost every one of them a task wake-up per event.
+    """
+    b = Broadcaster(heartbeat=None)
+    streams = _with_two_channel_second(b)
+    streams[1].send = misbehaving(streams[1].peer, _raise(ValueError("a bug in a middleware")))
+    from_callback: dict[int, list[bool]] = {2: [], 3: []}
+    for n, noted in from_callback.items():
+        streams[n].send = noting_where(streams[n].peer, noted)
+    await started(b, streams)
+    live = [b.publish("m", 0, channel="c")]
+    second = [*live, b.publish("m", "d", channel="d")] if pending == 2 else live
+    try:
+        for n in (0, 2, 3):
+            await until(lambda n=n: streams[n].data == frames(live))  # type: ignore[misc]
+        await until(lambda: streams[1].data == frames(second))  # its task sent what failed
+        assert from_callback == {2: [True], 3: [True]}
+    finally:
+        await finish(b, streams)
+
+
 async def test_a_send_that_cancels_its_own_task_mid_batch_leaves_the_others_whole() -> None:
     """A send that cancels its stream (and waits) mid-batch: the others lose nothing."""
     b = Broadcaster(heartbeat=None)

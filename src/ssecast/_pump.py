@@ -239,6 +239,7 @@ class Pump(Heartbeat, Generator[object, None, None]):
         from callbacks (`_settle` withdraws it), so what a parked pump is given, it writes.
         """
         writer = _writer()
+        write = writer.send  # a bound method made once, not once per write
         for pump, taken in zip(pumps, poll_all(pumps), strict=True):
             if type(taken) is bytes and pump._feed.close_reason is None:
                 # One frame for an open feed: nearly every write. `_write` for that case,
@@ -248,18 +249,21 @@ class Pump(Heartbeat, Generator[object, None, None]):
                     continue  # the stream was cancelled since the poll (by a write, even)
                 message = {"type": "http.response.body", "body": taken, "more_body": True}
                 try:
-                    written = pump.context.run(writer.send, (pump._send, message))
+                    written = pump.context.run(write, (pump._send, message))
                 except BaseException as error:
                     pump._failed(error, taken)
                     writer = _writer()
+                    write = writer.send
                     continue
                 if written is not _WRITTEN:
                     pump._settle(_Waiting(pump.context, writer, written))
                     writer = _writer()
+                    write = writer.send
                 continue
             got = pump._feed.poll(pump) if taken is None and pump._writes() else taken
             if got is not None and not pump._write(writer, got):
                 writer = _writer()
+                write = writer.send
 
     def _writes(self) -> bool:
         """Whether the callbacks write: the task awaits the pump, and is not writing itself."""
