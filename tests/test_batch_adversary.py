@@ -111,7 +111,7 @@ class Custom(BaseException):
     """A BaseException that is neither a cancellation nor an interpreter exit."""
 
 
-def misbehaving(peer: Peer, act: Callable[[], Awaitable[None] | None]) -> Send:
+def misbehaving(peer: Peer, act: Callable[[], Awaitable[object] | None]) -> Send:
     """A send that runs ``act`` on the first body holding an event, then passes on the rest."""
     fired = False
 

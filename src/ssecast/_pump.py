@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import logging
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
 from types import CoroutineType, TracebackType
@@ -47,6 +48,8 @@ from ssecast._subscription import CloseReason, Heartbeat, Status, Subscription, 
 from ssecast._wire import HEARTBEAT
 
 __all__ = ["Pump", "coroutine_of"]
+
+logger = logging.getLogger("ssecast")
 
 _Send: TypeAlias = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _T = TypeVar("_T")
@@ -418,8 +421,16 @@ class _Waiting:
         self._waited_on = waited_on
 
     def close(self) -> None:
-        """Abandon the write, as when a coroutine is closed unfinished."""
-        self._context.run(self._writer.close)
+        """Abandon the write, as when a coroutine is closed unfinished.
+
+        A send that awaits even so (in a `finally`, say) makes closing it fail: that is
+        logged, not raised, so that the wake-up or the clock closing it goes on to the
+        other streams.
+        """
+        try:
+            self._context.run(self._writer.close)
+        except Exception:
+            logger.exception("an abandoned send (its stream was cancelled) would not stop")
 
     def __await__(self) -> Generator[Any, Any, None]:
         # What `await` does for a coroutine, from its second step on: hand what it waits
