@@ -1,4 +1,4 @@
-"""Adversarial tests of the writer `Pump.ready_all` keeps for a wake-up (commit b527dab).
+"""Adversarial tests of the writer `Pump.ready_all` keeps for a wake-up.
 
 `ready_all` takes its writer's bound `send` once (`write = writer.send`) and takes a new
 writer, and its `send`, whenever a write leaves the old one unusable: a send that raised
@@ -599,12 +599,55 @@ async def test_a_send_that_awaits_while_closed_on_a_heartbeat_stops_no_other_hea
     await started(b, streams)
     armed = True
     try:
-        await until(lambda: fired, 1.0)
+        await until(lambda: fired, HANG)
         marks = [len(streams[n].peer.bodies) for n in (0, 2)]
-        await asyncio.sleep(0.2)  # ten heartbeats
-        beats = [len(streams[n].peer.bodies) - marks[k] for k, n in enumerate((0, 2))]
-        assert min(beats) >= 3, (beats, errors)
+
+        def beats() -> int:
+            return min(len(streams[n].peer.bodies) - marks[k] for k, n in enumerate((0, 2)))
+
+        await until(lambda: beats() >= 3, HANG)  # 0.06 s of heartbeats; none once stopped
+        assert errors == []
         assert _abandoned_send_logged(caplog)
     finally:
         asyncio.get_running_loop().set_exception_handler(None)
+        await finish(b, streams)
+
+
+async def test_a_send_that_awaits_while_closed_by_its_cancelled_task_ends_it_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The task, cancelled once its send waited, abandons the write; the close fails.
+
+    The stream still ends as a cancelled one does (its response ended, no error out of the
+    app), the failure is logged, and the other streams lose nothing.
+    """
+    b = Broadcaster(heartbeat=None)
+    streams = [Stream(b, f"s{n}") for n in range(3)]
+    never = asyncio.Event()
+
+    async def cancel_once_waiting_then_clean_up() -> None:
+        task = streams[1].task
+        assert task is not None
+        # Runs after the wake-up handed this waiting write to the task, before the task does.
+        asyncio.get_running_loop().call_soon(task.cancel)
+        try:
+            await never.wait()
+        finally:
+            await asyncio.sleep(0)  # a clean-up that awaits
+
+    streams[1].send = misbehaving(streams[1].peer, cancel_once_waiting_then_clean_up)
+    await started(b, streams)
+    events = [b.publish("m", 0, channel="c")]
+    try:
+        task = streams[1].task
+        assert task is not None
+        await asyncio.wait({task}, timeout=HANG)
+        assert task.done()
+        assert task.exception() is None
+        assert streams[1].peer.ended
+        assert _abandoned_send_logged(caplog)
+        events.append(b.publish("m", 1, channel="c"))
+        for n in (0, 2):
+            await until(lambda n=n: streams[n].data == frames(events))  # type: ignore[misc]
+    finally:
         await finish(b, streams)
