@@ -563,10 +563,10 @@ async def test_a_send_that_awaits_while_closed_mid_batch_costs_the_others_nothin
     try:
         await asyncio.sleep(0.05)
         events.append(b.publish("m", 1, channel="c"))
-        await asyncio.sleep(0.1)
-        # The send misbehaved: the loop may be told (errors), but no other stream pays.
-        got = [streams[n].data for n in (0, 2, 3)]
-        assert got == [frames(events)] * 3, errors
+        # The send misbehaved: it is logged, but no other stream pays.
+        for n in (0, 2, 3):
+            await until(lambda n=n: streams[n].data == frames(events))  # type: ignore[misc]
+        assert errors == []
         assert _abandoned_send_logged(caplog)
     finally:
         asyncio.get_running_loop().set_exception_handler(None)
