@@ -10,7 +10,9 @@ that send). These tests build batches that mix the fast path (one frame) and the
 path (two frames; a feed ended by its lifetime with frames left; a feed revoked) and make
 sends misbehave in every place of the batch, one or several, consecutive, and last. Each
 client's events must come exactly once, in order, nothing after its end; well-behaved
-streams must still be written by the callback; the loop reports no error.
+streams must still be written by the callback; the loop reports no error. The last tests
+take a send that, its stream cancelled, awaits again as ssecast abandons it: that is
+logged, and costs no other stream anything.
 """
 
 from __future__ import annotations
