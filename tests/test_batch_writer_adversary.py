@@ -33,6 +33,7 @@ from test_batch_adversary import (
     Custom,
     Stream,
     _NextOnlyAwaitable,
+    collect_loop_errors,
     finish,
     frames,
     misbehaving,
@@ -435,11 +436,7 @@ async def test_thread_publishers_during_batches_with_misbehaving_sends() -> None
         for n in (0, 2, 5):
             assert all(where[n]), (n, where[n].count(False))
     finally:
-        await b.aclose()
-        for stream in streams:
-            assert stream.task is not None
-            stream.task.cancel()
-        await asyncio.gather(*(s.task for s in streams if s.task), return_exceptions=True)
+        await finish(b, streams)
 
 
 # --- a real server: uvicorn with a middleware that waits for one client, raises for another --
@@ -458,7 +455,7 @@ async def _read_events(client: httpx.AsyncClient, url: str, want: int, out: list
 async def test_uvicorn_middleware_waiting_for_one_client_and_raising_for_another() -> None:
     """Eight httpx clients on uvicorn; the middleware waits mid-batch for one, raises for one."""
     port = free_port()
-    argv = command("uvicorn-h11", "WAIT_AND_RAISE", port, "batch_writer_adversary_app")
+    argv = command("uvicorn-h11", "WAIT_AND_RAISE", port, "batch_adversary_app")
     with running(argv, port=port, env={"SSECAST_TEST_HEARTBEAT": "0.05"}) as process:
         channel = new_channel()
         clients = 8
@@ -558,8 +555,7 @@ async def test_a_send_that_awaits_while_closed_mid_batch_costs_the_others_nothin
     b = Broadcaster(heartbeat=None)
     streams = [Stream(b, f"s{n}") for n in range(4)]
     streams[1].send = misbehaving(streams[1].peer, _cancels_itself_then_cleans_up(streams, 1))
-    errors: list[dict[str, Any]] = []
-    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    errors = collect_loop_errors()
     await started(b, streams)
     events = [b.publish("m", 0, channel="c")]
     try:
@@ -596,8 +592,7 @@ async def test_a_send_that_awaits_while_closed_on_a_heartbeat_stops_no_other_hea
         await streams[1].peer.send(message)
 
     streams[1].send = send
-    errors: list[dict[str, Any]] = []
-    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    errors = collect_loop_errors()
     await started(b, streams)
     armed = True
     try:

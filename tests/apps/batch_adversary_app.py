@@ -16,6 +16,12 @@
 - ``THREADS``: ``PLAIN`` with ``/control/tpublish``.
 - ``BASE_HTTP``: Starlette with a `BaseHTTPMiddleware` (the pump's task fallback), and
   `close_on_signal` in its lifespan.
+- ``WAIT_AND_RAISE``: a send wrapper that misbehaves as the stream's ``who`` query
+  parameter says: ``ok`` passes every message on; ``wait`` waits (``asyncio.sleep(0.01)``)
+  before every second body with an event, in the middle of the wake-up that writes every
+  stream; ``raise`` raises ``ValueError`` on the second body with an event, once (the
+  pump's task takes the stream over and sends that body again); ``yield`` awaits
+  ``asyncio.sleep(0)`` before every body.
 """
 
 from __future__ import annotations
@@ -152,3 +158,28 @@ async def THREADS(scope: Any, receive: Any, send: Any) -> None:
         await _thread_control(scope, receive, send)
     else:
         await PLAIN(scope, receive, send)
+
+
+async def WAIT_AND_RAISE(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http" or not scope["path"].startswith("/events"):
+        await PLAIN(scope, receive, send)
+        return
+    pairs = parse_qs(scope.get("query_string", b"").decode())
+    who = pairs.get("who", ["ok"])[-1]
+    seen = 0
+    raised = False
+
+    async def wrapped(message: Any) -> None:
+        nonlocal seen, raised
+        if b"data:" in message.get("body", b""):
+            seen += 1
+            if who == "wait" and seen % 2 == 0:
+                await asyncio.sleep(0.01)
+            elif who == "raise" and seen == 2 and not raised:
+                raised = True
+                raise ValueError("a middleware that needs its task")
+            elif who == "yield":
+                await asyncio.sleep(0)
+        await send(message)
+
+    await PLAIN(scope, receive, wrapped)
