@@ -12,7 +12,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import psycopg
@@ -54,17 +54,13 @@ class Harness:
         """The connections this store holds for the backends of the test."""
         return 0
 
-    @contextmanager
-    def lagging(self, **options: Any) -> Iterator[tuple[Broadcaster, Any]]:
+    def lagging(self, **options: Any) -> AbstractContextManager[tuple[Broadcaster, Any]]:
         """Yield a broadcaster whose reader can be held up, and the context that holds it."""
         raise NotImplementedError
-        yield
 
-    @contextmanager
-    def silent(self) -> Iterator[Broadcaster]:
+    def silent(self) -> AbstractContextManager[Broadcaster]:
         """Yield a broadcaster whose store accepts connections and never answers."""
         raise NotImplementedError
-        yield
 
     def close(self) -> None:
         """Remove what the test left in the store."""

@@ -62,8 +62,9 @@ def exit_child(code: int) -> None:
     try:
         import coverage
     except ImportError:  # pragma: no cover - the test suite runs under coverage
-        coverage = None
-    measuring = coverage and coverage.Coverage.current()
+        measuring = None
+    else:
+        measuring = coverage.Coverage.current()
     if measuring:
         measuring.stop()
         measuring.save()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from sse_parser import ParsedEvent, parse
@@ -56,3 +57,9 @@ def assert_told_of_every_hole(got: list[ParsedEvent], sent: list[Event]) -> None
         assert index == expected_next or told, f"missed {ids[expected_next:index]} silently"
         assert (event.type, event.data) == (sent[index].type, sent[index].data)
         expected_next, told = index + 1, False
+
+
+def printed_event(line: bytes) -> Event:
+    """The event a publisher process printed as JSON: its type, id, channel and data."""
+    type_, id_, channel, data = json.loads(line)
+    return Event(type_, id_, channel, data, frame=b"")

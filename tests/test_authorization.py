@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -60,7 +61,9 @@ def publish(srv: Server, channel: str, n: int | str) -> str:
     return event_id
 
 
-def get(srv: Server, query: list[tuple[str, str]], last_event_id: str | None = None) -> dict:
+def get(
+    srv: Server, query: list[tuple[str, str]], last_event_id: str | None = None
+) -> dict[str, Any]:
     """GET the stream with raw sockets; return status, headers and the first body chunk."""
     target = "/events?" + urlencode(query)
     headers = "Host: 127.0.0.1\r\n"

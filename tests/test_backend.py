@@ -57,7 +57,7 @@ class LoggingBackend:
         self.slow_listen = 0.0
         self.replay_threads: list[int] = []
         # Runs inside replay, standing for what happens elsewhere while the backend does I/O.
-        self.during_replay: Callable[[], None] = lambda: None
+        self.during_replay: Callable[[], object] = lambda: None
         self._lock = threading.Lock()
 
     def start(self, deliver: Deliver, report_gap: ReportGap) -> None:

@@ -71,6 +71,16 @@ class AsgiClient:
 # -- exactly once, in order ---------------------------------------------------------------
 
 
+def join_all(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join(HANG)
+
+
+def close_all(subs: list[Subscription]) -> None:
+    for sub in subs:
+        sub.close()
+
+
 async def read_with_async_for(sub: Subscription, out: list[bytes]) -> None:
     async for chunk in sub:
         out.append(chunk)
@@ -157,12 +167,12 @@ async def test_every_event_once_in_order_to_pumps_tasks_and_threads_while_all_pu
         if n % 7 == 0:
             await asyncio.sleep(0)
     published.append(mine)
-    await asyncio.to_thread(lambda: [p.join(HANG) for p in publishers])
+    await asyncio.to_thread(join_all, publishers)
     await asyncio.sleep(0.05)  # a heartbeat or two lands among the events
     b.close()
     async with asyncio.timeout(HANG):
         await asyncio.gather(*tasks, *(pump.task for _, pump in pumps.values()))
-    await asyncio.to_thread(lambda: [t.join(HANG) for t in threads])
+    await asyncio.to_thread(join_all, threads)
 
     assert all(pump.ended for _, pump in pumps.values())
     streams = {name: (c, events_of(b"".join(out))) for name, (c, out) in readers.items()}
@@ -330,7 +340,7 @@ async def test_readers_stopped_from_another_thread_end_and_their_clock_goes() ->
     await asyncio.sleep(0.05)
     assert loop in _Clock._clocks
     started = time.monotonic()
-    await asyncio.to_thread(lambda: [sub.close() for sub in subs])
+    await asyncio.to_thread(close_all, subs)
     async with asyncio.timeout(HANG):
         await asyncio.gather(*tasks)
     assert time.monotonic() - started < SLACK

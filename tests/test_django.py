@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -85,7 +85,7 @@ def test_gap(server: Server) -> None:
 
 def test_disconnect_noticed(server: Server) -> None:
     """A gone client leaves stats(): under WSGI when a heartbeat fails, under ASGI with none."""
-    if "uvicorn" in server.process.args:
+    if "uvicorn" in str(server.process.args):
         # With the heartbeat off nothing is written to a quiet stream, so only ASGI's
         # disconnect message can tell the view that its client left.
         env = {**checks.MAIN_ENV, "SSECAST_TEST_HEARTBEAT": "0"}
@@ -218,7 +218,8 @@ def test_wsgi_request_gets_a_sync_stream(
     response = stream(factories[0].get("/events"), broadcaster)
     assert isinstance(response, StreamingHttpResponse)
     assert not response.is_async
-    body = iter(response.streaming_content)
+    body = response.streaming_content
+    assert isinstance(body, Iterator)
     assert next(body) == OPENING
     event = broadcaster.publish("tick", 1)
     assert next(body) == event.frame
@@ -233,7 +234,8 @@ async def test_asgi_request_gets_an_async_stream(
     response = stream(factories[1].get("/events"), broadcaster)
     assert isinstance(response, StreamingHttpResponse)
     assert response.is_async
-    body = aiter(response.streaming_content)
+    body = response.streaming_content
+    assert isinstance(body, AsyncIterator)
     assert await anext(body) == OPENING
     event = broadcaster.publish("tick", 1)
     async with asyncio.timeout(5):
@@ -288,6 +290,7 @@ def test_a_closed_broadcaster_is_a_503_that_says_so(
     broadcaster = Broadcaster()
     broadcaster.close()
     refused = stream(factories[0].get("/events"), broadcaster)
+    assert isinstance(refused, HttpResponse)
     assert refused.status_code == 503
     assert refused["Retry-After"]
     assert refused.content.decode().startswith("the broadcaster is closed")

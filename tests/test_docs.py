@@ -287,7 +287,9 @@ def test_a_block_that_never_ends_fails_instead_of_hanging(tmp_path: Path) -> Non
         FIXTURE[0].page, 1, "python", "import threading\nthreading.Event().wait()\n", None
     )
     results = run_page([hanging, FIXTURE[4]], tmp_path, timeout=2.0)
-    assert results[hanging.location].startswith("the page did not finish within 2.0 s")
+    failure = results[hanging.location]
+    assert failure is not None
+    assert failure.startswith("the page did not finish within 2.0 s")
     assert results[FIXTURE[4].location] == f"not run: the block at {hanging.location} failed first"
 
 

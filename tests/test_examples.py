@@ -89,7 +89,8 @@ TICKER_STREAM = Example("ticker-stream", "ticker_stream.py", "python", (), "", 0
 
 def installs(lines: list[str]) -> tuple[list[str], list[str]]:
     """The extras and the plain packages that the ``pip install`` lines of ``lines`` name."""
-    extras, packages = [], []
+    extras: list[str] = []
+    packages: list[str] = []
     for line in lines:
         if match := INSTALL.fullmatch(line):
             extras += (match["extras"] or "").split(",") if match["extras"] else []

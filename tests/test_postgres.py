@@ -30,7 +30,7 @@ import ssecast._postgres_connections
 import ssecast._postgres_reader
 import ssecast.postgres
 from backends import POSTGRES_DSN, postgres_connections, postgres_dsn
-from reading import Client, assert_told_of_every_hole
+from reading import Client, assert_told_of_every_hole, printed_event
 from servers import PYTHON, TESTS, free_port, running
 from sse_parser import ParsedEvent, parse
 from ssecast import (
@@ -980,7 +980,7 @@ async def publish_from_another_process(table: str, numbers: range) -> list[Event
     output, _ = await asyncio.wait_for(publisher.communicate(), 60)
     assert publisher.returncode == 0
     *lines, connections = output.splitlines()
-    published = [Event(*json.loads(line), frame=b"") for line in lines]
+    published = [printed_event(line) for line in lines]
     assert len(published) == len(numbers)
     # One listener per worker (3) and one publishing connection: no listener here.
     assert json.loads(connections) == 4
@@ -999,7 +999,7 @@ class StreamClient:
     async def listen(self, count: int, last_event_id: str | None = None) -> list[ParsedEvent]:
         """Connect, then read until ``count`` events arrived; return them and disconnect."""
         headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
-        params = [("channel", channel) for channel in self.channels]
+        params = httpx.QueryParams([("channel", channel) for channel in self.channels])
         async with self.http.stream("GET", self.url, params=params, headers=headers) as response:
             assert response.status_code == 200
             stream = b""

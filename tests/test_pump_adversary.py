@@ -41,7 +41,7 @@ HANG = 5.0
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
-App = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+App = Callable[[MutableMapping[str, Any], Receive, Send], Coroutine[Any, Any, None]]
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
@@ -320,7 +320,7 @@ async def test_cancelling_during_a_waiting_write_cancels_it_and_ends_the_respons
     task = asyncio.create_task(EventStream(b, ["c"])(scope(), peer.receive, held.send))
     await until(lambda: clock_beats(loop) == 1)
     b.publish("m", "hello", channel="c")
-    await until(lambda: held.gate._callbacks)  # type: ignore[attr-defined]
+    await until(lambda: held.gate._callbacks)
     task.cancel()
     await asyncio.wait_for(task, HANG)  # the cancel is absorbed: the response ended cleanly
     assert held.log == ["waiting", "CancelledError", "closed"]
@@ -344,7 +344,7 @@ async def test_a_second_cancel_during_the_final_send_propagates_and_releases() -
     task = asyncio.create_task(EventStream(b, ["c"])(scope(), peer.receive, send))
     await until(lambda: clock_beats(loop) == 1)
     task.cancel()
-    await until(lambda: gate._callbacks)  # type: ignore[attr-defined]
+    await until(lambda: gate._callbacks)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, HANG)

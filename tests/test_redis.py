@@ -22,8 +22,9 @@ import httpx
 import pytest
 import redis
 
+import ssecast._redis_reader
 import ssecast.redis
-from reading import Client, assert_told_of_every_hole
+from reading import Client, assert_told_of_every_hole, printed_event
 from servers import PYTHON, TESTS, free_port, running
 from sse_parser import ParsedEvent, parse
 from ssecast import (
@@ -650,7 +651,7 @@ async def publish_from_another_process(prefix: str, numbers: range) -> list[Even
     output, _ = await asyncio.wait_for(publisher.communicate(), 30)
     assert publisher.returncode == 0
     *lines, connections = output.splitlines()
-    published = [Event(*json.loads(line), frame=b"") for line in lines]
+    published = [printed_event(line) for line in lines]
     assert len(published) == len(numbers)
     # One reader per worker (3) and one publishing connection: no reader in the publisher.
     assert json.loads(connections) == 4
@@ -685,7 +686,7 @@ class StreamClient:
     async def listen(self, count: int, last_event_id: str | None = None) -> list[ParsedEvent]:
         """Connect, then read until ``count`` events arrived; return them and disconnect."""
         headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
-        params = [("channel", channel) for channel in self.channels]
+        params = httpx.QueryParams([("channel", channel) for channel in self.channels])
         async with self.http.stream("GET", self.url, params=params, headers=headers) as response:
             assert response.status_code == 200
             stream = b""
@@ -1050,7 +1051,7 @@ def test_close_as_listen_connects_leaves_no_reader(
     """A close() that lands just after listen() found its place in the stream: no reader runs."""
     backend = RedisBackend(REDIS_URL, prefix=prefix)
     b = Broadcaster(backend=backend)
-    real_locate = ssecast.redis.locate
+    real_locate = ssecast._redis_reader.locate
 
     def locate_then_close(client: redis.Redis, key: str) -> Position:
         found = real_locate(client, key)

@@ -776,7 +776,12 @@ async def test_sigterm_mid_burst_stops_uvicorn_and_streams_end_cleanly() -> None
             # stuck in a write that only --timeout-graceful-shutdown can end.
             await http.post("/burst", params={"count": 100, "channel": "bulk", "size": 60_000})
             await until(http, lambda s: s["burst"]["done"])
-            params = {"count": 1_000_000, "rate": 2000, "channel": "burst", "size": 200}
+            params: dict[str, int | str] = {
+                "count": 1_000_000,
+                "rate": 2000,
+                "channel": "burst",
+                "size": 200,
+            }
             await http.post("/burst", params=params)
             await until(http, lambda s: s["burst"]["published"] > 2000)
         # stop() kills the server at HANG, so a stop that took that long was a hang.

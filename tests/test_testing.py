@@ -170,12 +170,15 @@ def test_the_parser_follows_the_whatwg_algorithm(
 
 
 def test_parse_takes_bytes_or_any_iterable_of_chunks() -> None:
-    """A whole body, a list, a generator or bytearrays give the same events."""
+    """A whole body, a list, a generator, bytearrays or memoryviews give the same events."""
     body = b"data: a\r\n\r\n"
     expected = [ReceivedEvent("", M, "a")]
     assert parse(body) == expected
     assert parse(bytes([b]) for b in body) == expected
     assert parse([bytearray(body)]) == expected
+    assert parse(bytearray(body)) == expected
+    assert parse(memoryview(body)) == expected
+    assert parse([memoryview(body[:5]), memoryview(body[5:])]) == expected
 
 
 def test_a_long_line_in_many_chunks_is_read_in_linear_time() -> None:
@@ -249,7 +252,7 @@ def django_targets() -> Iterator[tuple[Target, Target]]:
     yield from _django_targets()
 
 
-def _target(name: str, django_targets: tuple[Any, Any]) -> Target:
+def _target(name: str, django_targets: tuple[Target, Target] | tuple[None, None]) -> Target:
     if name == "eventstream":
         broadcaster = Broadcaster()
         app = EventStream(broadcaster, channels_from_query, authorize=authorize)
@@ -270,6 +273,8 @@ def _target(name: str, django_targets: tuple[Any, Any]) -> Target:
         path = "/events?channel={channel}"
         return Target(flask_app.app, flask_app.broadcaster, path, auth, path)
     wsgi, asgi = django_targets
+    assert wsgi is not None
+    assert asgi is not None
     return wsgi if name == "django-wsgi" else asgi
 
 
@@ -857,8 +862,8 @@ def _wsgi_mute(environ: dict[str, Any], start_response: Callable[..., Any]) -> I
 class _ASGIInDisguise:
     """An ASGI app whose ``__call__`` is a plain function returning a coroutine."""
 
-    def __call__(self, *args: Any) -> Any:
-        return _asgi_answers_nothing(*args, None)
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        return _asgi_answers_nothing(environ, start_response, None)
 
 
 def test_a_wsgi_refusal_and_a_plain_body() -> None:

@@ -25,7 +25,9 @@ from ssecast._test_stream import AsyncTestStream, TestStream, astream, stream
 __all__ = ["AsyncTestStream", "ReceivedEvent", "TestStream", "astream", "parse", "stream"]
 
 
-def parse(data: bytes | Iterable[bytes]) -> list[ReceivedEvent]:
+def parse(
+    data: bytes | bytearray | memoryview | Iterable[bytes | bytearray | memoryview],
+) -> list[ReceivedEvent]:
     """Return the events an `EventSource` dispatches from a `text/event-stream` body.
 
     It follows the WHATWG HTML standard's "interpreting an event stream" exactly: lines

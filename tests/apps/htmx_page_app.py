@@ -114,7 +114,8 @@ async def stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await asyncio.wait({message, cutting}, return_when=asyncio.FIRST_COMPLETED)
         cutting.cancel()
         if message.done():
-            return message.result()
+            received: dict[str, Any] = message.result()
+            return received
         message.cancel()
         return DISCONNECT
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from quart import Quart
@@ -29,7 +29,7 @@ async def index() -> str:
 
 
 @quart_app.while_serving
-async def close_streams_on_stop() -> AsyncIterator[None]:
+async def close_streams_on_stop() -> AsyncGenerator[None, None]:
     async with lifespan(broadcaster):
         yield
 
